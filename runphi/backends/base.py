@@ -1,0 +1,100 @@
+"""The backend protocol: everything the verbs and the monitor may ask of a hypervisor.
+
+A backend turns one container's wishes (OCI config + the image's boot description)
+into a partition, and reports on it afterwards. The verbs and the monitor only talk
+to :class:`Backend`; the Jailhouse backend is one implementation.
+
+Lean on purpose: verb processes import this module, so it uses msgspec and the
+standard library only.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import msgspec
+
+from runphi.errors import RunphiError
+
+# Cell states exactly as the hypervisor reports them (jailhouse.md §2.3).
+RUNNING = "running"
+RUNNING_LOCKED = "running/locked"
+SHUT_DOWN = "shut down"
+FAILED = "failed"
+COMM_ABI_MISMATCH = "Comm ABI mismatch"
+INVALID = "invalid"
+
+#: States in which the guest is alive.
+ALIVE_STATES = frozenset({RUNNING, RUNNING_LOCKED})
+#: States that mean the guest crashed (DESIGN §4: exit status 139).
+CRASHED_STATES = frozenset({FAILED, COMM_ABI_MISMATCH})
+
+
+class BackendError(RunphiError):
+    """A hypervisor operation failed; the message is the one user-facing line."""
+
+
+class BackendUnavailable(BackendError):
+    """The hypervisor (or its management tool) cannot be reached at all."""
+
+
+class CellNotFound(BackendError):
+    """The named cell does not exist (any more)."""
+
+
+class ResourceBusy(BackendError):
+    """A CPU, device or memory range the cell needs belongs to someone else."""
+
+
+class OperationDenied(BackendError):
+    """The hypervisor refused the operation in the cell's current situation."""
+
+
+class InvalidConfiguration(BackendError):
+    """The hypervisor rejected the cell configuration or an image placement."""
+
+
+class ToolTimeout(BackendError):
+    """The management tool did not answer within its deadline."""
+
+
+class CellStatistics(msgspec.Struct, frozen=True):
+    """Hypervisor exit counters of one cell: totals per kind and per CPU."""
+
+    total: dict[str, int]
+    per_cpu: dict[int, dict[str, int]]
+
+
+class ConsoleSource(msgspec.Struct, frozen=True):
+    """Where a cell's console bytes can be read and written on the host."""
+
+    device: str
+    baud: int = 115200
+
+
+class Backend(Protocol):
+    """What a partitioning backend does for one container.
+
+    Every method either completes or raises a :class:`BackendError` whose message
+    names the cause in user terms; none leaves a half-done step behind except the
+    ones the caller undoes in reverse order (``create_cell`` → ``destroy_cell``,
+    ``reserve`` → ``release``).
+    """
+
+    def cell_state(self, cell_name: str) -> str | None:
+        """The cell's current hypervisor state, or None when no such cell exists.
+
+        Raises :class:`BackendUnavailable` when the hypervisor cannot be asked.
+        """
+
+    def cell_statistics(self, cell_name: str) -> CellStatistics:
+        """The cell's exit counters (raises :class:`CellNotFound` when it is gone)."""
+
+    def start_cell(self, cell_name: str) -> None:
+        """Start (or restart) the cell from its reset address."""
+
+    def shutdown_cell(self, cell_name: str, timeout: float | None = None) -> None:
+        """Stop the cell's CPUs; the cell stays, `shut down`."""
+
+    def destroy_cell(self, cell_name: str, timeout: float | None = None) -> None:
+        """Remove the cell and give its resources back to the root cell."""
