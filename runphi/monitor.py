@@ -1,0 +1,421 @@
+"""The per-ZIC monitor: the process whose exit status is the container's.
+
+``runphi create`` forks it (twice, so the shim — a child subreaper — adopts it)
+after the cell is created and loaded; it inherits the open console fds and the
+start fifo from ``create``. Only then is trio imported, off create's path.
+
+What it guarantees:
+
+* it exits exactly once, with the DESIGN §4 status, after writing why to
+  ``<container dir>/monitor-exit.json`` (:class:`MonitorExit`):
+
+  ====================================================  ======
+  the guest shut itself down (`shut down` unrequested)   0
+  ``kill`` with signal N caused the shutdown             128+N
+  the cell `failed` or reports `Comm ABI mismatch`       139
+  the cell vanished / the hypervisor is unreachable      255
+  ====================================================  ======
+
+* SIGTERM/SIGINT/SIGHUP/SIGQUIT request a graceful ``cell shutdown``; if the
+  cell is not down within the shutdown deadline it is destroyed, and the monitor
+  exits 128+N once the cell is down. A signal that arrives while trio is still
+  being imported is not lost.
+* it holds no fd it must not (no lock, no buffer pipe in tty mode): the spawn
+  code closes everything but what is listed in :class:`MonitorSetup`.
+* every long-running activity is a task of one nursery; the cell watcher
+  decides the end and cancels the rest.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import msgspec
+
+from runphi.backends.base import ALIVE_STATES, CRASHED_STATES, SHUT_DOWN
+
+#: Signals that turn into a graceful cell shutdown (SIGKILL cannot be caught:
+#: ``kill`` handles it by stopping the cell itself, then killing the monitor).
+SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
+
+EXIT_SELF_SHUTDOWN = 0
+EXIT_CRASHED = 139
+EXIT_VANISHED = 255
+
+MONITOR_EXIT_FILE = "monitor-exit.json"
+
+
+class MonitorSetup(msgspec.Struct, frozen=True):
+    """Everything the monitor needs, handed over in memory across the fork."""
+
+    container_id: str
+    container_dir: str
+    cell_name: str
+    tool: str
+    sysfs: str
+    poll_interval: float = 0.05
+    shutdown_timeout: float = 10.0
+    tool_timeout: float = 10.0
+    #: Read end (opened read-write) of the start fifo; ``start`` writes one byte.
+    start_fd: int = -1
+    #: Console source fd (UART), or -1 when the cell has no console.
+    console_fd: int = -1
+    #: pty slave for terminal mode, or -1: then the pumps use fds 0 and 1.
+    terminal_fd: int = -1
+    #: Where the console ring log lives ("" = none).
+    console_log: str = ""
+
+
+class MonitorExit(msgspec.Struct, frozen=True):
+    """Why the monitor ended (written just before it exits)."""
+
+    code: int
+    reason: str
+    signal: int | None = None
+    cell_state: str | None = None
+    time: str = ""
+    dropped_console_bytes: int = 0
+
+
+def decide_exit(state: str | None, *, available: bool, started: bool,
+                signal_number: int | None) -> tuple[int, str] | None:
+    """The DESIGN §4 exit status for what the cell looks like now, or None to keep watching.
+
+    ``state`` is None when no such cell exists; ``available`` is False when the
+    hypervisor cannot be asked at all.
+    """
+    if not available:
+        return EXIT_VANISHED, "the hypervisor is unreachable"
+    if state in CRASHED_STATES:
+        return EXIT_CRASHED, f"the cell is `{state}`"
+    if signal_number is not None and (state is None or state == SHUT_DOWN):
+        name = signal.Signals(signal_number).name
+        return 128 + signal_number, f"stopped by {name}"
+    if state is None:
+        return EXIT_VANISHED, "the cell vanished (destroyed outside runphi)"
+    if state == SHUT_DOWN and started:
+        return EXIT_SELF_SHUTDOWN, "the guest shut itself down"
+    return None
+
+
+def read_monitor_exit(container_dir: str | os.PathLike[str]) -> MonitorExit | None:
+    """The monitor's recorded exit, or None if it has not written one (yet)."""
+    try:
+        return msgspec.json.decode(Path(container_dir, MONITOR_EXIT_FILE).read_bytes(), type=MonitorExit)
+    except (FileNotFoundError, msgspec.DecodeError):
+        return None
+
+
+def write_monitor_exit(container_dir: str | os.PathLike[str], outcome: MonitorExit) -> None:
+    """Atomically record `outcome` (temp file + fsync + rename)."""
+    final = Path(container_dir, MONITOR_EXIT_FILE)
+    temp = final.with_name(f".{final.name}.{os.getpid()}")
+    with open(temp, "wb") as out:
+        out.write(msgspec.json.encode(outcome))
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(temp, final)
+
+
+def _utc_now() -> str:
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc).isoformat()
+
+
+# ---- the process side: called in the forked child, never returns ----------
+
+def run_monitor(setup: MonitorSetup) -> None:
+    """Become the monitor: catch early signals, import trio, supervise, exit."""
+    early: list[int] = []
+
+    def remember(signum: int, _frame: object) -> None:
+        early.append(signum)
+
+    for sig in SHUTDOWN_SIGNALS:
+        signal.signal(sig, remember)
+    code = EXIT_VANISHED
+    try:
+        import trio
+
+        outcome = trio.run(_supervise, setup, early)
+        code = outcome.code
+        write_monitor_exit(setup.container_dir, outcome)
+    except BaseException as exc:  # the monitor must always leave a reason and a status
+        try:
+            write_monitor_exit(setup.container_dir, MonitorExit(
+                code=code, reason=f"monitor error: {type(exc).__name__}: {exc}", time=_utc_now()))
+        except OSError:
+            pass
+    finally:
+        try:
+            sys.stdout.flush()
+        except Exception:
+            pass
+        os._exit(code)
+
+
+class _Watch:
+    """What the monitor's tasks share."""
+
+    def __init__(self) -> None:
+        import trio
+
+        self.started = trio.Event()
+        self.signal_number: int | None = None
+        self.last_state: str | None = None
+
+
+async def _supervise(setup: MonitorSetup, early: list[int]) -> MonitorExit:
+    import trio
+
+    from runphi.backends.jailhouse.driver import JailhouseDriver
+
+    driver = JailhouseDriver(setup.tool, setup.sysfs, timeout=setup.tool_timeout)
+    watch = _Watch()
+    outcome: MonitorExit | None = None
+    console = _console_tasks(setup)
+    async with trio.open_nursery() as nursery:
+        if setup.start_fd >= 0:
+            nursery.start_soon(_wait_for_start, setup.start_fd, watch)
+        nursery.start_soon(_handle_signals, setup, driver, watch, early)
+        if console is not None:
+            await nursery.start(console.run)
+
+        async def decide() -> None:
+            nonlocal outcome
+            outcome = await _watch_cell(setup, driver, watch)
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(decide)
+    assert outcome is not None
+    dropped = 0
+    if console is not None:
+        dropped = await console.drain()
+    return msgspec.structs.replace(outcome, time=_utc_now(), dropped_console_bytes=dropped)
+
+
+async def _wait_for_start(fd: int, watch: _Watch) -> None:
+    """Set `started` once ``runphi start`` has started the cell and written its byte."""
+    import trio
+
+    while True:
+        await trio.lowlevel.wait_readable(fd)
+        try:
+            if os.read(fd, 64):
+                watch.started.set()
+                return
+        except BlockingIOError:
+            continue
+
+
+async def _handle_signals(setup: MonitorSetup, driver, watch: _Watch, early: list[int]) -> None:
+    """Turn the first shutdown signal into a graceful cell shutdown, escalating to destroy."""
+    import trio
+
+    with trio.open_signal_receiver(*SHUTDOWN_SIGNALS) as receiver:
+        if not early:
+            async for signum in receiver:
+                early.append(signum)
+                break
+        watch.signal_number = early[0]
+        await _stop_cell(setup, driver)
+        # Further signals change nothing: the first one decides the exit status.
+        async for _ in receiver:
+            pass
+
+
+async def _stop_cell(setup: MonitorSetup, driver) -> None:
+    """`cell shutdown` until it is down or the deadline passes, then `cell destroy`."""
+    import trio
+
+    from runphi.backends.jailhouse import driver as jh
+
+    with trio.move_on_after(setup.shutdown_timeout):
+        while True:
+            if await _tool(setup, "shutdown", jh.shutdown_argv(setup.tool, setup.cell_name)):
+                return
+            await trio.sleep(setup.poll_interval)  # the cell refused: ask again
+    # Forced: the guest would not stop. Destroying it always stops it (or the
+    # watcher reports the failure to go away by keeping us alive).
+    while not await _tool(setup, "destroy", jh.destroy_argv(setup.tool, setup.cell_name)):
+        if driver.cell_state(setup.cell_name) is None:
+            return
+        await trio.sleep(max(setup.poll_interval, 0.2))
+
+
+async def _tool(setup: MonitorSetup, op: str, argv: list[str]) -> bool:
+    """Run one tool command with the tool deadline; True on success."""
+    import subprocess
+
+    import trio
+
+    from runphi.backends.base import BackendError, CellNotFound
+    from runphi.backends.jailhouse.driver import check_result
+
+    with trio.move_on_after(setup.tool_timeout):
+        try:
+            proc = await trio.run_process(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                          capture_stderr=True, check=False)
+        except OSError:
+            return False
+        try:
+            check_result(op, setup.cell_name, proc.returncode, proc.stderr.decode(errors="replace"))
+        except CellNotFound:
+            return True  # already gone: nothing left to stop
+        except BackendError:
+            return False
+        return True
+    return False
+
+
+async def _watch_cell(setup: MonitorSetup, driver, watch: _Watch) -> MonitorExit:
+    """Poll the cell state until it decides the exit status."""
+    import trio
+
+    from runphi.backends.base import BackendUnavailable
+
+    cell_dir = _CellLocator(driver, setup.cell_name)
+    while True:
+        try:
+            available = driver.available()
+            state = cell_dir.state() if available else None
+        except BackendUnavailable:
+            available, state = False, None
+        if state in ALIVE_STATES:
+            watch.started.set()  # the cell runs, whatever the fifo says
+        watch.last_state = state
+        decision = decide_exit(state, available=available, started=watch.started.is_set(),
+                               signal_number=watch.signal_number)
+        if decision is not None:
+            code, reason = decision
+            return MonitorExit(code=code, reason=reason, signal=watch.signal_number, cell_state=state)
+        await trio.sleep(setup.poll_interval)  # sysfs offers no change notification
+
+
+class _CellLocator:
+    """Reads one cell's state by its sysfs ID, re-resolving the ID if it changes hands."""
+
+    def __init__(self, driver, name: str) -> None:
+        self.driver = driver
+        self.name = name[:31]
+        self.cell_id: int | None = driver.cell_id(name)
+
+    def state(self) -> str | None:
+        if self.cell_id is not None:
+            base = self.driver.cells_dir / str(self.cell_id)
+            try:
+                if (base / "name").read_text().rstrip("\n") == self.name:
+                    return (base / "state").read_text().rstrip("\n")
+            except OSError:
+                pass
+        self.cell_id = self.driver.cell_id(self.name)
+        if self.cell_id is None:
+            return None
+        try:
+            return (self.driver.cells_dir / str(self.cell_id) / "state").read_text().rstrip("\n")
+        except OSError:
+            return None
+
+
+def _console_tasks(setup: MonitorSetup):
+    """The console pump group for this container, or None without a console (see #7 wiring)."""
+    if setup.console_fd < 0:
+        return None
+    from runphi import monitor_console
+
+    return monitor_console.ConsoleTasks(setup)
+
+
+# ---- spawning: used by create (synchronous, no trio) ------------------------
+
+def spawn_monitor(setup: MonitorSetup, stdio: tuple[int, int, int], keep: list[int],
+                  before_exec: Callable[[], None] | None = None) -> int:
+    """Double-fork the monitor and return its pid once it exists.
+
+    The intermediate child exits at once, so the monitor is re-parented to the
+    nearest child subreaper (the shim). In the monitor: new session, ``stdio``
+    dup'ed over 0/1/2, every other fd closed except ``keep``.
+    """
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:
+        try:
+            os.close(read_end)
+            grandchild = os.fork()
+            if grandchild == 0:
+                os.close(write_end)
+                _become_monitor(setup, stdio, keep)
+            os.write(write_end, str(grandchild).encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    try:
+        data = b""
+        while chunk := os.read(read_end, 32):
+            data += chunk
+    finally:
+        os.close(read_end)
+        os.waitpid(child, 0)
+    if not data:
+        raise OSError("the monitor process could not be forked")
+    return int(data)
+
+
+def _become_monitor(setup: MonitorSetup, stdio: tuple[int, int, int], keep: list[int]) -> None:
+    try:
+        os.setsid()
+        for target, fd in enumerate(stdio):
+            if fd != target:
+                os.dup2(fd, target)
+        _close_all_but({0, 1, 2, *keep})
+        run_monitor(setup)
+    finally:
+        os._exit(EXIT_VANISHED)
+
+
+def _close_all_but(keep: set[int]) -> None:
+    try:
+        open_fds = [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError:
+        open_fds = list(range(3, 1024))
+    for fd in open_fds:
+        if fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+# ---- liveness: used by every verb ------------------------------------------
+
+def process_start_time(pid: int) -> int | None:
+    """The process's start time (clock ticks since boot), or None if it is gone or a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    if fields[0] in ("Z", "X"):
+        return None
+    return int(fields[19])
+
+
+def monitor_alive(pid: int, start_time: int) -> bool:
+    """True when `pid` is still the monitor started at `start_time` (defeats pid reuse)."""
+    return pid > 0 and process_start_time(pid) == start_time
+
+
+def wait_monitor_gone(pid: int, start_time: int, timeout: float) -> bool:
+    """Poll /proc until the monitor is gone or a zombie; False if it outlives `timeout`."""
+    deadline = time.monotonic() + timeout
+    while monitor_alive(pid, start_time):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.01)
+    return True
