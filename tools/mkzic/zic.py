@@ -1,0 +1,103 @@
+"""A ZIC's contents: the boot description and the image files it names.
+
+:func:`assemble` is the one place that decides where each input file lands in
+the image and checks that the description and the files agree; the bundle and
+archive writers only serialise an already valid :class:`ZicContents`.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from pathlib import Path
+
+import msgspec
+
+from tools.mkzic.boot import (
+    BOOT_DIR,
+    DEFAULT_INMATE,
+    DESCRIPTION_PATH,
+    PATH_FIELDS,
+    BootDescription,
+    Description,
+    check_description,
+    check_image_path,
+    encode_description,
+)
+from tools.mkzic.errors import MkzicError
+
+# Which description field a guest file supplied on its own is recorded in.
+GUEST_FILE_FIELDS = ("inmate", "kernel", "dtb", "initrd")
+
+
+class ZicContents(msgspec.Struct, frozen=True):
+    """Everything that goes into a ZIC's rootfs, validated.
+
+    ``files`` maps image paths (``/boot/...``, sorted, including
+    ``/boot/config.json``) to their bytes; ``process_args`` is the command an
+    OCI config must name although nothing ever runs it (the inmate's path).
+    """
+
+    description: Description
+    files: dict[str, bytes]
+    process_args: list[str]
+
+
+def _read_host_file(field: str, path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise MkzicError(f"cannot read the {field} file {path}: {exc.strerror}", "check the path") from None
+
+
+def _place(description: BootDescription, field: str, host_path: Path) -> str:
+    """Choose the image path for a supplied file: the description's, else ``/boot/<name>``.
+
+    An ``initrd`` file honours a ``ramdisk`` path already in the description
+    (the two are synonyms).
+    """
+    named = getattr(description, field)
+    if field == "initrd" and named is None:
+        named = description.ramdisk
+    return named if named is not None else check_image_path(field, posixpath.join(BOOT_DIR, host_path.name))
+
+
+def assemble(description: Description, guest_files: dict[str, Path]) -> ZicContents:
+    """Combine a description with host files keyed by field (``inmate``, ``kernel``, ``dtb``, ``initrd``).
+
+    Each file is placed at the image path its field already names, else at
+    ``/boot/<file name>`` and the field is set to that path. Guarantees on
+    success: every path field of the result names a file in ``files``, the
+    inmate (default ``/boot/boot.bin``) is present, and no two inputs share a
+    path. Raises :class:`MkzicError` otherwise.
+    """
+    known = description.known
+    check_description(known)
+    placed: dict[str, str] = {}
+    files: dict[str, bytes] = {}
+    for field in GUEST_FILE_FIELDS:
+        host_path = guest_files.get(field)
+        if host_path is None:
+            continue
+        image_path = _place(known, field, host_path)
+        if image_path in files:
+            raise MkzicError(
+                f"the {field} file and the {placed[image_path]} file would both be {image_path}",
+                "rename one of them or name distinct paths in the boot description",
+            )
+        files[image_path] = _read_host_file(field, host_path)
+        placed[image_path] = field
+        if getattr(known, field) is None and not (field == "initrd" and known.ramdisk is not None):
+            known = msgspec.structs.replace(known, **{field: image_path})
+    if known.inmate is None and DEFAULT_INMATE not in files:
+        raise MkzicError("no inmate image given", "pass --inmate FILE (the raw guest binary or Linux Image)")
+    for field in PATH_FIELDS:
+        image_path = getattr(known, field)
+        if image_path is not None and image_path not in files:
+            raise MkzicError(
+                f"the boot description names {field} = {image_path} but no such file was given",
+                f"pass --{field if field in GUEST_FILE_FIELDS else 'initrd'} FILE for it or drop the field",
+            )
+    final = Description(known=known, passthrough=description.passthrough)
+    files[DESCRIPTION_PATH] = encode_description(final)
+    inmate = known.inmate if known.inmate is not None else DEFAULT_INMATE
+    return ZicContents(description=final, files=dict(sorted(files.items())), process_args=[inmate])
