@@ -1,0 +1,137 @@
+"""Which runtime owns a container, and handing plain containers to the real runc.
+
+Decision at ``create``/``run`` (DESIGN §7): the annotation ``org.runphi.runtime``
+wins (``runphi`` → ZIC, ``runc`` → plain); otherwise a bundle is a ZIC when its
+rootfs holds a boot description, ``/boot/config.json`` or
+``/boot/configuration.json``. Those paths are checked without following
+symlinks, so a rootfs cannot point the test at the host's files.
+
+Plain containers are ``exec``ed into runc with the original argv, global flags
+included: runc inherits our pid, fds 0/1/2, the console socket path and the
+parent (the shim), so its exit code and pid-file semantics are runc's own.
+Later verbs go to runc whenever runphi has no record for the id.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
+
+import msgspec
+
+from runphi.errors import BundleError, ContainerNotFound, RuncNotFound, RunphiError
+from runphi.oci import RUNTIME_ANNOTATION, State, load_routing_keys
+
+if TYPE_CHECKING:
+    import argparse
+
+    from runphi.context import Context
+
+BOOT_DESCRIPTIONS = ("boot/config.json", "boot/configuration.json")
+
+
+def _regular_file_inside(rootfs: Path, relative: str) -> bool:
+    """Whether ``rootfs/relative`` is a regular file reached through no symlink."""
+    path = rootfs
+    parts = relative.split("/")
+    for index, part in enumerate(parts):
+        path = path / part
+        try:
+            mode = os.lstat(path).st_mode
+        except OSError:
+            return False
+        last = index == len(parts) - 1
+        if last and not stat.S_ISREG(mode):
+            return False
+        if not last and not stat.S_ISDIR(mode):
+            return False
+    return True
+
+
+def has_boot_description(rootfs: Path) -> bool:
+    """Whether the rootfs carries a ZIC boot description (symlinks not followed)."""
+    return any(_regular_file_inside(rootfs, rel) for rel in BOOT_DESCRIPTIONS)
+
+
+def is_zic(bundle: Path) -> bool:
+    """Whether the bundle is a partitioned container (runphi's) rather than runc's.
+
+    Raises :class:`BundleError` for an invalid annotation value or an unreadable
+    config.json (callers forward to runc then, which reports its own error).
+    """
+    root, annotations = load_routing_keys(bundle)
+    wanted = annotations.get(RUNTIME_ANNOTATION)
+    if wanted is not None:
+        if wanted not in ("runphi", "runc"):
+            raise BundleError(f"annotation {RUNTIME_ANNOTATION}={wanted!r} in {bundle}/config.json "
+                              "must be \"runphi\" or \"runc\"")
+        return wanted == "runphi"
+    rootfs = Path(root.path if root else "rootfs")
+    if not rootfs.is_absolute():
+        rootfs = Path(bundle).absolute() / rootfs
+    return has_boot_description(rootfs)
+
+
+def exec_runc(ctx: Context) -> NoReturn:
+    """Replace this process by runc with our original argv; never returns."""
+    runc = ctx.config.runc_path()
+    if ctx.log.enabled("debug"):
+        ctx.log.debug("forwarding to runc", runc=runc, argv=ctx.argv)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(runc, [runc, *ctx.argv])
+
+
+def forward_unowned(ctx: Context, args: argparse.Namespace) -> int:
+    """A verb on an id runphi does not hold: runc's business.
+
+    When no runc is installed the id cannot exist at all; answer as runc would
+    (``delete --force`` of an unknown id succeeds, the rest: does not exist).
+    """
+    try:
+        exec_runc(ctx)
+    except RuncNotFound:
+        if args.verb == "delete" and args.force:
+            return 0
+        raise ContainerNotFound(args.container_id) from None
+
+
+def _runc_global_flags(ctx: Context) -> list[str]:
+    """The global flags of our argv (everything before the verb), for a runc sub-call."""
+    options = ctx.options
+    flags = []
+    if options.root:
+        flags += ["--root", options.root]
+    if options.systemd_cgroup:
+        flags.append("--systemd-cgroup")
+    if options.rootless:
+        flags.append(f"--rootless={options.rootless}")
+    return flags
+
+
+def runc_states(ctx: Context, own_ids: set[str]) -> list[State]:
+    """``runc list --format json`` under our root, parsed; [] when runc is absent.
+
+    runc's warnings about runphi's own directories are dropped; any other
+    stderr text is passed on, and a failing runc is an error.
+    """
+    try:
+        runc = ctx.config.runc_path()
+    except RuncNotFound:
+        return []
+    result = subprocess.run([runc, *_runc_global_flags(ctx), "list", "--format", "json"],
+                            stdin=subprocess.DEVNULL, capture_output=True)
+    for line in result.stderr.decode(errors="replace").splitlines():
+        foreign = any(line.startswith(f"load container {cid}: ") for cid in own_ids)
+        if line.strip() and not foreign:
+            sys.stderr.write(line + "\n")
+    if result.returncode != 0:
+        raise RunphiError(f"`runc list` failed with exit status {result.returncode}")
+    try:
+        return msgspec.json.decode(result.stdout or b"null", type=list[State] | None) or []
+    except msgspec.DecodeError as exc:
+        raise RunphiError(f"cannot parse `runc list --format json` output: {exc}") from None

@@ -1,0 +1,210 @@
+"""Container records under the state root (``--root``): atomic and locked.
+
+Layout, shared with runc (the shim passes the same ``--root <Root>/<ns>`` to
+runphi and to the runc it forwards to)::
+
+    <root>/<id>/runphi.json     the ContainerRecord (msgspec JSON)
+    <root>/<id>/runphi.lock     flock target, held by every verb touching <id>
+    <root>/<id>/...             room for other per-container files (console log, ...)
+
+Why this is safe next to runc 1.1.5 (checked with the real runc): runc keeps
+``<root>/<id>/state.json`` and never reads other names. ``runc state``/``kill``/
+``delete`` of a runphi id answer ``container does not exist`` (runphi routes
+those ids to itself anyway); ``runc list`` prints a clean table/JSON on stdout
+and one warning per foreign directory on stderr (``load container <id>:
+container does not exist``) — ``runphi list`` runs runc itself and drops those
+warnings for the ids it owns. A directory holding runc's ``state.json`` is
+runc's: runphi never writes there.
+
+Writes are temp file + fsync + rename + fsync of the directory, so a crash
+leaves either the old or the new record, never a torn one; stray temp files
+are ignored by readers and replaced by the next write.
+
+Locking: :meth:`Store.locked` takes ``flock`` on the lock file and re-checks
+that the file it locked is still the one in the directory (a concurrent
+``delete`` may have removed it), so a waiter never acts on a deleted record.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from pathlib import Path
+from typing import Iterator
+
+import msgspec
+
+from runphi.container import ContainerRecord
+from runphi.errors import ContainerExists, ContainerNotFound, StateError
+
+RECORD_NAME = "runphi.json"
+LOCK_NAME = "runphi.lock"
+RUNC_STATE_NAME = "state.json"
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(ContainerRecord)
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a directory so a rename or unlink inside it is durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_temp(path: Path, data: bytes) -> Path:
+    """First half of an atomic write: ``data`` durably in a temp file next to ``path``."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return tmp
+
+
+def commit_temp(tmp: Path, path: Path) -> None:
+    """Second half: rename the temp file over ``path`` and make the rename durable."""
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` so that readers see the old or the new bytes only."""
+    commit_temp(write_temp(path, data), path)
+
+
+class Store:
+    """The container records under one state root."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def container_dir(self, container_id: str) -> Path:
+        return self.root / container_id
+
+    def record_path(self, container_id: str) -> Path:
+        return self.root / container_id / RECORD_NAME
+
+    def holds(self, container_id: str) -> bool:
+        """Whether runphi has a record for this id (the routing test; takes no lock)."""
+        return self.record_path(container_id).is_file()
+
+    def taken(self, container_id: str) -> bool:
+        """Whether runphi or runc already uses this id under the root."""
+        directory = self.container_dir(container_id)
+        return (directory / RECORD_NAME).exists() or (directory / RUNC_STATE_NAME).exists()
+
+    @contextlib.contextmanager
+    def locked(self, container_id: str) -> Iterator[None]:
+        """Hold the container's lock; :class:`ContainerNotFound` if it has no record."""
+        lock_path = self.container_dir(container_id) / LOCK_NAME
+        while True:
+            try:
+                fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except (FileNotFoundError, NotADirectoryError):
+                raise ContainerNotFound(container_id) from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                if self._still_linked(fd, lock_path):
+                    break
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)  # deleted (and maybe re-created) while we waited: retry
+        try:
+            if not self.holds(container_id):
+                raise ContainerNotFound(container_id)
+            yield
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def _still_linked(fd: int, path: Path) -> bool:
+        try:
+            return os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            return False
+
+    @contextlib.contextmanager
+    def creating(self, record: ContainerRecord) -> Iterator[None]:
+        """Make ``<root>/<id>/``, lock it and write the first record; undo on error.
+
+        Raises :class:`ContainerExists` when runphi or runc already has the id.
+        The body runs with the lock held; if it raises, the directory is removed.
+        """
+        directory = self.container_dir(record.id)
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o711)
+        try:
+            directory.mkdir(mode=0o711)
+        except FileExistsError:
+            raise ContainerExists(record.id) from None
+        fd = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            self.write(record)
+            yield
+        except BaseException:
+            self._remove_dir(directory)
+            raise
+        finally:
+            os.close(fd)
+
+    def read(self, container_id: str) -> ContainerRecord:
+        """The stored record; :class:`ContainerNotFound` / :class:`StateError`."""
+        path = self.record_path(container_id)
+        try:
+            data = path.read_bytes()
+        except (FileNotFoundError, NotADirectoryError):
+            raise ContainerNotFound(container_id) from None
+        try:
+            return _decoder.decode(data)
+        except msgspec.DecodeError as exc:
+            raise StateError(f"record of container {container_id} ({path}) is unreadable: {exc}; "
+                             f"remove it with `runphi delete --force {container_id}`",
+                             container_id=container_id) from None
+
+    def write(self, record: ContainerRecord) -> None:
+        """Atomically replace the record of ``record.id`` (caller holds the lock)."""
+        atomic_write(self.record_path(record.id), _encoder.encode(record))
+
+    def remove(self, container_id: str) -> None:
+        """Delete the record and the container's directory (caller holds the lock).
+
+        The record goes first, so a crash part-way leaves no half-valid record.
+        """
+        directory = self.container_dir(container_id)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(directory / RECORD_NAME)
+        self._remove_dir(directory)
+
+    def _remove_dir(self, directory: Path) -> None:
+        import shutil
+
+        shutil.rmtree(directory, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            fsync_dir(directory.parent)
+
+    def ids(self) -> list[str]:
+        """Ids that have a runphi record, sorted."""
+        try:
+            entries = os.listdir(self.root)
+        except FileNotFoundError:
+            return []
+        return sorted(name for name in entries if (self.root / name / RECORD_NAME).is_file())
+
+    def records(self) -> list[ContainerRecord]:
+        """All readable records (a record deleted meanwhile is skipped)."""
+        found = []
+        for container_id in self.ids():
+            try:
+                found.append(self.read(container_id))
+            except ContainerNotFound:
+                continue
+        return found
