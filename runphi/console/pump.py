@@ -1,0 +1,342 @@
+"""Byte pumps of the monitor: guest console -> containerd, and containerd -> guest.
+
+Everything here runs inside the monitor's trio nursery. Readiness comes from
+``trio.lowlevel.wait_readable``/``wait_writable`` on the descriptors themselves:
+no thread, no polling loop (the one exception is the shared hypervisor console,
+whose driver has no readiness notification; it is read at the driver's own
+100 ms rhythm).
+
+:class:`ConsolePump` moves console output to the sink through a
+:class:`~runphi.console.bytequeue.DropOldestQueue`. The source is read whenever
+it has bytes, whatever the sink does: when the sink stalls (nobody reads the
+shim's FIFO) the queue fills up and the *oldest* bytes are dropped and counted,
+so the UART never overruns and nothing waits on the reader. When the sink goes
+away (EPIPE, or EIO on a pty whose master was closed) writing stops and later
+output is counted as lost; reading goes on. When the cell stops,
+:meth:`ConsolePump.finish` drains the source until it has been quiet for a short
+window, flushes what the sink will take, all within one deadline.
+
+:func:`pump_input` copies stdin (a pipe, or the pty slave in tty mode) to the
+UART unchanged. Its end (EOF, a closed terminal) ends nothing else.
+
+The pumps never close the descriptors they are given: the caller closes them
+after the pump returns (call ``trio.lowlevel.notify_closing`` first if another
+task may still wait on one).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+from typing import Protocol
+
+import msgspec
+import trio
+
+from runphi.console.bytequeue import DropOldestQueue
+
+DEFAULT_BUFFER_LIMIT = 1 << 20
+DEFAULT_CHUNK_SIZE = 1 << 16
+DEFAULT_QUIET_SECONDS = 0.1
+DEFAULT_FINISH_DEADLINE_SECONDS = 2.0
+HYPERVISOR_CONSOLE_POLL_SECONDS = 0.1
+
+# Errors that mean "the other end is gone for good", as opposed to a bug.
+_GONE_ERRNOS = frozenset({errno.EPIPE, errno.EIO, errno.ECONNRESET, errno.ENXIO, errno.EBADF})
+
+
+class PumpStats(msgspec.Struct):
+    """Counters of one console pump, for ``events`` and the monitor's log.
+
+    Every byte read is, by the end, exactly one of: written, dropped (the sink
+    stalled and the buffer was full), or lost (the sink was gone, or still
+    unflushed when the finish deadline passed).
+    """
+
+    read_bytes: int = 0
+    written_bytes: int = 0
+    dropped_bytes: int = 0
+    lost_bytes: int = 0
+    source_ended: str | None = None
+    sink_closed: str | None = None
+
+
+class InputStats(msgspec.Struct):
+    """Counters of the stdin -> UART pump."""
+
+    bytes: int = 0
+    ended: str | None = None
+
+
+class ByteSource(Protocol):
+    """Where console output comes from."""
+
+    async def receive_some(self, max_bytes: int) -> bytes:
+        """Wait for and return some bytes; ``b""`` means the source has ended."""
+
+
+class ByteTee(Protocol):
+    """A side copy of everything read (the console log). Must never raise or block."""
+
+    def write(self, data: bytes) -> None: ...
+
+
+class FdSource:
+    """A readable descriptor (UART tty, pipe, pty slave) as a :class:`ByteSource`.
+
+    End of input is EOF, or EIO (a pty or tty whose other side hung up).
+    """
+
+    def __init__(self, fd: int) -> None:
+        set_nonblocking(fd)
+        self.fd = fd
+
+    async def receive_some(self, max_bytes: int) -> bytes:
+        """Return the next bytes as soon as the fd has some; ``b""`` once it has ended."""
+        while True:
+            try:
+                data = os.read(self.fd, max_bytes)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(self.fd)
+                continue
+            except OSError as exc:
+                if exc.errno == errno.EIO:
+                    return b""
+                raise
+            # A source that is always ready must still let other tasks run.
+            await trio.lowlevel.checkpoint()
+            return data
+
+
+class PolledSource:
+    """The shared hypervisor console: a read of 0 bytes means "nothing new yet".
+
+    ``/dev/jailhouse`` has no poll support and its blocking read sleeps inside
+    the driver, so the only trio-friendly way is a non-blocking read at the
+    driver's own rhythm. This source never ends by itself; the pump is finished
+    by the monitor when the cell stops.
+    """
+
+    def __init__(self, fd: int, interval: float = HYPERVISOR_CONSOLE_POLL_SECONDS) -> None:
+        set_nonblocking(fd)
+        self.fd = fd
+        self.interval = interval
+
+    async def receive_some(self, max_bytes: int) -> bytes:
+        """Return the next bytes printed on the hypervisor console."""
+        while True:
+            try:
+                data = os.read(self.fd, max_bytes)
+            except BlockingIOError:
+                data = b""  # hypervisor not (yet) enabled: nothing to show
+            if data:
+                await trio.lowlevel.checkpoint()
+                return data
+            await trio.sleep(self.interval)
+
+
+def set_nonblocking(fd: int) -> None:
+    """Set O_NONBLOCK on ``fd`` (on its open file description, shared with its dups)."""
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    if not flags & os.O_NONBLOCK:
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
+
+
+async def write_some(fd: int, data: memoryview) -> int:
+    """Write part of ``data`` to ``fd`` as soon as it accepts bytes; return how many.
+
+    Writes first and waits only on EAGAIN, so sinks epoll cannot watch
+    (``/dev/null`` and regular files under ``--null-io`` or ``file://``) work too.
+    """
+    while True:
+        try:
+            written = os.write(fd, data)
+        except BlockingIOError:
+            await trio.lowlevel.wait_writable(fd)
+            continue
+        await trio.lowlevel.checkpoint()
+        return written
+
+
+class ConsolePump:
+    """Console output: ``source`` -> bounded drop-oldest buffer -> ``sink_fd``.
+
+    Guarantees: the source is drained whatever the sink does; at most
+    ``buffer_limit`` bytes are held; bytes reach the sink unchanged and in order,
+    minus the oldest ones dropped on overflow (counted in :attr:`stats`); a sink
+    error stops writing, never reading; every wait is a trio checkpoint, so
+    cancelling the enclosing scope stops the pump at once.
+    """
+
+    def __init__(
+        self,
+        source: ByteSource,
+        sink_fd: int,
+        *,
+        buffer_limit: int = DEFAULT_BUFFER_LIMIT,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        tee: ByteTee | None = None,
+    ) -> None:
+        set_nonblocking(sink_fd)
+        self.stats = PumpStats()
+        self._source = source
+        self._sink_fd = sink_fd
+        self._chunk_size = chunk_size
+        self._tee = tee
+        self._queue = DropOldestQueue(buffer_limit)
+        self._reading = True
+        self._writing = True
+        self._last_read = float("-inf")
+        self._read_scope = trio.CancelScope()
+        self._write_scope = trio.CancelScope()
+        self._queue_changed = trio.lowlevel.ParkingLot()
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes read but not yet written."""
+        return len(self._queue)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> PumpStats:
+        """Pump until the source ends and the buffer is flushed, the sink is gone
+        and the source ended, or :meth:`finish` completes. Returns the final stats."""
+        self._last_read = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._read_loop)
+            nursery.start_soon(self._write_loop)
+            task_status.started()
+        return self.stats
+
+    async def finish(
+        self,
+        *,
+        quiet: float = DEFAULT_QUIET_SECONDS,
+        deadline: float = DEFAULT_FINISH_DEADLINE_SECONDS,
+    ) -> PumpStats:
+        """The cell has stopped: drain the source until it is quiet for ``quiet``
+        seconds, flush the buffer, then stop the pump; all within ``deadline`` seconds.
+
+        Guarantees: returns within ``deadline`` (plus scheduling), after which
+        :meth:`run` returns promptly; bytes not flushed by then count as lost.
+        """
+        with trio.move_on_after(deadline):
+            await self._until_source_quiet(quiet)
+            self._stop_reading()
+            await self._until_flushed()
+        self._stop_reading()
+        self._stop_writing()
+        return self.stats
+
+    async def _read_loop(self) -> None:
+        with self._read_scope:
+            try:
+                while True:
+                    data = await self._source.receive_some(self._chunk_size)
+                    if not data:
+                        self.stats.source_ended = "end of file"
+                        break
+                    self._accept(data)
+            except OSError as exc:
+                self.stats.source_ended = f"read error: {exc.strerror or exc}"
+        self._reading = False
+        self._queue_changed.unpark_all()
+
+    def _accept(self, data: bytes) -> None:
+        self._last_read = trio.current_time()
+        self.stats.read_bytes += len(data)
+        if self._tee is not None:
+            self._tee.write(data)
+        if self._writing:
+            self.stats.dropped_bytes += self._queue.push(data)
+            self._queue_changed.unpark_all()
+        else:
+            self.stats.lost_bytes += len(data)
+
+    async def _write_loop(self) -> None:
+        with self._write_scope:
+            while self._writing:
+                if not self._queue:
+                    if not self._reading:
+                        break
+                    await self._queue_changed.park()
+                    continue
+                await self._write_head()
+        self._writing = False
+        self.stats.lost_bytes += self._queue.clear()
+        self._queue_changed.unpark_all()
+
+    async def _write_head(self) -> None:
+        try:
+            written = await self._write_oldest()
+        except OSError as exc:
+            if exc.errno not in _GONE_ERRNOS:
+                raise
+            self.stats.sink_closed = f"write error: {exc.strerror}"
+            self._writing = False
+            return
+        self.stats.written_bytes += written
+        self._queue_changed.unpark_all()
+
+    async def _write_oldest(self) -> int:
+        # The reader may drop the bytes we were about to write while we wait for
+        # the sink, so the view is taken only once the sink is known writable.
+        while self._queue:
+            try:
+                written = os.write(self._sink_fd, self._queue.peek())
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(self._sink_fd)
+                continue
+            self._queue.consume(written)
+            await trio.lowlevel.checkpoint()
+            return written
+        return 0
+
+    async def _until_source_quiet(self, quiet: float) -> None:
+        while self._reading:
+            quiet_at = self._last_read + quiet
+            if trio.current_time() >= quiet_at:
+                return
+            await trio.sleep_until(quiet_at)
+
+    async def _until_flushed(self) -> None:
+        while self._writing and self._queue:
+            await self._queue_changed.park()
+
+    def _stop_reading(self) -> None:
+        self._read_scope.cancel()
+
+    def _stop_writing(self) -> None:
+        self._write_scope.cancel()
+
+
+async def pump_input(source_fd: int, uart_fd: int, *, chunk_size: int = 4096) -> InputStats:
+    """Copy stdin (pipe or pty slave) to the guest UART, bytes unchanged, until stdin ends.
+
+    Guarantees: every byte read is written to the UART in order before the next
+    read (the UART's own buffer is the back-pressure, nothing is dropped); EOF
+    or EIO on stdin, or the UART going away, just ends this pump and is
+    recorded in the returned stats.
+    """
+    stats = InputStats()
+    source = FdSource(source_fd)
+    set_nonblocking(uart_fd)
+    while True:
+        try:
+            data = await source.receive_some(chunk_size)
+        except OSError as exc:
+            stats.ended = f"stdin read error: {exc.strerror or exc}"
+            return stats
+        if not data:
+            stats.ended = "end of stdin"
+            return stats
+        view = memoryview(data)
+        try:
+            while view:
+                written = await write_some(uart_fd, view)
+                stats.bytes += written
+                view = view[written:]
+        except OSError as exc:
+            if exc.errno not in _GONE_ERRNOS:
+                raise
+            stats.ended = f"UART write error: {exc.strerror}"
+            return stats
