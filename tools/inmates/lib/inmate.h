@@ -1,0 +1,28 @@
+/* The few services every test inmate uses: a polled PL011, the generic timer,
+ * PSCI power-off. Freestanding: no libc. */
+#ifndef RUNPHI_INMATE_H
+#define RUNPHI_INMATE_H
+
+#include <stdint.h>
+#include <stddef.h>
+
+/* PL011 */
+void uart_init(void);
+void uart_put_raw(char c);              /* one byte, no translation */
+void uart_putc(char c);                 /* '\n' goes out as "\r\n" */
+void uart_puts(const char *s);
+void uart_put_dec(uint64_t value);
+int uart_getc(void);                    /* waits for and returns one received byte */
+
+/* Generic timer */
+uint64_t timer_ticks(void);             /* CNTVCT_EL0 */
+uint64_t timer_frequency(void);         /* CNTFRQ_EL0, ticks per second */
+void delay_ms(uint64_t ms);
+
+/* PSCI SYSTEM_OFF through the hypervisor call conduit; does not return. */
+void psci_system_off(void) __attribute__((noreturn));
+
+/* Banner every program prints first: "Hello from runphi inmate <name>". */
+void print_banner(const char *name);
+
+#endif

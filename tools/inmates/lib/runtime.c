@@ -1,0 +1,47 @@
+/* Generic timer, PSCI power-off and the common banner. */
+#include "inmate.h"
+
+#define PSCI_0_2_FN_SYSTEM_OFF	0x84000008ul
+
+uint64_t timer_ticks(void)
+{
+	uint64_t ticks;
+
+	/* The ISB keeps the counter read from being hoisted above earlier code. */
+	asm volatile("isb; mrs %0, cntvct_el0" : "=r"(ticks) :: "memory");
+	return ticks;
+}
+
+uint64_t timer_frequency(void)
+{
+	uint64_t frequency;
+
+	asm volatile("mrs %0, cntfrq_el0" : "=r"(frequency));
+	return frequency;
+}
+
+void delay_ms(uint64_t ms)
+{
+	uint64_t end = timer_ticks() + timer_frequency() / 1000 * ms;
+
+	while (timer_ticks() < end)
+		;
+}
+
+void psci_system_off(void)
+{
+	register uint64_t x0 asm("x0") = PSCI_0_2_FN_SYSTEM_OFF;
+
+	asm volatile("hvc #0" : "+r"(x0) :: "memory");
+	/* Only reached when nobody implements PSCI: stop here. */
+	for (;;)
+		asm volatile("wfe");
+}
+
+void print_banner(const char *name)
+{
+	uart_init();
+	uart_puts("Hello from runphi inmate ");
+	uart_puts(name);
+	uart_putc('\n');
+}
