@@ -574,7 +574,7 @@ class _Cursor:
         if end > len(self.data):
             raise CellConfigError(
                 f"truncated {self.profile.name} cell configuration: {what} needs bytes "
-                f"{self.offset}..{end} but the file has {len(self.data)}"
+                f"{self.offset}..{end} but the file has {len(self.data)} bytes"
             )
         chunk = self.data[self.offset : end]
         self.offset = end
@@ -637,7 +637,7 @@ def _read_with(data: bytes, profile: FormatProfile) -> CellConfig:
     if expected != len(data):
         raise CellConfigError(
             f"{profile.name} cell configuration {name!r}: its header describes {expected} bytes "
-            f"but the file has {len(data)} (truncated, trailing data, or another profile)"
+            f"but the file has {len(data)} bytes (truncated, trailing data, or another profile)"
         )
     cpus = _decode_cpus(cur.take(cpu_set_size, "the CPU set"))
     rcpus = _decode_cpus(cur.take(rcpu_set_size, "the rCPU set")) if profile.has_rcpu_set else frozenset()
