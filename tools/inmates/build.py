@@ -11,7 +11,7 @@ from pathlib import Path
 
 INMATES_DIR = Path(__file__).resolve().parent
 OUT_DIR = INMATES_DIR / "out"
-PROGRAMS = ("hello", "echo", "ticker", "flood", "crash")
+PROGRAMS = ("hello", "echo", "ticker", "flood", "crash", "reset")
 # The guest address every inmate is linked at: QEMU virt RAM, and the reset
 # address of runPHI's QEMU cells.
 LOAD_ADDRESS = 0x7000_0000

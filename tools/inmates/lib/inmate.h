@@ -19,8 +19,9 @@ uint64_t timer_ticks(void);             /* CNTVCT_EL0 */
 uint64_t timer_frequency(void);         /* CNTFRQ_EL0, ticks per second */
 void delay_ms(uint64_t ms);
 
-/* PSCI SYSTEM_OFF through the hypervisor call conduit; does not return. */
+/* PSCI SYSTEM_OFF / SYSTEM_RESET through the hypervisor call conduit; do not return. */
 void psci_system_off(void) __attribute__((noreturn));
+void psci_system_reset(void) __attribute__((noreturn));
 
 /* Banner every program prints first: "Hello from runphi inmate <name>". */
 void print_banner(const char *name);

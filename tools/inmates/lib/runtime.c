@@ -2,6 +2,7 @@
 #include "inmate.h"
 
 #define PSCI_0_2_FN_SYSTEM_OFF	0x84000008ul
+#define PSCI_0_2_FN_SYSTEM_RESET	0x84000009ul
 
 uint64_t timer_ticks(void)
 {
@@ -28,14 +29,24 @@ void delay_ms(uint64_t ms)
 		;
 }
 
-void psci_system_off(void)
+static void __attribute__((noreturn)) psci_call_no_return(uint64_t function)
 {
-	register uint64_t x0 asm("x0") = PSCI_0_2_FN_SYSTEM_OFF;
+	register uint64_t x0 asm("x0") = function;
 
 	asm volatile("hvc #0" : "+r"(x0) :: "memory");
-	/* Only reached when nobody implements PSCI: stop here. */
+	/* Only reached when nobody implements the call: stop here. */
 	for (;;)
 		asm volatile("wfe");
+}
+
+void psci_system_off(void)
+{
+	psci_call_no_return(PSCI_0_2_FN_SYSTEM_OFF);
+}
+
+void psci_system_reset(void)
+{
+	psci_call_no_return(PSCI_0_2_FN_SYSTEM_RESET);
 }
 
 void print_banner(const char *name)

@@ -103,10 +103,12 @@ class DataAbort:
 class GuestStopped:
     """The guest reset or panicked (QMP SHUTDOWN with another reason)."""
 
-    reason: str
+    reason: str  # QEMU's SHUTDOWN reason without "guest-": "reset", "panic"
 
     def console_line(self) -> str:
-        return f"Unhandled guest {self.reason} (QEMU SHUTDOWN event)"
+        if self.reason == "reset":
+            return "Unhandled guest system reset request"
+        return f"Guest stopped the machine ({self.reason})"
 
 
 @dataclass(frozen=True)
@@ -168,7 +170,9 @@ def qemu_argv(
     ]  # fmt: skip
     for image, fd in zip(spec.images, image_fds, strict=True):
         argv += ["-device", f"loader,file=/dev/fd/{fd},addr={image.address:#x},force-raw=on"]
-    argv += ["-device", f"loader,addr={spec.reset_address:#x},cpu-num=0"]
+    if spec.reset_address != 0:
+        # QEMU's loader rejects addr=0 without a file; a firmware-less virt CPU resets to 0 anyway.
+        argv += ["-device", f"loader,addr={spec.reset_address:#x},cpu-num=0"]
     return argv
 
 
@@ -233,7 +237,9 @@ class QemuProcess:
         with trio.CancelScope(shield=True):
             self.kill()
             await self.wait()
-            os.close(self._pidfd)
+            if self._pidfd >= 0:
+                os.close(self._pidfd)
+                self._pidfd = -1
 
 
 @contextmanager
@@ -285,7 +291,14 @@ class _GuestRun:
 
     async def pump_guest_output(self, uart: trio.SocketStream) -> None:
         """PL011 → host UART, until QEMU closes its end."""
-        while data := await uart.receive_some(65536):
+        while True:
+            try:
+                data = await uart.receive_some(65536)
+            except trio.BrokenResourceError:
+                # ECONNRESET: QEMU was killed with typed bytes still unread.
+                return
+            if not data:
+                return
             await self.host.uart_write(data)
             self.host.count_vmexits(self.first_cpu, "mmio", len(data))
 

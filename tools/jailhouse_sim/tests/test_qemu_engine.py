@@ -6,6 +6,7 @@ side), not a mock: QEMU, the guests, QMP and the UART bytes are all real."""
 from __future__ import annotations
 
 import collections
+import dataclasses
 import math
 import os
 import shutil
@@ -161,6 +162,12 @@ def test_command_line_places_images_and_sizes_ram():
     assert {"-S", "-no-reboot", "guest_errors"} <= set(argv)
 
 
+def test_reset_address_zero_needs_no_cpu_loader():
+    spec = dataclasses.replace(inmate_spec("hello"), reset_address=0)
+    argv = qemu_argv(spec, binary=QEMU, machine="virt", cpu="cortex-a53", image_fds=[7], uart_fd=5, qmp_fd=6)
+    assert not any("cpu-num" in arg for arg in argv)
+
+
 async def test_hello_prints_and_shuts_down():
     host = await run_to_end("hello")
     text = host.output.decode()
@@ -217,6 +224,13 @@ async def test_crash_parks_every_cpu_with_the_faulting_address():
     assert host.console[:2] == ["Unhandled data write at 0xc000000(4)", 'Parking CPU 2 (Cell: "crasher")']
     assert host.states == []
     assert qemu_children(os.getpid()) == []
+
+
+async def test_guest_reset_fails_the_cell():
+    host = await run_to_end("reset", cpus=(0, 1))
+    assert host.output.decode().endswith("reset: requesting a system reset\r\n")
+    assert host.parked == {0: "Unhandled guest system reset request", 1: "Unhandled guest system reset request"}
+    assert host.states == []
 
 
 async def test_flood_delivers_every_byte_in_order():
