@@ -3,12 +3,7 @@
 Each message is the one user-facing line: what failed, for what, why, what to do.
 """
 
-try:
-    from runphi.errors import RunphiError
-except ModuleNotFoundError:  # runphi/errors.py (issue #2) not merged yet
-
-    class RunphiError(Exception):  # type: ignore[no-redef]
-        """Stand-in for runphi.errors.RunphiError."""
+from runphi.errors import RunphiError
 
 
 class CellConfigError(RunphiError):
