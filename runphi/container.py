@@ -36,7 +36,7 @@ _LEGAL: dict[str, frozenset[str]] = {
 }
 
 
-class BackendRecord(msgspec.Struct, kw_only=True):
+class CellRecord(msgspec.Struct, kw_only=True):
     """What the partitioning backend remembers about the container's cell.
 
     Filled by the backend (issue #6 onward); the store only persists it.
@@ -69,7 +69,8 @@ class ContainerRecord(msgspec.Struct, kw_only=True):
     monitor_start_time: int = 0
     #: sha256 of config.json as read at create (later edits must have no effect).
     config_digest: str = ""
-    backend: BackendRecord = msgspec.field(default_factory=BackendRecord)
+    #: The partition behind the container, as the backend describes it.
+    cell: CellRecord = msgspec.field(default_factory=CellRecord)
 
 
 def transition(record: ContainerRecord, new_status: ContainerStatus) -> ContainerRecord:

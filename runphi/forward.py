@@ -60,10 +60,13 @@ def has_boot_description(rootfs: Path) -> bool:
 def is_zic(bundle: Path) -> bool:
     """Whether the bundle is a partitioned container (runphi's) rather than runc's.
 
-    Raises :class:`BundleError` for an invalid annotation value or an unreadable
-    config.json (callers forward to runc then, which reports its own error).
+    An unreadable config.json counts as plain: runc then reports its own error.
+    Raises :class:`BundleError` for an invalid ``org.runphi.runtime`` value.
     """
-    root, annotations = load_routing_keys(bundle)
+    try:
+        root, annotations = load_routing_keys(bundle)
+    except BundleError:
+        return False  # runc will report what is wrong with this bundle
     wanted = annotations.get(RUNTIME_ANNOTATION)
     if wanted is not None:
         if wanted not in ("runphi", "runc"):

@@ -45,9 +45,13 @@ def rfc3339_now() -> str:
 
 
 def rfc3339_nano(ns: int) -> str:
-    """``ns`` since the epoch as RFC 3339 with nanoseconds, UTC (runc's ``created``)."""
+    """``ns`` since the epoch as Go's RFC3339Nano in UTC (runc's ``created``).
+
+    Like Go, trailing zeros of the fraction are dropped (and the dot with them).
+    """
     seconds, frac = divmod(ns, 1_000_000_000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{frac:09d}Z"
+    fraction = f".{frac:09d}".rstrip("0").rstrip(".")
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + fraction + "Z"
 
 
 def _text_value(value: Any) -> str:

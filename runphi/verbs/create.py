@@ -1,0 +1,145 @@
+"""``runphi create [--bundle B] [--console-socket S] [--pid-file P] ID``.
+
+1. Plain container (``runphi.forward.is_zic`` says no): ``exec`` the real runc
+   with the original argv — nothing of runphi's is left behind.
+2. ZIC: validate everything that can be validated without touching the
+   hypervisor (id free under the root for runphi *and* runc, config.json
+   types, terminal ⇔ console socket), then look the backend up — with
+   ``backend = "none"`` this is where a ZIC stops, with one line and nothing
+   created.
+3. With a backend: ``<root>/<id>/`` is made and locked (record ``creating``,
+   held by this process), config.json is copied there (later edits of the
+   bundle have no effect), the start fifo is made, and the backend's
+   ``launch(request)`` does the hypervisor part (allocate, cell create/load,
+   console, fork the monitor). Then prestart/createRuntime/createContainer
+   hooks, the pid-file, and the record becomes ``created``. Any failure undoes
+   the steps already done, in reverse order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import msgspec
+
+from runphi.container import CellRecord, ContainerRecord, current_process_identity, transition
+from runphi.errors import BackendNotConfigured, BundleError, ContainerExists
+from runphi.forward import exec_runc, is_zic
+from runphi.log import rfc3339_nano
+from runphi.oci import Config, load_config
+from runphi.store import atomic_write
+from runphi.verbs._common import (CONFIG_COPY_NAME, START_FIFO_NAME, state_json, stop_monitor,
+                                  write_pid_file)
+
+
+class LaunchRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """What the backend's ``launch`` gets: one ZIC to bring up to ``created``."""
+
+    container_id: str
+    bundle: str
+    rootfs: str
+    #: ``<root>/<id>/``: the config copy, the start fifo, room for the console log.
+    container_dir: str
+    config: Config
+    #: The shim's console socket ("" = no terminal: the monitor keeps fds 0/1/2).
+    console_socket: str
+    start_fifo: str
+
+
+class Launched(msgspec.Struct, frozen=True, kw_only=True):
+    """What ``launch`` reports back: the cell and the monitor it forked."""
+
+    cell: CellRecord
+    monitor_pid: int
+    monitor_start_time: int
+
+
+def run(args, ctx) -> int:
+    """Create the container (see the module docstring for the two paths)."""
+    bundle = Path(args.bundle).absolute()
+    if not is_zic(bundle):
+        exec_runc(ctx)
+    return create_zic(args, ctx, bundle)
+
+
+def create_zic(args, ctx, bundle: Path) -> int:
+    """Steps 2 and 3 for a ZIC; returns 0 once the container is ``created``."""
+    container_id = args.container_id
+    if ctx.store.taken(container_id):
+        raise ContainerExists(container_id)
+    config_bytes = (bundle / "config.json").read_bytes()
+    config = load_config(bundle)
+    _check_terminal(config, args.console_socket, container_id)
+    try:
+        backend = ctx.backend(container_id)
+    except BackendNotConfigured as exc:
+        raise BackendNotConfigured(f"cannot create ZIC {container_id}: {exc}",
+                                   container_id=container_id) from None
+    pid, start_time = current_process_identity()
+    record = ContainerRecord(
+        id=container_id, bundle=str(bundle), rootfs=str(config.rootfs(bundle)),
+        created=rfc3339_nano(_now_ns()), status="creating", oci_version=config.oci_version,
+        annotations=dict(config.annotations), monitor_pid=pid, monitor_start_time=start_time,
+        config_digest="sha256:" + hashlib.sha256(config_bytes).hexdigest())
+    directory = ctx.store.container_dir(container_id)
+    with ctx.store.creating(record):
+        atomic_write(directory / CONFIG_COPY_NAME, config_bytes)
+        os.mkfifo(directory / START_FIFO_NAME, 0o600)
+        launched = backend.launch(LaunchRequest(
+            container_id=container_id, bundle=str(bundle), rootfs=record.rootfs,
+            container_dir=str(directory), config=config,
+            console_socket=args.console_socket or "", start_fifo=str(directory / START_FIFO_NAME)))
+        record = msgspec.structs.replace(record, cell=launched.cell, monitor_pid=launched.monitor_pid,
+                                         monitor_start_time=launched.monitor_start_time)
+        try:
+            ctx.store.write(record)
+            _run_create_hooks(config, record)
+            if args.pid_file:
+                write_pid_file(args.pid_file, record.monitor_pid)
+            ctx.store.write(transition(record, "created"))
+        except BaseException:
+            _undo_launch(ctx, backend, record)
+            raise
+    return 0
+
+
+def _check_terminal(config: Config, console_socket: str | None, container_id: str) -> None:
+    terminal = bool(config.process and config.process.terminal)
+    if console_socket and not terminal:
+        raise BundleError(f"cannot create ZIC {container_id}: --console-socket given but "
+                          "process.terminal is false in config.json", container_id=container_id)
+    if terminal and not console_socket:
+        raise BundleError(f"cannot create ZIC {container_id}: process.terminal is true but no "
+                          "--console-socket was given to receive the console", container_id=container_id)
+
+
+def _run_create_hooks(config: Config, record: ContainerRecord) -> None:
+    if not config.hooks:
+        return
+    from runphi.hooks import run_hooks
+
+    stdin = state_json(record, "creating")
+    for kind, hooks in (("prestart", config.hooks.prestart),
+                        ("createRuntime", config.hooks.create_runtime),
+                        ("createContainer", config.hooks.create_container)):
+        run_hooks(kind, hooks, stdin, record.id)
+
+
+def _undo_launch(ctx, backend, record: ContainerRecord) -> None:
+    """Reverse ``launch``: kill the monitor, destroy the cell (errors here are secondary)."""
+    from runphi.errors import RunphiError
+
+    try:
+        stop_monitor(record)
+        if record.cell.cell_name and backend.cell_state(record.cell.cell_name) is not None:
+            backend.destroy_cell(record.cell.cell_name)
+    except RunphiError as secondary:
+        ctx.log.warn(f"while undoing the create of {record.id}: {secondary}", id=record.id)
+
+
+def _now_ns() -> int:
+    import time
+
+    return time.time_ns()

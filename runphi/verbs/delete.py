@@ -1,0 +1,54 @@
+"""``runphi delete [--force] ID`` for a ZIC (runc semantics, oci-runtime.md §5.4).
+
+* stopped → destroy the cell, remove the record, run poststop hooks; exit 0;
+* created → like runc (and what containerd needs): kill it first, then as stopped;
+* running without ``--force`` → ``cannot delete container <id> that is not
+  stopped: running``, nothing changes; with ``--force``: kill first.
+
+Unknown ids never get here (the CLI forwards them to runc, which answers
+``container does not exist``, exit 0 with ``--force``).
+"""
+
+from __future__ import annotations
+
+from runphi.container import live_status
+from runphi.errors import IllegalTransition
+from runphi.verbs._common import container_config, state_json, stop_monitor
+
+DESTROY_TIMEOUT = 5.0
+
+
+def run(args, ctx) -> int:
+    """Delete the container; the id is free again afterwards."""
+    with ctx.store.locked(args.container_id):
+        record = ctx.store.read(args.container_id)
+        status = live_status(record)
+        if status == "running" and not args.force:
+            raise IllegalTransition(
+                f"cannot delete container {record.id} that is not stopped: {status}",
+                container_id=record.id)
+        poststop = _poststop_hooks(ctx, record)
+        stop_monitor(record)
+        if record.cell.cell_name:
+            backend = ctx.backend(record.id)
+            if backend.cell_state(record.cell.cell_name) is not None:
+                backend.destroy_cell(record.cell.cell_name, DESTROY_TIMEOUT)
+        ctx.store.remove(record.id)
+    if poststop:
+        from runphi.hooks import run_hooks_best_effort
+
+        failures = run_hooks_best_effort("poststop", poststop, state_json(record, "stopped"), record.id)
+        for failure in failures:
+            ctx.log.warn(str(failure), id=record.id)
+    return 0
+
+
+def _poststop_hooks(ctx, record):
+    """The poststop hooks from create's config copy ([] when the copy is unreadable)."""
+    from runphi.errors import BundleError
+
+    try:
+        config = container_config(ctx, record)
+    except BundleError:
+        return []
+    return config.hooks.poststop if config.hooks else []

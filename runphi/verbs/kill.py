@@ -1,0 +1,50 @@
+"""``runphi kill [--all] ID [SIG]`` for a ZIC.
+
+The monitor turns SIGTERM, SIGINT, SIGHUP and SIGQUIT into a graceful cell
+shutdown and exits 128+SIG. SIGKILL cannot be caught, so ``kill`` destroys the
+cell itself first, then kills the monitor (exit 137). Any other signal would
+kill the monitor and orphan the cell, so it is refused.
+
+Stopped containers: ``container not running`` (exit 1) — the shim's wording —
+except with ``--all``, which succeeds (containerd sends ``kill --all ID 9``
+after an exit).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+from runphi.container import live_status
+from runphi.errors import ContainerNotRunning, NotSupported
+
+#: Signals the monitor translates into a graceful cell shutdown.
+GRACEFUL = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT})
+
+#: How long the cell may take to be destroyed on SIGKILL before the monitor dies anyway.
+DESTROY_TIMEOUT = 5.0
+
+
+def run(args, ctx) -> int:
+    """Deliver the signal as a cell shutdown; see the module docstring for the rules."""
+    with ctx.store.locked(args.container_id):
+        record = ctx.store.read(args.container_id)
+        if live_status(record) == "stopped":
+            if args.all:
+                return 0
+            raise ContainerNotRunning(args.container_id)
+        signum = signal.Signals(args.signal)
+        if signum == signal.SIGKILL:
+            if record.cell.cell_name:
+                ctx.backend(record.id).destroy_cell(record.cell.cell_name, DESTROY_TIMEOUT)
+        elif signum not in GRACEFUL:
+            raise NotSupported(
+                f"signal {signum.name} is not supported for partitioned container {record.id}: "
+                "use TERM, INT, HUP or QUIT for a graceful shutdown, or KILL",
+                container_id=record.id)
+        try:
+            os.kill(record.monitor_pid, signum)
+        except ProcessLookupError:
+            if not args.all:
+                raise ContainerNotRunning(args.container_id) from None
+    return 0
