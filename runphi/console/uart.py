@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import errno
 import os
+import termios
 from typing import Literal
 
 import msgspec
@@ -101,11 +102,31 @@ def open_uart(
             container_id=container_id,
         ) from None
     try:
+        _wait_for_one_byte(port.fileno())
         fd = os.dup(port.fileno())
         os.set_inheritable(fd, inheritable)
+    except (OSError, termios.error) as exc:
+        raise ConsoleError(
+            f"console UART {path} of container {container_id} cannot be configured: {exc.args[-1]}; "
+            "check the platform's console slot",
+            container_id=container_id,
+        ) from None
     finally:
         port.close()
     return ConsoleDevice(path=path, fd=fd, kind="uart")
+
+
+def _wait_for_one_byte(fd: int) -> None:
+    """Make an empty line read as EAGAIN instead of a 0-byte read.
+
+    pyserial leaves VMIN=0/VTIME=0 (it times reads with select); with those a
+    non-blocking read of an empty tty returns 0 bytes, indistinguishable from
+    the end of the line. VMIN=1 restores EAGAIN, so 0 bytes means hang-up.
+    """
+    attrs = termios.tcgetattr(fd)
+    attrs[6][termios.VMIN] = 1
+    attrs[6][termios.VTIME] = 0
+    termios.tcsetattr(fd, termios.TCSANOW, attrs)
 
 
 def _open_failure(path: str, container_id: str, exc: Exception) -> str:
