@@ -1,0 +1,96 @@
+#!/bin/sh
+# target/install.sh — install runphi on a board (or any Linux machine with Python 3.11+).
+#
+# Usage (as root):   sh target/install.sh [SOURCE]
+#   SOURCE   what to pip-install: the runphi source tree (default: the tree this
+#            script belongs to) or a built wheel.
+#
+# What it does, and nothing else:
+#   1. creates (or reuses) a Python venv at $RUNPHI_PREFIX and installs runphi into it;
+#   2. copies the platform templates to $RUNPHI_PREFIX/templates;
+#   3. links $RUNPHI_BINDIR/runphi to the venv's runphi;
+#   4. writes $RUNPHI_CONFIG from target/runphi.toml if that file does not exist
+#      yet (an existing configuration is never touched);
+#   5. prints the containerd snippet to merge into /etc/containerd/config.toml.
+# It does not install Jailhouse, containerd or runc, and does not restart anything.
+#
+# Environment (defaults in brackets):
+#   RUNPHI_PREFIX   [/opt/runphi]               the venv
+#   RUNPHI_BINDIR   [/usr/local/bin]            where the `runphi` link goes (containerd's BinaryName)
+#   RUNPHI_CONFIG   [/etc/runphi/runphi.toml]   runphi's configuration file
+#   PYTHON          [python3]                   interpreter for the venv (3.11 or newer)
+#   PIP_*                                       passed through to pip (index, proxy, ...)
+set -eu
+
+here=$(cd "$(dirname "$0")" && pwd)
+tree=$(dirname "$here")
+source_spec=${1:-$tree}
+prefix=${RUNPHI_PREFIX:-/opt/runphi}
+bindir=${RUNPHI_BINDIR:-/usr/local/bin}
+config=${RUNPHI_CONFIG:-/etc/runphi/runphi.toml}
+python=${PYTHON:-python3}
+
+fail() { echo "install.sh: $*" >&2; exit 1; }
+
+check_python() {
+    "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null ||
+        fail "$python is missing or older than 3.11: install python3 (3.11+) or set PYTHON=/path/to/python3.11"
+    "$python" -c 'import venv, ensurepip' 2>/dev/null ||
+        fail "$python cannot create virtual environments: install the python3-venv package"
+}
+
+install_venv() {
+    [ -x "$prefix/bin/python" ] || "$python" -m venv "$prefix" ||
+        fail "cannot create the venv $prefix: check RUNPHI_PREFIX and free space"
+    "$prefix/bin/python" -m pip install --quiet --disable-pip-version-check "$source_spec" ||
+        fail "pip could not install runphi from $source_spec into $prefix (see pip's message above)"
+}
+
+install_templates() {
+    mkdir -p "$prefix/templates"
+    if [ -d "$tree/templates" ]; then
+        for template in "$tree"/templates/*.toml; do
+            [ -e "$template" ] && cp "$template" "$prefix/templates/"
+        done
+    fi
+    return 0
+}
+
+link_binary() {
+    mkdir -p "$bindir"
+    ln -sf "$prefix/bin/runphi" "$bindir/runphi"
+}
+
+write_config() {
+    if [ -e "$config" ]; then
+        echo "install.sh: keeping the existing $config"
+        return 0
+    fi
+    mkdir -p "$(dirname "$config")"
+    staging="$config.new.$$"
+    sed "s|^templates_dir = \"\"|templates_dir = \"$prefix/templates\"|" "$here/runphi.toml" >"$staging"
+    mv "$staging" "$config"
+    echo "install.sh: wrote $config (backend = \"jailhouse\"; set [jailhouse] platform for this board)"
+}
+
+print_containerd_snippet() {
+    echo
+    echo "# Merge into /etc/containerd/config.toml, then restart containerd:"
+    sed -e '/^#/d' -e '/^ *#/d' -e '/^$/d' \
+        -e "s|^\( *BinaryName = \).*|\1\"$bindir/runphi\"|" "$here/containerd-runphi.toml"
+}
+
+check_runc() {
+    command -v runc >/dev/null 2>&1 ||
+        echo "install.sh: warning: no runc on PATH; plain containers (pause, sidecars) need it (set runc = in $config)" >&2
+    return 0
+}
+
+check_python
+install_venv
+install_templates
+link_binary
+write_config
+check_runc
+"$bindir/runphi" --version
+print_containerd_snippet

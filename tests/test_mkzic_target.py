@@ -1,0 +1,211 @@
+"""The operator files in target/: they must agree with the code and with each other.
+
+* target/runphi.toml documents exactly the keys runphi.config reads, and loads;
+* the containerd snippet is accepted by the real containerd and names the handler
+  the RuntimeClass refers to;
+* target/BOARDS.md describes every platform template as it is;
+* target/install.sh installs a working runphi into a prefix (real venv, real pip);
+* the Dockerfile example agrees with its boot description.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from runphi.config import JailhouseConfig, LogConfig, RuntimeConfig, load_runtime_config
+from tools.mkzic.cli import main as mkzic_main
+
+REPO = Path(__file__).resolve().parent.parent
+TARGET = REPO / "target"
+CRI_RUNTIMES = ("plugins", "io.containerd.grpc.v1.cri", "containerd", "runtimes")
+
+
+def dig(table: dict, *keys: str):
+    for key in keys:
+        table = table[key]
+    return table
+
+
+def struct_keys(struct: type[msgspec.Struct]) -> set[str]:
+    return set(struct.__struct_fields__)
+
+
+# --- runphi.toml -------------------------------------------------------------
+
+
+def test_example_config_documents_every_key_and_only_real_ones() -> None:
+    example = tomllib.loads((TARGET / "runphi.toml").read_text())
+    assert set(example) == struct_keys(RuntimeConfig) - {"source"}
+    assert set(example["jailhouse"]) == struct_keys(JailhouseConfig)
+    assert set(example["log"]) == struct_keys(LogConfig)
+
+
+def test_example_config_loads_and_only_differs_from_defaults_in_backend() -> None:
+    path = TARGET / "runphi.toml"
+    loaded = load_runtime_config({"RUNPHI_CONFIG": str(path)})
+    expected = msgspec.structs.replace(RuntimeConfig(), backend="jailhouse", source=str(path))
+    assert loaded == expected
+
+
+# --- containerd snippet and Kubernetes manifests ----------------------------
+
+
+def test_containerd_snippet_declares_the_runphi_handler() -> None:
+    snippet = tomllib.loads((TARGET / "containerd-runphi.toml").read_text())
+    assert snippet["version"] == 2
+    assert dig(snippet, *CRI_RUNTIMES[:-1])["default_runtime_name"] == "runc"
+    # declaring any runtime drops containerd's built-in table: runc must be declared too
+    assert dig(snippet, *CRI_RUNTIMES, "runc")["runtime_type"] == "io.containerd.runc.v2"
+    runphi = dig(snippet, *CRI_RUNTIMES, "runphi")
+    assert runphi["runtime_type"] == "io.containerd.runc.v2"
+    assert runphi["pod_annotations"] == runphi["container_annotations"] == ["org.runphi.*"]
+    assert runphi["options"]["BinaryName"].endswith("/runphi")
+    assert runphi["options"]["Root"] == RuntimeConfig().state_dir
+
+
+@pytest.mark.containerd
+def test_real_containerd_accepts_the_snippet() -> None:
+    containerd = shutil.which("containerd")
+    if containerd is None:
+        pytest.skip("containerd is not installed (Debian: apt-get install containerd)")
+    result = subprocess.run(
+        [containerd, "--config", str(TARGET / "containerd-runphi.toml"), "config", "dump"],
+        capture_output=True, text=True, check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    merged = dig(tomllib.loads(result.stdout), *CRI_RUNTIMES)
+    expected = dig(tomllib.loads((TARGET / "containerd-runphi.toml").read_text()), *CRI_RUNTIMES, "runphi")
+    assert merged["runphi"]["runtime_type"] == expected["runtime_type"]
+    assert merged["runphi"]["pod_annotations"] == expected["pod_annotations"]
+    assert merged["runphi"]["container_annotations"] == expected["container_annotations"]
+    assert merged["runphi"]["options"] == expected["options"]
+    assert merged["runc"]["runtime_type"] == "io.containerd.runc.v2"  # the default runtime survives
+
+
+def yaml_value(text: str, key: str) -> str:
+    """The scalar value of the one ``key:`` line in a simple manifest (quotes stripped)."""
+    values = re.findall(rf"^\s*{re.escape(key)}:\s*(\S.*?)\s*$", text, flags=re.MULTILINE)
+    assert len(values) == 1, f"{key}: {values}"
+    return values[0].strip("\"'")
+
+
+def test_runtimeclass_and_pod_select_the_containerd_handler() -> None:
+    snippet = tomllib.loads((TARGET / "containerd-runphi.toml").read_text())
+    runtime_class = (TARGET / "kubernetes/runtimeclass.yaml").read_text()
+    pod = (TARGET / "kubernetes/zic-pod.yaml").read_text()
+    assert yaml_value(runtime_class, "apiVersion") == "node.k8s.io/v1"
+    assert yaml_value(runtime_class, "kind") == "RuntimeClass"
+    assert yaml_value(runtime_class, "handler") == "runphi"
+    assert dig(snippet, *CRI_RUNTIMES, "runphi")["runtime_type"] == "io.containerd.runc.v2"
+    assert yaml_value(pod, "kind") == "Pod"
+    assert yaml_value(pod, "runtimeClassName") == yaml_value(runtime_class, "name")
+    assert yaml_value(pod, "org.runphi.runtime") == "runphi"
+    assert yaml_value(pod, "imagePullPolicy") == "Never"
+    limits = re.search(r"limits:\n\s+cpu: \"(\d+)\"\n\s+memory: (\d+)Mi", pod)
+    requests = re.search(r"requests:\n\s+cpu: \"(\d+)\"\n\s+memory: (\d+)Mi", pod)
+    assert limits and requests and limits.groups() == requests.groups()
+
+
+# --- BOARDS.md ---------------------------------------------------------------
+
+
+def board_rows() -> dict[str, list[str]]:
+    rows = {}
+    for line in (TARGET / "BOARDS.md").read_text().splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if line.startswith("| `") and len(cells) == 5:
+            rows[cells[0].strip("`")] = cells
+    return rows
+
+
+def test_board_guide_describes_every_platform_template() -> None:
+    rows = board_rows()
+    templates = {path.stem: tomllib.loads(path.read_text()) for path in (REPO / "templates").glob("*.toml")}
+    assert templates, "no platform templates found"
+    assert set(rows) == set(templates)
+    for name, template in templates.items():
+        _, fmt, cpus, console, tty = rows[name]
+        assert fmt == f"`{template['format']}`", name
+        assert cpus == f"`{template['cell_cpus']}`", name
+        uarts = template["uarts"]
+        assert f"IRQ {uarts[0]['irq']}" in console, name
+        assert all(f"`0x{u['phys']:08x}`" in console for u in (uarts[0], uarts[-1])), name
+        assert (f"{len(uarts)} slots" if len(uarts) > 1 else "1 ") in console, name
+        assert ("shared" in console) == any(u.get("shared", False) for u in uarts), name
+        devices = [u.get("device", "") for u in uarts]
+        if any(devices):
+            assert f"`{devices[0]}`" in tty and Path(devices[-1]).name in tty, name
+        else:
+            assert tty == "none", name
+
+
+# --- Dockerfile example ------------------------------------------------------
+
+
+def test_dockerfile_example_matches_its_boot_description(tmp_path: Path) -> None:
+    example = TARGET / "zic-example"
+    description = json.loads((example / "boot/config.json").read_bytes())
+    lines = [line for line in (example / "Dockerfile").read_text().splitlines() if line and not line.startswith("#")]
+    assert lines == ["FROM scratch", "COPY boot/ /boot/", f'CMD ["{description["inmate"]}"]']
+    inmate = tmp_path / Path(description["inmate"]).name
+    inmate.write_bytes(b"\x00" * 64)
+    assert mkzic_main(["--config", str(example / "boot/config.json"), "--inmate", str(inmate),
+                       "--bundle", str(tmp_path / "b")]) == 0
+    assert json.loads((tmp_path / "b/rootfs/boot/config.json").read_bytes()) == description
+
+
+# --- install.sh --------------------------------------------------------------
+
+
+def run_install(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["sh", str(TARGET / "install.sh")],
+        env={**os.environ, "RUNPHI_PREFIX": str(tmp_path / "opt"), "RUNPHI_BINDIR": str(tmp_path / "bin"),
+             "RUNPHI_CONFIG": str(tmp_path / "etc/runphi.toml"), "PYTHON": sys.executable, **env},
+        capture_output=True, text=True, check=False, timeout=600,
+    )
+
+
+def test_install_script_installs_a_working_runphi_and_keeps_existing_config(tmp_path: Path) -> None:
+    result = run_install(tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    runphi = tmp_path / "bin/runphi"
+    assert runphi.resolve() == (tmp_path / "opt/bin/runphi").resolve()
+
+    config = load_runtime_config({"RUNPHI_CONFIG": str(tmp_path / "etc/runphi.toml")})
+    assert config.backend == "jailhouse"
+    assert Path(config.jailhouse.templates_dir) == tmp_path / "opt/templates"
+    assert sorted(p.name for p in (tmp_path / "opt/templates").iterdir()) == sorted(
+        p.name for p in (REPO / "templates").glob("*.toml"))
+
+    version = subprocess.run([str(runphi), "--version"], capture_output=True, text=True, check=False,
+                             env={**os.environ, "RUNPHI_CONFIG": str(tmp_path / "etc/runphi.toml")})
+    assert version.returncode == 0 and "backend: jailhouse" in version.stdout, version.stderr
+
+    snippet = tomllib.loads(result.stdout.split("# Merge into /etc/containerd/config.toml, then restart containerd:\n")[1])
+    assert dig(snippet, *CRI_RUNTIMES, "runphi", "options")["BinaryName"] == str(runphi)
+
+    edited = (tmp_path / "etc/runphi.toml").read_text().replace('level = "info"', 'level = "debug"')
+    (tmp_path / "etc/runphi.toml").write_text(edited)
+    again = run_install(tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "keeping the existing" in again.stdout
+    assert (tmp_path / "etc/runphi.toml").read_text() == edited
+
+
+def test_install_script_refuses_an_unusable_python(tmp_path: Path) -> None:
+    result = run_install(tmp_path, PYTHON=str(tmp_path / "no-python"))
+    assert result.returncode == 1
+    assert result.stderr.startswith("install.sh: ") and result.stderr.count("\n") == 1
+    assert "older than 3.11" in result.stderr
+    assert not (tmp_path / "opt").exists() and not (tmp_path / "etc").exists()
