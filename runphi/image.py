@@ -1,0 +1,244 @@
+"""The ZIC's boot description (`/boot/config.json`) read safely from the container rootfs.
+
+runPHI images carry it unchanged: every field is optional, unknown keys are kept and
+ignored, types are those found in the wild (hex strings for addresses, `net` as a
+string or a bool). Every path it names is a path inside the image: `..` components,
+absolute symlinks and symlinks leading outside the rootfs are refused.
+
+Lean: imported by `create`; msgspec and the stdlib only.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from pathlib import Path, PurePosixPath
+from typing import Any, Protocol
+
+import msgspec
+
+from runphi.errors import BundleError
+
+DESCRIPTION_PATHS = ("/boot/config.json", "/boot/configuration.json")
+DEFAULT_INMATE = "/boot/boot.bin"
+MAX_SYMLINKS = 40
+NO_NET = ("", "no", "none", "false", "off")
+
+OS_LINUX = "linux"
+KNOWN_OS = ("zephyr", "baremetal", "freertos", OS_LINUX)
+
+
+
+class DebugLog(Protocol):
+    """Where ignored keys are reported (runphi.log.VerbLog fits)."""
+
+    def debug(self, msg: str, **context: Any) -> None: ...
+
+
+class BootDescriptionError(BundleError):
+    """The boot description is unreadable, malformed or names a path outside the image."""
+
+
+class VcpuPin(msgspec.Struct, frozen=True, forbid_unknown_fields=False):
+    """One `vcpu_pinning` entry: virtual CPU `vcpu` runs on physical CPU `pcpu`."""
+
+    vcpu: int
+    pcpu: int
+
+
+class _RawDescription(msgspec.Struct, frozen=True):
+    """The JSON as found in images (field types as runPHI users write them)."""
+
+    os_var: str = ""
+    inmate: str = DEFAULT_INMATE
+    starting_vaddress: str | int | None = None
+    kernel: str | None = None
+    dtb: str | None = None
+    initrd: str | None = None
+    ramdisk: str | None = None
+    cpio: str | None = None
+    net: str | bool | None = None
+    netconf: str = ""
+    rpu_req: bool = False
+    memory: int | None = None
+    vcpus: int | None = None
+    vcpu_pinning: list[VcpuPin] = []
+
+
+class BootDescription(msgspec.Struct, frozen=True, kw_only=True):
+    """The typed boot description; paths are absolute host paths inside the rootfs."""
+
+    source: Path
+    os_var: str = ""
+    inmate: Path
+    starting_vaddress: int | None = None
+    kernel: Path | None = None
+    dtb: Path | None = None
+    initrd: Path | None = None
+    net: bool = False
+    netconf: str = ""
+    rpu_req: bool = False
+    memory_mib: int | None = None
+    vcpus: int | None = None
+    pinned_cpus: frozenset[int] | None = None
+    ignored_keys: tuple[str, ...] = ()
+
+    @property
+    def is_linux(self) -> bool:
+        return self.os_var.lower() == OS_LINUX
+
+
+_KNOWN_KEYS = frozenset(_RawDescription.__struct_fields__)
+_IGNORED_QUIETLY = frozenset({"accelerators"})
+
+
+def resolve_in_rootfs(rootfs: Path, path: str, what: str) -> Path:
+    """Host path of `path` (a path inside the image) without ever leaving `rootfs`.
+
+    Symlinks are followed component by component: relative links that stay inside
+    are fine, absolute links and links climbing out are refused, as is any `..`
+    in `path` itself. The result need not exist.
+    """
+    if "\0" in path:
+        raise BootDescriptionError(f"{what} {path!r} contains a NUL byte")
+    if ".." in PurePosixPath(path).parts:
+        raise BootDescriptionError(f"{what} {path!r} contains '..': paths in the boot description must stay inside the image")
+    root = Path(os.path.abspath(rootfs))
+    pending = [p for p in PurePosixPath(path).parts if p not in ("/", ".")]
+    done: list[str] = []
+    links = 0
+    while pending:
+        part = pending.pop(0)
+        if part == "..":
+            if not done:
+                raise BootDescriptionError(f"{what} {path!r} resolves outside the image (a symlink climbs above its root)")
+            done.pop()
+            continue
+        candidate = root.joinpath(*done, part)
+        try:
+            is_link = stat.S_ISLNK(os.lstat(candidate).st_mode)
+        except FileNotFoundError:
+            is_link = False
+        except OSError as exc:
+            raise BootDescriptionError(f"{what} {path!r}: cannot inspect {candidate}: {exc.strerror}") from None
+        if not is_link:
+            done.append(part)
+            continue
+        links += 1
+        if links > MAX_SYMLINKS:
+            raise BootDescriptionError(f"{what} {path!r}: too many levels of symbolic links")
+        target = os.readlink(candidate)
+        if target.startswith("/"):
+            raise BootDescriptionError(
+                f"{what} {path!r}: {'/' + '/'.join([*done, part])} is an absolute symlink to {target!r}; "
+                "use a relative link inside the image"
+            )
+        pending = [p for p in PurePosixPath(target).parts if p != "."] + pending
+    return root.joinpath(*done)
+
+
+def find_boot_description(rootfs: Path) -> Path | None:
+    """Host path of the image's boot description (`config.json` preferred), None if absent."""
+    for candidate in DESCRIPTION_PATHS:
+        host = resolve_in_rootfs(rootfs, candidate, "boot description")
+        if host.is_file():
+            return host
+    return None
+
+
+def _image_file(rootfs: Path, value: str | None, what: str, source: str, required: bool = True) -> Path | None:
+    """Resolve a path field; when `required`, it must name an existing regular file."""
+    if value is None or value == "":
+        return None
+    host = resolve_in_rootfs(rootfs, value, f"{what} in {source}")
+    if required and not host.is_file():
+        raise BootDescriptionError(f"{what} {value!r} named by {source} is not a file in the image")
+    return host
+
+
+def _address(value: str | int | None, source: str) -> int | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, int):
+        address = value
+    else:
+        try:
+            address = int(value, 0)
+        except ValueError:
+            raise BootDescriptionError(
+                f"starting_vaddress {value!r} in {source} is not a number (write e.g. \"0x70000000\")"
+            ) from None
+    if not 0 <= address < 1 << 64:
+        raise BootDescriptionError(f"starting_vaddress {value!r} in {source} is out of range")
+    return address
+
+
+def _net(value: str | bool | None) -> bool:
+    if value is None or value is False:
+        return False
+    if value is True:
+        return True
+    return value.strip().lower() not in NO_NET
+
+
+def parse_boot_description(data: bytes, rootfs: Path, source: Path, log: DebugLog | None = None) -> BootDescription:
+    """Decode description bytes (read from `source`) and resolve its paths inside `rootfs`."""
+    where = "/" + source.relative_to(Path(os.path.abspath(rootfs))).as_posix()
+    try:
+        raw = msgspec.json.decode(data, type=_RawDescription)
+        keys = msgspec.json.decode(data, type=dict[str, msgspec.Raw])
+    except msgspec.DecodeError as exc:
+        raise BootDescriptionError(f"boot description {where} in the image is invalid: {exc}") from None
+    ignored = tuple(sorted(k for k in keys if k not in _KNOWN_KEYS))
+    noisy = [k for k in ignored if k not in _IGNORED_QUIETLY]
+    if noisy and log is not None:
+        log.debug("boot description: ignoring keys runphi does not use", file=where, keys=",".join(noisy))
+    for name, value in (("memory", raw.memory), ("vcpus", raw.vcpus)):
+        if value is not None and value <= 0:
+            raise BootDescriptionError(f"{name} = {value} in {where} must be a positive number")
+    linux = raw.os_var.lower() == OS_LINUX
+    kernel_field = raw.kernel if raw.kernel else (raw.inmate if linux else None)
+    inmate = raw.kernel if (linux and raw.kernel) else raw.inmate
+    initrd = raw.initrd or raw.ramdisk or raw.cpio
+    pins = frozenset(p.pcpu for p in raw.vcpu_pinning) if raw.vcpu_pinning else None
+    if pins is not None and any(p < 0 for p in pins):
+        raise BootDescriptionError(f"vcpu_pinning in {where} names a negative pcpu")
+    return BootDescription(
+        source=source,
+        os_var=raw.os_var,
+        inmate=_image_file(rootfs, inmate, "inmate", where),  # type: ignore[arg-type]
+        starting_vaddress=_address(raw.starting_vaddress, where),
+        kernel=_image_file(rootfs, kernel_field, "kernel", where),
+        dtb=_image_file(rootfs, raw.dtb, "dtb", where),
+        initrd=_image_file(rootfs, initrd, "initrd", where),
+        net=_net(raw.net),
+        netconf=raw.netconf,
+        rpu_req=raw.rpu_req,
+        memory_mib=raw.memory,
+        vcpus=raw.vcpus,
+        pinned_cpus=pins,
+        ignored_keys=ignored,
+    )
+
+
+def load_boot_description(rootfs: Path, log: DebugLog | None = None) -> BootDescription:
+    """Read the image's `/boot/config.json` (or `/boot/configuration.json`) safely.
+
+    Raises BootDescriptionError when it is absent, unreadable, malformed, or names a
+    file that is missing or outside the image.
+    """
+    source = find_boot_description(rootfs)
+    if source is None:
+        raise BootDescriptionError(
+            f"no boot description in the image ({' or '.join(DESCRIPTION_PATHS)} under {rootfs}); "
+            "a ZIC image needs one"
+        )
+    try:
+        fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW)
+        with os.fdopen(fd, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        reason = "it is a symlink" if exc.errno == errno.ELOOP else exc.strerror
+        raise BootDescriptionError(f"cannot read boot description {source}: {reason}") from None
+    return parse_boot_description(data, rootfs, source, log)
