@@ -290,6 +290,23 @@ class Allocator:
                 self._write(ledger)
             return allocation
 
+    def preview(self, container_id: str, request: ResourceRequest, root_cpus: frozenset[int] | None = None) -> Allocation:
+        """What `allocate` would reserve now, without recording it.
+
+        A container already in the ledger gets its recorded allocation. `root_cpus`
+        stands in for the sysfs CPU list (for planning on a machine without Jailhouse).
+        """
+        others: list[Allocation] = []
+        if self.state_dir.is_dir():  # no state dir: nothing allocated on this node yet
+            with self._locked() as ledger:
+                held = ledger.allocations.get(container_id)
+                if held is not None:
+                    return held
+                others = list(ledger.allocations.values())
+        if root_cpus is None:
+            return self._plan(container_id, request, others)
+        return _FixedRoot(self.platform, self.state_dir, self.sysfs, root_cpus)._plan(container_id, request, others)
+
     def replace_all(self, allocations: list[Allocation]) -> None:
         """Overwrite the ledger with `allocations` (for rebuilding it from reality)."""
         with self._locked() as ledger:
@@ -387,3 +404,14 @@ class Allocator:
                 return frozenset({rpu.id})
         missing.append(f"an RPU requested, all {len(self.platform.rpus)} RPUs are in use")
         return frozenset()
+
+
+class _FixedRoot(Allocator):
+    """An allocator whose root CPU set is given instead of read from sysfs (previews)."""
+
+    def __init__(self, platform: Platform, state_dir: Path, sysfs: Path, root: frozenset[int]) -> None:
+        super().__init__(platform, state_dir, sysfs)
+        self._root = root
+
+    def root_cpus(self) -> frozenset[int]:
+        return self._root

@@ -47,7 +47,10 @@ def bdf_text(bdf: int) -> str:
 def describe_cell(config: CellConfig, profile: FormatProfile, size: int | None = None) -> str:
     """Every field of `config` as readable text, flags with their names."""
     c = config
-    arch = c.architecture.name.lower() if c.architecture is not None else "not recorded (no architecture byte)"
+    if c.architecture is None:
+        arch = "not recorded (no architecture byte)"
+    else:
+        arch = c.architecture.name.lower() + ("" if profile.has_architecture else " (not written by this profile)")
     lines = [
         f"profile:           {profile.name} ({profile.description})",
         f"signature:         {profile.signature.decode()} revision {profile.revision}",
