@@ -167,9 +167,18 @@ def test_dockerfile_example_matches_its_boot_description(tmp_path: Path) -> None
 # --- install.sh --------------------------------------------------------------
 
 
+def source_tree(tmp_path: Path) -> Path:
+    """A clean copy of the source tree, so pip's in-tree build leaves the checkout alone."""
+    tree = tmp_path / "src"
+    if not tree.exists():
+        shutil.copytree(REPO, tree, ignore=shutil.ignore_patterns(
+            ".git", ".venv", "build", "*.egg-info", "__pycache__", ".pytest_cache", ".hypothesis", "out"))
+    return tree
+
+
 def run_install(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        ["sh", str(TARGET / "install.sh")],
+        ["sh", str(source_tree(tmp_path) / "target/install.sh")],
         env={**os.environ, "RUNPHI_PREFIX": str(tmp_path / "opt"), "RUNPHI_BINDIR": str(tmp_path / "bin"),
              "RUNPHI_CONFIG": str(tmp_path / "etc/runphi.toml"), "PYTHON": sys.executable, **env},
         capture_output=True, text=True, check=False, timeout=600,

@@ -96,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The mkzic command line (also the source of ``--help``)."""
     parser = _Parser(
         prog="python -m tools.mkzic",
+        allow_abbrev=False,
         description="Build a ZIC (partitioned container) from a guest image and a boot description, "
         "as an OCI runtime bundle (--bundle) and/or an OCI image archive for `ctr image import` (--archive).",
     )
