@@ -17,9 +17,9 @@ from runphi.errors import ContainerNotFound
 
 def run(args, ctx) -> int:
     """Print the console log of ``args.container_id``; with ``args.follow``, keep following."""
-    state_dir = ctx.root / args.container_id
-    if not state_dir.is_dir():
+    if not ctx.store.holds(args.container_id):
         raise ContainerNotFound(args.container_id)
+    state_dir = ctx.store.container_dir(args.container_id)
     out = sys.stdout.buffer
     try:
         if not args.follow:
