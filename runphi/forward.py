@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import stat
-import subprocess
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
@@ -122,6 +121,8 @@ def runc_states(ctx: Context, own_ids: set[str]) -> list[State]:
     runc's warnings about runphi's own directories are dropped; any other
     stderr text is passed on, and a failing runc is an error.
     """
+    import subprocess
+
     try:
         runc = ctx.config.runc_path()
     except RuncNotFound:

@@ -52,3 +52,67 @@ def containerd(runphi_bin: Path):
 def busybox_rootfs(containerd: PrivateContainerd) -> Path:
     """A static-busybox rootfs inside the private containerd's directory."""
     return make_busybox_rootfs(containerd.base / "busybox-rootfs")
+
+
+class RecordFactory:
+    """Writes runphi container records whose monitor is a real process the test owns."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.processes: list = []
+
+    def live_process(self):
+        """A real long-running process standing in for a ZIC's monitor."""
+        import subprocess
+
+        process = subprocess.Popen(["sleep", "1000"], stdin=subprocess.DEVNULL)
+        self.processes.append(process)
+        return process
+
+    def __call__(self, container_id: str, status: str = "created", *, alive: bool = True,
+                 bundle: Path | None = None, annotations: dict[str, str] | None = None):
+        """Store a record for ``container_id``; ``alive=False`` records a process that is gone."""
+        import subprocess
+
+        from runphi.container import ContainerRecord, identify_process
+        from runphi.log import rfc3339_nano
+        from runphi.store import Store
+
+        if alive:
+            pid, start = identify_process(self.live_process().pid)
+        else:
+            gone = subprocess.Popen(["true"])
+            gone.wait()
+            pid, start = gone.pid, 1
+        bundle = bundle or self.root / f"bundle-{container_id}"
+        record = ContainerRecord(
+            id=container_id, bundle=str(bundle), rootfs=str(bundle / "rootfs"),
+            created=rfc3339_nano(1_700_000_000_123_456_000), status=status, oci_version="1.0.2",
+            annotations=annotations or {}, monitor_pid=pid, monitor_start_time=start)
+        store = Store(self.root)
+        with store.creating(record):
+            pass
+        return record
+
+    def close(self) -> None:
+        for process in self.processes:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture
+def state_root(tmp_path: Path) -> Path:
+    """An empty state root (what ``--root`` points at)."""
+    root = tmp_path / "state"
+    root.mkdir()
+    return root
+
+
+@pytest.fixture
+def make_record(state_root: Path):
+    """Factory: ``make_record(id, status, alive=True)`` → a stored ContainerRecord."""
+    factory = RecordFactory(state_root)
+    try:
+        yield factory
+    finally:
+        factory.close()
