@@ -394,3 +394,14 @@ def test_normalised_names_are_fixed_points(name: str) -> None:
 def test_description_struct_roundtrips_through_json() -> None:
     known = BootDescription(os_var="zephyr", memory=4, net="none")
     assert msgspec.json.decode(msgspec.json.encode(known), type=BootDescription) == known
+
+
+def test_initrd_file_honours_a_cpio_path_and_missing_synonyms_point_at_initrd(tmp_path: Path, inmate: Path) -> None:
+    (tmp_path / "r.cpio").write_bytes(b"cpio")
+    description = decode_description(b'{"os_var": "linux", "cpio": "/boot/rootfs.cpio"}', "t")
+    zic = assemble(description, {"inmate": inmate, "initrd": tmp_path / "r.cpio"})
+    assert zic.files["/boot/rootfs.cpio"] == b"cpio"
+    assert zic.description.known.initrd is None  # the file's name is already recorded as cpio
+    with pytest.raises(MkzicError) as raised:
+        assemble(decode_description(b'{"ramdisk": "/boot/r.img"}', "t"), {"inmate": inmate})
+    assert "names ramdisk = /boot/r.img but no such file was given: pass --initrd FILE" in raised.value.line()

@@ -27,6 +27,7 @@ from tools.mkzic.errors import MkzicError
 
 # Which description field a guest file supplied on its own is recorded in.
 GUEST_FILE_FIELDS = ("inmate", "kernel", "dtb", "initrd")
+INITRD_SYNONYMS = ("initrd", "ramdisk", "cpio")
 
 
 class ZicContents(msgspec.Struct, frozen=True):
@@ -49,16 +50,55 @@ def _read_host_file(field: str, path: Path) -> bytes:
         raise MkzicError(f"cannot read the {field} file {path}: {exc.strerror}", "check the path") from None
 
 
-def _place(description: BootDescription, field: str, host_path: Path) -> str:
-    """Choose the image path for a supplied file: the description's, else ``/boot/<name>``.
+def _named_path(description: BootDescription, field: str) -> tuple[str, str] | None:
+    """The (field, image path) the description already gives a file, if any.
 
-    An ``initrd`` file honours a ``ramdisk`` path already in the description
-    (the two are synonyms).
+    An initramfs may be named by any of ``initrd``, ``ramdisk`` or ``cpio``
+    (synonyms in runPHI descriptions); the first one present wins.
     """
-    named = getattr(description, field)
-    if field == "initrd" and named is None:
-        named = description.ramdisk
-    return named if named is not None else check_image_path(field, posixpath.join(BOOT_DIR, host_path.name))
+    for name in INITRD_SYNONYMS if field == "initrd" else (field,):
+        path = getattr(description, name)
+        if path is not None:
+            return name, path
+    return None
+
+
+def _place_files(known: BootDescription, guest_files: dict[str, Path]) -> tuple[BootDescription, dict[str, bytes]]:
+    """Read each guest file and put it at its image path, filling in the fields that were absent."""
+    files: dict[str, bytes] = {}
+    owner: dict[str, str] = {}
+    for field in GUEST_FILE_FIELDS:
+        host_path = guest_files.get(field)
+        if host_path is None:
+            continue
+        named = _named_path(known, field)
+        if named is None:
+            image_path = check_image_path(field, posixpath.join(BOOT_DIR, host_path.name))
+            known = msgspec.structs.replace(known, **{field: image_path})
+        else:
+            image_path = named[1]
+        if image_path in files:
+            raise MkzicError(
+                f"the {field} file and the {owner[image_path]} file would both be {image_path}",
+                "rename one of them or name distinct paths in the boot description",
+            )
+        files[image_path] = _read_host_file(field, host_path)
+        owner[image_path] = field
+    return known, files
+
+
+def _check_files_present(known: BootDescription, files: dict[str, bytes]) -> None:
+    """Every path the description names, and the inmate, must be a supplied file."""
+    if known.inmate is None and DEFAULT_INMATE not in files:
+        raise MkzicError("no inmate image given", "pass --inmate FILE (the raw guest binary or Linux Image)")
+    for field in PATH_FIELDS:
+        image_path = getattr(known, field)
+        if image_path is not None and image_path not in files:
+            flag = "initrd" if field in INITRD_SYNONYMS else field
+            raise MkzicError(
+                f"the boot description names {field} = {image_path} but no such file was given",
+                f"pass --{flag} FILE for it or drop the field",
+            )
 
 
 def assemble(description: Description, guest_files: dict[str, Path]) -> ZicContents:
@@ -70,33 +110,9 @@ def assemble(description: Description, guest_files: dict[str, Path]) -> ZicConte
     inmate (default ``/boot/boot.bin``) is present, and no two inputs share a
     path. Raises :class:`MkzicError` otherwise.
     """
-    known = description.known
-    check_description(known)
-    placed: dict[str, str] = {}
-    files: dict[str, bytes] = {}
-    for field in GUEST_FILE_FIELDS:
-        host_path = guest_files.get(field)
-        if host_path is None:
-            continue
-        image_path = _place(known, field, host_path)
-        if image_path in files:
-            raise MkzicError(
-                f"the {field} file and the {placed[image_path]} file would both be {image_path}",
-                "rename one of them or name distinct paths in the boot description",
-            )
-        files[image_path] = _read_host_file(field, host_path)
-        placed[image_path] = field
-        if getattr(known, field) is None and not (field == "initrd" and known.ramdisk is not None):
-            known = msgspec.structs.replace(known, **{field: image_path})
-    if known.inmate is None and DEFAULT_INMATE not in files:
-        raise MkzicError("no inmate image given", "pass --inmate FILE (the raw guest binary or Linux Image)")
-    for field in PATH_FIELDS:
-        image_path = getattr(known, field)
-        if image_path is not None and image_path not in files:
-            raise MkzicError(
-                f"the boot description names {field} = {image_path} but no such file was given",
-                f"pass --{field if field in GUEST_FILE_FIELDS else 'initrd'} FILE for it or drop the field",
-            )
+    check_description(description.known)
+    known, files = _place_files(description.known, guest_files)
+    _check_files_present(known, files)
     final = Description(known=known, passthrough=description.passthrough)
     files[DESCRIPTION_PATH] = encode_description(final)
     inmate = known.inmate if known.inmate is not None else DEFAULT_INMATE
