@@ -352,6 +352,7 @@ def test_failed_archive_write_removes_the_bundle_just_written(tmp_path: Path, in
         (["--archive", "a.tar"], "--archive needs an image name"),
         (["--archive", "a.tar", "--name", "x", "--cpus", "1"], "--cpus only apply to a bundle"),
         (["--bundle", "b", "--bogus"], "unrecognized arguments: --bogus"),
+        (["--archive", "a.tar", "--name", "x", "--arch", "ARM 64"], "is not an OCI architecture name"),
     ],
 )
 def test_usage_mistakes_are_one_line_exit_1(tmp_path: Path, inmate: Path, args: list[str], expected: str) -> None:

@@ -16,6 +16,7 @@ Bad input: one ``mkzic: ...`` line on stderr, exit 1, nothing written.
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -85,6 +86,12 @@ def _cpuset(text: str) -> str:
     return text
 
 
+def _architecture(text: str) -> str:
+    if not re.fullmatch(r"[a-z0-9_]+", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not an OCI architecture name (arm64, amd64, ...)")
+    return text
+
+
 def _annotation(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key:
@@ -130,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     image = parser.add_argument_group("OCI image archive")
     image.add_argument("--archive", type=Path, metavar="FILE", help="write an image archive (tar) here")
     image.add_argument("--name", metavar="NAME", help="image name, e.g. hello:1.0 (stored as docker.io/library/hello:1.0)")
-    image.add_argument("--arch", default=DEFAULT_ARCHITECTURE, metavar="ARCH", help="image architecture (default %(default)s)")
+    image.add_argument("--arch", type=_architecture, default=DEFAULT_ARCHITECTURE, metavar="ARCH", help="image architecture (default %(default)s)")
     return parser
 
 
