@@ -59,7 +59,7 @@ def test_boards_use_omnivisor_with_rpus() -> None:
         assert p.profile.name == "omnivisor-rev14"
         assert [r.id for r in p.rpus] == rpus
         assert p.memory.convention == "flat" and p.memory.main_ram_guest == 0
-        assert p.uarts[0].console().type == cc.CON_TYPE_XUARTPS
+        assert p.uarts[0].console().type == cc.CON_TYPE_XUARTPS and not p.per_cell_uarts
 
 
 def test_placeholder_needs_a_sim_root(monkeypatch) -> None:
