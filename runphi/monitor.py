@@ -61,6 +61,8 @@ class MonitorSetup(msgspec.Struct, frozen=True):
     poll_interval: float = 0.05
     shutdown_timeout: float = 10.0
     tool_timeout: float = 10.0
+    #: How often to check that the hypervisor still answers (seconds).
+    probe_interval: float = 1.0
     #: Read end (opened read-write) of the start fifo; ``start`` writes one byte.
     start_fd: int = -1
     #: Console source fd (UART), or -1 when the cell has no console.
@@ -169,6 +171,7 @@ class _Watch:
         self.started = trio.Event()
         self.signal_number: int | None = None
         self.last_state: str | None = None
+        self.unreachable = False
 
 
 async def _supervise(setup: MonitorSetup, early: list[int]) -> MonitorExit:
@@ -180,23 +183,26 @@ async def _supervise(setup: MonitorSetup, early: list[int]) -> MonitorExit:
     watch = _Watch()
     outcome: MonitorExit | None = None
     console = _console_tasks(setup)
-    async with trio.open_nursery() as nursery:
-        if setup.start_fd >= 0:
-            nursery.start_soon(_wait_for_start, setup.start_fd, watch)
-        nursery.start_soon(_handle_signals, setup, driver, watch, early)
-        if console is not None:
-            await nursery.start(console.run)
-
-        async def decide() -> None:
-            nonlocal outcome
-            outcome = await _watch_cell(setup, driver, watch)
-            nursery.cancel_scope.cancel()
-
-        nursery.start_soon(decide)
-    assert outcome is not None
     dropped = 0
-    if console is not None:
-        dropped = await console.drain()
+    async with trio.open_nursery() as outer:
+        if console is not None:
+            await outer.start(console.run)
+        async with trio.open_nursery() as nursery:
+            if setup.start_fd >= 0:
+                nursery.start_soon(_wait_for_start, setup.start_fd, watch)
+            nursery.start_soon(_handle_signals, setup, driver, watch, early)
+            nursery.start_soon(_probe_backend, setup, watch)
+
+            async def decide() -> None:
+                nonlocal outcome
+                outcome = await _watch_cell(setup, driver, watch)
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(decide)
+        if console is not None:
+            dropped = await console.drain()
+        outer.cancel_scope.cancel()
+    assert outcome is not None
     return msgspec.structs.replace(outcome, time=_utc_now(), dropped_console_bytes=dropped)
 
 
@@ -274,6 +280,32 @@ async def _tool(setup: MonitorSetup, op: str, argv: list[str]) -> bool:
     return False
 
 
+async def _probe_backend(setup: MonitorSetup, watch: _Watch) -> None:
+    """Every probe interval, check the hypervisor still answers its device.
+
+    sysfs alone cannot tell: files can outlive a dead management side. The
+    probe is the cheapest command that must open the device (`jailhouse
+    console`, output discarded); "opening /dev/jailhouse" on stderr means gone.
+    """
+    import subprocess
+
+    import trio
+
+    while True:
+        await trio.sleep(setup.probe_interval)
+        with trio.move_on_after(setup.tool_timeout) as scope:
+            try:
+                proc = await trio.run_process([setup.tool, "console"], stdin=subprocess.DEVNULL,
+                                              stdout=subprocess.DEVNULL, capture_stderr=True, check=False)
+            except OSError:
+                watch.unreachable = True
+                continue
+        if scope.cancelled_caught:
+            watch.unreachable = True
+        elif b"opening /dev/jailhouse" in proc.stderr:
+            watch.unreachable = True
+
+
 async def _watch_cell(setup: MonitorSetup, driver, watch: _Watch) -> MonitorExit:
     """Poll the cell state until it decides the exit status."""
     import trio
@@ -283,7 +315,7 @@ async def _watch_cell(setup: MonitorSetup, driver, watch: _Watch) -> MonitorExit
     cell_dir = _CellLocator(driver, setup.cell_name)
     while True:
         try:
-            available = driver.available()
+            available = driver.available() and not watch.unreachable
             state = cell_dir.state() if available else None
         except BackendUnavailable:
             available, state = False, None
@@ -327,9 +359,9 @@ def _console_tasks(setup: MonitorSetup):
     """The console pump group for this container, or None without a console (see #7 wiring)."""
     if setup.console_fd < 0:
         return None
-    from runphi import monitor_console
+    from runphi.monitor_console import ConsoleTasks
 
-    return monitor_console.ConsoleTasks(setup)
+    return ConsoleTasks(setup)
 
 
 # ---- spawning: used by create (synchronous, no trio) ------------------------

@@ -1,0 +1,308 @@
+"""The Jailhouse :class:`~runphi.backends.base.Backend`: allocator + planner + writer + driver.
+
+``launch`` is the hypervisor half of ``runphi create`` (DESIGN §3), synchronous
+and without trio:
+
+1. read the image's boot description; allocate CPUs/RAM/UART/link under the
+   node ledger lock;
+2. render the ``.cell`` into the container's directory;
+3. ``cell create``; ``cell load`` the inmate at its guest address (Omnivisor
+   RPU images with ``-r``);
+4. open the console UART (and for a terminal, a pty whose master goes to the
+   shim over ``--console-socket``) and the start fifo;
+5. fork the monitor, which inherits exactly those fds.
+
+Every step registers its undo; any failure runs them in reverse order
+(monitor killed, fds closed, cell destroyed, ledger released) and re-raises
+the one error, so a failed create leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import msgspec
+
+from runphi.backends.base import BackendError, CellNotFound, CellStatistics, ResourceBusy
+from runphi.backends.jailhouse.driver import JailhouseDriver, LoadImage, RpuImage
+from runphi.container import CellRecord, identify_process
+from runphi.errors import RunphiError
+
+if TYPE_CHECKING:
+    from runphi.backends.jailhouse.allocator import Allocation, Allocator
+    from runphi.backends.jailhouse.platform import Platform
+    from runphi.config import RuntimeConfig
+    from runphi.image import BootDescription
+    from runphi.verbs.create import Launched, LaunchRequest
+
+#: Deadline for the `cell destroy` that undoes a failed create.
+UNDO_TIMEOUT = 5.0
+
+
+class UndoStack:
+    """Undo actions run last-in first-out; each one's failure is collected, not raised."""
+
+    def __init__(self) -> None:
+        self._actions: list[tuple[str, Callable[[], None]]] = []
+
+    def push(self, what: str, action: Callable[[], None]) -> None:
+        self._actions.append((what, action))
+
+    def unwind(self) -> list[str]:
+        """Run every action in reverse order; return what failed, one phrase each."""
+        problems = []
+        while self._actions:
+            what, action = self._actions.pop()
+            try:
+                action()
+            except (OSError, RunphiError) as exc:
+                problems.append(f"{what}: {exc}")
+        return problems
+
+    def discard(self) -> None:
+        self._actions.clear()
+
+
+class JailhouseBackend:
+    """One node's Jailhouse, as configured in runphi.toml (`[jailhouse]`)."""
+
+    def __init__(self, config: RuntimeConfig, warn: Callable[[str], None] | None = None) -> None:
+        self.config = config
+        self.jh = config.jailhouse
+        self.driver = JailhouseDriver(self.jh.tool, self.jh.sysfs)
+        self._warn = warn or (lambda message: None)
+        self._platform: Platform | None = None
+
+    # ---- pieces ------------------------------------------------------------
+
+    @property
+    def platform(self) -> Platform:
+        if self._platform is None:
+            from runphi.backends.jailhouse.platform import load_platform
+
+            self._platform = load_platform(self.jh.platform, self.jh.templates_path())
+        return self._platform
+
+    def allocator(self) -> Allocator:
+        from runphi.backends.jailhouse.allocator import Allocator
+
+        return Allocator(self.platform, Path(self.config.state_dir), Path(self.jh.sysfs))
+
+    # ---- the Backend protocol --------------------------------------------
+
+    def cell_state(self, cell_name: str) -> str | None:
+        return self.driver.cell_state(cell_name)
+
+    def cell_statistics(self, cell_name: str) -> CellStatistics:
+        return self.driver.statistics(cell_name)
+
+    def start_cell(self, cell_name: str) -> None:
+        self.driver.start(cell_name)
+
+    def shutdown_cell(self, cell_name: str, timeout: float | None = None) -> None:
+        self.driver.shutdown(cell_name, timeout)
+
+    def destroy_cell(self, cell_name: str, timeout: float | None = None) -> None:
+        """Destroy the cell if it exists, then release what its container held in the ledger.
+
+        Idempotent: a cell that is already gone only has its resources released.
+        """
+        try:
+            self.driver.destroy(cell_name, timeout)
+        except CellNotFound:
+            pass
+        self.release_cell_resources(cell_name)
+
+    def release_cell_resources(self, cell_name: str) -> None:
+        """Drop the ledger entry of the container whose cell is `cell_name` (if any)."""
+        from runphi.backends.jailhouse.plan import cell_name as name_of
+
+        allocator = self.allocator()
+        for allocation in allocator.allocations():
+            if name_of(allocation.container_id) == cell_name:
+                allocator.release(allocation.container_id)
+
+    # ---- create ------------------------------------------------------------
+
+    def launch(self, request: LaunchRequest) -> Launched:
+        """Bring one ZIC to `created` (module docstring); undo everything on failure."""
+        undo = UndoStack()
+        try:
+            return self._launch(request, undo)
+        except BaseException as exc:
+            problems = undo.unwind()
+            for problem in problems:
+                self._warn(f"while undoing the create of {request.container_id}: {problem}")
+            if isinstance(exc, (OSError,)) and not isinstance(exc, RunphiError):
+                raise BackendError(f"cannot create ZIC {request.container_id}: {exc}",
+                                   container_id=request.container_id) from None
+            raise
+
+    def _launch(self, request: LaunchRequest, undo: UndoStack) -> Launched:
+        from runphi.backends.jailhouse.allocator import request_from
+        from runphi.backends.jailhouse.cellconfig import write_cell
+        from runphi.backends.jailhouse.plan import cell_name, plan_cell
+        from runphi.image import load_boot_description
+        from runphi.verbs.create import Launched
+
+        cid = request.container_id
+        self.driver.require_available()
+        boot = load_boot_description(Path(request.rootfs))
+        platform = self.platform
+        allocator = self.allocator()
+        allocation = allocator.allocate(cid, request_from(request.config, boot, platform))
+        undo.push("release node resources", lambda: allocator.release(cid))
+
+        name = cell_name(cid)
+        if self.driver.cell_id(name) is not None:
+            raise ResourceBusy(f"cannot create ZIC {cid}: a Jailhouse cell named {name!r} already exists "
+                               "(left over, or used by another namespace): destroy it first",
+                               container_id=cid)
+        cell_config = plan_cell(platform, allocation, boot, cid)
+        cell_file = Path(request.container_dir, f"{name}.cell")
+        cell_file.write_bytes(write_cell(cell_config, platform.profile))
+        undo.push("remove the .cell file", lambda: cell_file.unlink(missing_ok=True))
+
+        self._create_cell(str(cell_file), name, allocation, cid)
+        undo.push(f"destroy cell {name}", lambda: self.driver.destroy(name, UNDO_TIMEOUT))
+        self._load(name, boot, cell_config.cpu_reset_address, allocation, cid)
+
+        fds = self._open_console(request, allocation, undo)
+        start_fd = os.open(request.start_fifo, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        undo.push("close the start fifo", lambda: os.close(start_fd))
+        monitor_pid, start_time = self._spawn_monitor(request, name, start_fd, fds, undo)
+        cell = CellRecord(cell_name=name, cell_id=self.driver.cell_id(name),
+                          allocation=msgspec.to_builtins(allocation), uart_device=fds.device)
+        # Success: create's own copies of the fds go; the monitor keeps its own.
+        undo.discard()
+        fds.close_local()
+        os.close(start_fd)
+        return Launched(cell=cell, monitor_pid=monitor_pid, monitor_start_time=start_time)
+
+    def _create_cell(self, cell_file: str, name: str, allocation: Allocation, cid: str) -> None:
+        try:
+            self.driver.create(cell_file, name)
+        except ResourceBusy as exc:
+            raise ResourceBusy(f"cannot create ZIC {cid}: {self._busy_cause(allocation) or exc}",
+                               container_id=cid) from None
+        except BackendError as exc:
+            raise type(exc)(f"cannot create ZIC {cid}: {exc}", container_id=cid) from None
+
+    def _busy_cause(self, allocation: Allocation) -> str | None:
+        """Name the CPU another cell owns, in user terms (None if it is not a CPU)."""
+        try:
+            root = self.driver.root_cpus()
+        except BackendError:
+            return None
+        for cpu in sorted(allocation.cpus - root):
+            owner = self.driver.cpu_owner(cpu)
+            where = f"cell {owner!r}" if owner else "no cell (the root cell does not own it)"
+            return (f"CPU {cpu} is owned by another cell ({where}); free it or pin the ZIC "
+                    "to other CPUs")
+        return None
+
+    def _load(self, name: str, boot: BootDescription, reset_address: int, allocation: Allocation,
+              cid: str) -> None:
+        if boot.is_linux:
+            raise BackendError(f"cannot create ZIC {cid}: Linux guests (os_var \"linux\") are not "
+                               "supported by this runphi build yet; use a bare-metal or Zephyr image",
+                               container_id=cid)
+        address = boot.starting_vaddress if boot.starting_vaddress is not None else reset_address
+        rpus: list[RpuImage] = []
+        images = [LoadImage(file=str(boot.inmate), address=address)]
+        if boot.rpu_req and allocation.rpus:
+            rpus = [RpuImage(firmware=boot.inmate.name, rcpu=min(allocation.rpus))]
+            images = []
+        try:
+            if images or rpus:
+                self.driver.load(name, images, rpus)
+        except BackendError as exc:
+            raise type(exc)(f"cannot create ZIC {cid}: {exc}", container_id=cid) from None
+
+    def _open_console(self, request: LaunchRequest, allocation: Allocation, undo: UndoStack) -> _ConsoleFds:
+        from runphi.backends.jailhouse.platform import default_placeholders
+
+        fds = _ConsoleFds()
+        platform = self.platform
+        if not platform.uarts:
+            return fds
+        slot = platform.uarts[allocation.uart_slot if allocation.uart_slot is not None else 0]
+        device = slot.host_device(default_placeholders(self.jh.sysfs))
+        if device:
+            from runphi.console.uart import UartSettings, open_uart
+
+            console = open_uart(device, UartSettings(baudrate=slot.baud), container_id=request.container_id)
+            fds.device, fds.console = device, console.fd
+            undo.push("close the console UART", lambda: _close(console.fd))
+        if request.console_socket:
+            from runphi.console.terminal import open_console_pty, send_console_master
+
+            size = request.config.process.console_size if request.config.process else None
+            pty = open_console_pty(height=size.height if size else None, width=size.width if size else None)
+            undo.push("close the console pty", pty.close)
+            send_console_master(request.console_socket, pty.master, container_id=request.container_id)
+            os.close(pty.master)
+            pty.master = -1
+            fds.terminal = pty.slave
+        return fds
+
+    def _spawn_monitor(self, request: LaunchRequest, name: str, start_fd: int, fds: _ConsoleFds,
+                       undo: UndoStack) -> tuple[int, int]:
+        from runphi.monitor import MonitorSetup, spawn_monitor
+
+        setup = MonitorSetup(
+            container_id=request.container_id, container_dir=request.container_dir, cell_name=name,
+            tool=self.jh.tool, sysfs=self.jh.sysfs, poll_interval=self.jh.poll_interval_ms / 1000,
+            start_fd=start_fd, console_fd=fds.console, terminal_fd=fds.terminal)
+        if fds.terminal >= 0:
+            # Terminal mode: never keep create's fds 0/1/2 (the shim's buffer pipe).
+            null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+            undo.push("close /dev/null", lambda: _close(null))
+            stdio = (null, null, null)
+        else:
+            stdio = (0, 1, 2)
+        keep = [fd for fd in (start_fd, fds.console, fds.terminal) if fd >= 0]
+        pid = spawn_monitor(setup, stdio, keep)
+        undo.push("kill the monitor", lambda: _kill(pid))
+        try:
+            return identify_process(pid)
+        except ProcessLookupError:
+            raise BackendError(f"cannot create ZIC {request.container_id}: its monitor exited at once",
+                               container_id=request.container_id) from None
+
+
+class _ConsoleFds:
+    """The console fds create opened for the monitor (-1 = none)."""
+
+    def __init__(self) -> None:
+        self.device = ""
+        self.console = -1
+        self.terminal = -1
+
+    def close_local(self) -> None:
+        for fd in (self.console, self.terminal):
+            if fd >= 0:
+                _close(fd)
+
+
+def _close(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def open_backend(ctx) -> JailhouseBackend:
+    """The backend for a verb: runphi.toml's `[jailhouse]`, warnings to the verb's log."""
+    return JailhouseBackend(ctx.config, warn=lambda message: ctx.log.warn(message))
