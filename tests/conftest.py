@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -91,7 +92,9 @@ class RecordFactory:
             annotations=annotations or {}, monitor_pid=pid, monitor_start_time=start)
         store = Store(self.root)
         with store.creating(record):
-            pass
+            config = {"ociVersion": "1.0.2", "root": {"path": "rootfs"},
+                      "annotations": annotations or {}}
+            (store.container_dir(container_id) / "config.json").write_text(json.dumps(config))
         return record
 
     def close(self) -> None:
