@@ -279,6 +279,15 @@ def test_linux_guest_files_land_in_boot(tmp_path: Path) -> None:
     }
 
 
+def test_numeric_addresses_and_empty_paths_are_read_as_runphi_reads_them(tmp_path: Path, inmate: Path) -> None:
+    description = decode_description(b'{"starting_vaddress": 1879048192, "kernel": "", "dtb": ""}', "t")
+    zic = assemble(description, {"inmate": inmate})
+    written = json.loads(zic.files["/boot/config.json"])
+    assert written["starting_vaddress"] == 1879048192
+    assert written["kernel"] == "" and written["dtb"] == ""
+    assert sorted(zic.files) == ["/boot/config.json", "/boot/hello.bin"]
+
+
 def test_description_decoding_types_fields_as_found_in_the_wild() -> None:
     description = decode_description(b'{"net": false, "rpu_req": true, "memory": 64, "future": {"x": 1}}', "t")
     assert description.known.net is False
@@ -297,7 +306,7 @@ def test_description_decoding_types_fields_as_found_in_the_wild() -> None:
         (["--inmate", "{inmate}"], {"kernel": "/etc/passwd"}, "is not a file path under /boot/"),
         (["--inmate", "{inmate}"], {"inmate": "/boot/../etc/x"}, "is not a file path under /boot/"),
         (["--inmate", "{inmate}"], {"inmate": "/boot/config.json"}, "is not a file path under /boot/"),
-        (["--inmate", "{inmate}"], {"starting_vaddress": "70000000"}, "is not a hex address"),
+        (["--inmate", "{inmate}"], {"starting_vaddress": "0x7g000000"}, "is not an address"),
         (["--inmate", "{inmate}"], {"memory": "lots"}, "boot description"),
         (["--inmate", "{inmate}"], {"vcpus": 0}, "must be positive"),
         (["--inmate", "{inmate}", "--kernel", "{inmate}"], {}, "would both be /boot/hello.bin"),
@@ -406,3 +415,28 @@ def test_initrd_file_honours_a_cpio_path_and_missing_synonyms_point_at_initrd(tm
     with pytest.raises(MkzicError) as raised:
         assemble(decode_description(b'{"ramdisk": "/boot/r.img"}', "t"), {"inmate": inmate})
     assert "names ramdisk = /boot/r.img but no such file was given: pass --initrd FILE" in raised.value.line()
+
+
+# --- what runphi reads back --------------------------------------------------
+
+
+@pytest.mark.parametrize("linux", [False, True])
+def test_runphi_reads_the_bundle_it_is_given(tmp_path: Path, inmate: Path, linux: bool) -> None:
+    from runphi.image import load_boot_description
+
+    args = ["--inmate", str(inmate), "--starting-vaddress", "0x70000000", "--memory", "24", "--vcpus", "2",
+            "--vcpu-pinning", "0:2,1:3", "--bundle", str(tmp_path / "b")]
+    if linux:
+        (tmp_path / "g.dtb").write_bytes(b"dtb")
+        (tmp_path / "r.cpio").write_bytes(b"cpio")
+        args += ["--os-var", "linux", "--dtb", str(tmp_path / "g.dtb"), "--initrd", str(tmp_path / "r.cpio")]
+    assert main(args) == 0
+    rootfs = tmp_path / "b/rootfs"
+    description = load_boot_description(rootfs)
+    assert description.inmate == rootfs / "boot/hello.bin"
+    assert description.starting_vaddress == 0x70000000
+    assert (description.memory_mib, description.vcpus, description.pinned_cpus) == (24, 2, frozenset({2, 3}))
+    assert description.is_linux is linux
+    assert description.dtb == (rootfs / "boot/g.dtb" if linux else None)
+    assert description.initrd == (rootfs / "boot/r.cpio" if linux else None)
+    assert description.ignored_keys == ()

@@ -10,7 +10,6 @@ rebuild byte-for-byte in meaning.
 from __future__ import annotations
 
 import posixpath
-import re
 
 import msgspec
 
@@ -37,7 +36,7 @@ class BootDescription(msgspec.Struct, omit_defaults=True):
 
     os_var: str | None = None
     inmate: str | None = None
-    starting_vaddress: str | None = None
+    starting_vaddress: str | int | None = None
     kernel: str | None = None
     ramdisk: str | None = None
     initrd: str | None = None
@@ -53,7 +52,6 @@ class BootDescription(msgspec.Struct, omit_defaults=True):
 
 MODELLED_FIELDS = frozenset(BootDescription.__struct_fields__)
 PATH_FIELDS = ("inmate", "kernel", "ramdisk", "initrd", "cpio", "dtb")
-_HEX_ADDRESS = re.compile(r"0[xX][0-9a-fA-F]+")
 
 
 class Description(msgspec.Struct, frozen=True):
@@ -91,11 +89,15 @@ def encode_description(description: Description) -> bytes:
     return msgspec.json.format(msgspec.json.encode(merged), indent=2) + b"\n"
 
 
-def parse_address(text: str) -> int:
-    """Parse a hex guest address (``0x70000000``) as runPHI descriptions spell it."""
-    if not _HEX_ADDRESS.fullmatch(text):
-        raise MkzicError(f"starting_vaddress {text!r} is not a hex address", "write it like 0x70000000")
-    return int(text, 16)
+def parse_address(value: str | int) -> int:
+    """Parse a guest address as descriptions spell it: ``"0x70000000"`` (usual), a decimal string or a number."""
+    try:
+        address = value if isinstance(value, int) else int(value, 0)
+    except ValueError:
+        raise MkzicError(f"starting_vaddress {value!r} is not an address", "write it like 0x70000000") from None
+    if not 0 <= address < 1 << 64:
+        raise MkzicError(f"starting_vaddress {value!r} is out of range", "give a 64-bit guest address")
+    return address
 
 
 def format_address(value: int) -> str:
@@ -117,10 +119,15 @@ def check_image_path(field: str, path: str) -> str:
     return path
 
 
+def named_path(known: BootDescription, field: str) -> str | None:
+    """The image path a path field names; an empty string counts as absent, as runphi reads it."""
+    return getattr(known, field) or None
+
+
 def check_description(known: BootDescription) -> None:
     """Validate the values of the modelled fields (not whether their files exist)."""
     for field in PATH_FIELDS:
-        value = getattr(known, field)
+        value = named_path(known, field)
         if value is not None:
             check_image_path(field, value)
     if known.starting_vaddress is not None:

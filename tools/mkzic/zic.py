@@ -22,6 +22,7 @@ from tools.mkzic.boot import (
     check_description,
     check_image_path,
     encode_description,
+    named_path,
 )
 from tools.mkzic.errors import MkzicError
 
@@ -57,7 +58,7 @@ def _named_path(description: BootDescription, field: str) -> tuple[str, str] | N
     (synonyms in runPHI descriptions); the first one present wins.
     """
     for name in INITRD_SYNONYMS if field == "initrd" else (field,):
-        path = getattr(description, name)
+        path = named_path(description, name)
         if path is not None:
             return name, path
     return None
@@ -89,10 +90,10 @@ def _place_files(known: BootDescription, guest_files: dict[str, Path]) -> tuple[
 
 def _check_files_present(known: BootDescription, files: dict[str, bytes]) -> None:
     """Every path the description names, and the inmate, must be a supplied file."""
-    if known.inmate is None and DEFAULT_INMATE not in files:
+    if named_path(known, "inmate") is None and DEFAULT_INMATE not in files:
         raise MkzicError("no inmate image given", "pass --inmate FILE (the raw guest binary or Linux Image)")
     for field in PATH_FIELDS:
-        image_path = getattr(known, field)
+        image_path = named_path(known, field)
         if image_path is not None and image_path not in files:
             flag = "initrd" if field in INITRD_SYNONYMS else field
             raise MkzicError(
@@ -115,5 +116,5 @@ def assemble(description: Description, guest_files: dict[str, Path]) -> ZicConte
     _check_files_present(known, files)
     final = Description(known=known, passthrough=description.passthrough)
     files[DESCRIPTION_PATH] = encode_description(final)
-    inmate = known.inmate if known.inmate is not None else DEFAULT_INMATE
+    inmate = named_path(known, "inmate") or DEFAULT_INMATE
     return ZicContents(description=final, files=dict(sorted(files.items())), process_args=[inmate])
