@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 import msgspec
 
 RING_SIZE = 2048
@@ -42,13 +44,13 @@ class HvConsole:
 
     def read(self, head: int, saved_seen: int, enabled: bool, follow: bool) -> ConsoleChunk:
         """One read of ``/dev/jailhouse`` following the driver's rules (jailhouse.md §2.5)."""
-        import errno
-
         if self.saved is not None and saved_seen < self.saved_id:
             return ConsoleChunk(self.saved, head, self.saved_id)
         if not enabled:
             if follow:
                 return ConsoleChunk(b"", 0, saved_seen)
+            if self.saved is not None:
+                return ConsoleChunk(b"", head, saved_seen)  # end of the replayed final log
             return ConsoleChunk(b"", head, saved_seen, errno.EAGAIN)
         oldest = self.tail - len(self.content)
         if head < oldest:
