@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import enum
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 import msgspec
 
@@ -489,73 +489,91 @@ def write_cell(config: CellConfig, profile: FormatProfile) -> bytes:
     """
     _check_profile_fits(config, profile)
     name = _encode_name(config.name)
+    try:
+        return b"".join(layout.pack(*values) for layout, values, _ in _records(config, profile, name))
+    except struct.error:
+        for layout, values, (what, index) in _records(config, profile, name):
+            try:
+                layout.pack(*values)
+            except struct.error as exc:
+                where = what if index is None else f"{what} {index}"
+                raise CellConfigError(
+                    f"cell {config.name!r}: {where} cannot be encoded ({exc}); check its values"
+                ) from None
+        raise
+
+
+_Record = tuple[struct.Struct, tuple, tuple[str, "int | None"]]
+
+
+def _records(config: CellConfig, profile: FormatProfile, name: bytes) -> Iterator[_Record]:
+    """Every packed record of the file in order: layout, values, and (kind, index) for errors."""
     c = config.console
-    counts = (
-        len(config.memory_regions),
-        len(config.cache_regions),
-        len(config.irqchips),
-        len(config.pio_regions),
-        len(config.pci_devices),
-        len(config.pci_caps),
-        len(config.stream_ids),
-    )
     head: list[object] = [profile.signature]
     if profile.has_architecture:
         head.append(int(config.architecture))  # type: ignore[arg-type]
     head += [profile.revision, name, config.id, config.flags, config.cpu_set_size]
     if profile.has_rcpu_set:
         head.append(config.rcpu_set_size)
-    head += counts
+    head += [
+        len(config.memory_regions), len(config.cache_regions), len(config.irqchips), len(config.pio_regions),
+        len(config.pci_devices), len(config.pci_caps), len(config.stream_ids),
+    ]  # fmt: skip
     if profile.has_qos_devices:
         head.append(len(config.qos_devices))
     head += [config.vpci_irq_base, config.cpu_reset_address, config.msg_reply_timeout]
     head += [c.address, c.size, c.type, c.flags, c.divider, c.gate_nr, c.clock_reg]
-    parts = [_pack(_header_struct(profile), head, config.name, "header")]
-    parts.append(_bitmap(config.cpus, config.cpu_set_size, "CPU", config.name))
+    yield _header_struct(profile), tuple(head), ("header", None)
+    yield _raw(config.cpu_set_size), (_bitmap(config.cpus, config.cpu_set_size, "CPU", config.name),), ("CPU set", None)
     if profile.has_rcpu_set:
-        parts.append(_bitmap(config.rcpus, config.rcpu_set_size, "rCPU", config.name))
-    region = _REGION[profile.region_size]
-    for i, r in enumerate(config.memory_regions):
-        values = [r.phys_start, r.virt_start, r.size, r.flags] + ([r.colors] if profile.region_size == 40 else [])
-        parts.append(_pack(region, values, config.name, f"memory region {i}"))
+        bitmap = _bitmap(config.rcpus, config.rcpu_set_size, "rCPU", config.name)
+        yield _raw(config.rcpu_set_size), (bitmap,), ("rCPU set", None)
+    if profile.region_size == 40:
+        for i, r in enumerate(config.memory_regions):
+            yield _REGION[40], (r.phys_start, r.virt_start, r.size, r.flags, r.colors), ("memory region", i)
+    else:
+        for i, r in enumerate(config.memory_regions):
+            yield _REGION[32], (r.phys_start, r.virt_start, r.size, r.flags), ("memory region", i)
     for i, cr in enumerate(config.cache_regions):
-        parts.append(_pack(_CACHE, [cr.start, cr.size, cr.type, 0, cr.flags], config.name, f"cache region {i}"))
+        yield _CACHE, (cr.start, cr.size, cr.type, 0, cr.flags), ("cache region", i)
     for i, ic in enumerate(config.irqchips):
-        parts.append(_pack(_IRQCHIP, [ic.address, ic.id, ic.pin_base, *ic.pin_bitmap], config.name, f"irqchip {i}"))
+        yield _IRQCHIP, (ic.address, ic.id, ic.pin_base, *ic.pin_bitmap), ("irqchip", i)
     for i, pio in enumerate(config.pio_regions):
-        parts.append(_pack(_PIO, [pio.base, pio.length], config.name, f"pio region {i}"))
+        yield _PIO, (pio.base, pio.length), ("pio region", i)
     for i, d in enumerate(config.pci_devices):
-        parts.append(_pack(_PCI, _pci_values(d), config.name, f"pci device {i}"))
+        yield _PCI, _pci_values(d), ("pci device", i)
     for i, cap in enumerate(config.pci_caps):
-        parts.append(_pack(_PCI_CAP, [cap.id, cap.start, cap.len, cap.flags], config.name, f"pci capability {i}"))
+        yield _PCI_CAP, (cap.id, cap.start, cap.len, cap.flags), ("pci capability", i)
     for i, sid in enumerate(config.stream_ids):
-        parts.append(_pack(_STREAM_ID, [sid], config.name, f"stream id {i}"))
+        yield _STREAM_ID, (sid,), ("stream id", i)
     for i, q in enumerate(config.qos_devices):
         qname = q.name.encode()
         if len(qname) > QOS_NAME_SIZE or b"\0" in qname:
             raise CellConfigError(
                 f"cell {config.name!r}: qos device {i} name {q.name!r} must be at most {QOS_NAME_SIZE} bytes without NUL"
             )
-        parts.append(_pack(_QOS, [qname, q.flags, q.base], config.name, f"qos device {i}"))
-    return b"".join(parts)
+        yield _QOS, (qname, q.flags, q.base), ("qos device", i)
 
 
-def _pci_values(d: PciDevice) -> list[object]:
+_RAW_CACHE: dict[int, struct.Struct] = {}
+
+
+def _raw(size: int) -> struct.Struct:
+    """A struct of `size` raw bytes (for bitmaps)."""
+    layout = _RAW_CACHE.get(size)
+    if layout is None:
+        layout = _RAW_CACHE[size] = struct.Struct(f"{size}s")
+    return layout
+
+
+def _pci_values(d: PciDevice) -> tuple:
     """Field values of one PCI device in `_PCI` order."""
     msi_bits = int(d.msi_64bits) | int(d.msi_maskable) << 1
-    return [
+    return (
         d.type, d.iommu, d.domain, d.bdf, *d.bar_mask, d.caps_start, d.num_caps, d.num_msi_vectors,
         msi_bits, d.num_msix_vectors, d.msix_region_size, d.msix_address, d.shmem_regions_start,
         d.shmem_dev_id, d.shmem_peers, d.shmem_protocol,
-    ]  # fmt: skip
-
-
-def _pack(layout: struct.Struct, values: list[object], cell: str, what: str) -> bytes:
-    """`layout.pack(*values)`, turning a range error into a CellConfigError naming the record."""
-    try:
-        return layout.pack(*values)
-    except struct.error as exc:
-        raise CellConfigError(f"cell {cell!r}: {what} cannot be encoded ({exc}); check its values") from None
+    )  # fmt: skip
 
 
 # --- reader ---
