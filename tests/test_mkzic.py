@@ -305,7 +305,7 @@ def test_description_decoding_types_fields_as_found_in_the_wild() -> None:
         (["--inmate", "{inmate}"], {"dtb": "/boot/guest.dtb"}, "names dtb = /boot/guest.dtb but no such file"),
         (["--inmate", "{inmate}"], {"kernel": "/etc/passwd"}, "is not a file path under /boot/"),
         (["--inmate", "{inmate}"], {"inmate": "/boot/../etc/x"}, "is not a file path under /boot/"),
-        (["--inmate", "{inmate}"], {"inmate": "/boot/config.json"}, "is not a file path under /boot/"),
+        (["--inmate", "{inmate}"], {"inmate": "/boot/config.json"}, "is the boot description itself"),
         (["--inmate", "{inmate}"], {"starting_vaddress": "0x7g000000"}, "is not an address"),
         (["--inmate", "{inmate}"], {"memory": "lots"}, "boot description"),
         (["--inmate", "{inmate}"], {"vcpus": 0}, "must be positive"),

@@ -110,8 +110,13 @@ def check_image_path(field: str, path: str) -> str:
 
     Paths in a boot description are paths inside the image, never on the board.
     """
+    if path == DESCRIPTION_PATH:
+        raise MkzicError(
+            f"boot description field {field} = {path!r} is the boot description itself",
+            "rename that guest file or name another path for it",
+        )
     normal = posixpath.normpath(path)
-    if not path.startswith("/") or normal != path or not normal.startswith(BOOT_DIR + "/") or normal == DESCRIPTION_PATH:
+    if not path.startswith("/") or normal != path or not normal.startswith(BOOT_DIR + "/"):
         raise MkzicError(
             f"boot description field {field} = {path!r} is not a file path under {BOOT_DIR}/",
             "use an image path such as /boot/Image",

@@ -51,8 +51,8 @@ def _read_host_file(field: str, path: Path) -> bytes:
         raise MkzicError(f"cannot read the {field} file {path}: {exc.strerror}", "check the path") from None
 
 
-def _named_path(description: BootDescription, field: str) -> tuple[str, str] | None:
-    """The (field, image path) the description already gives a file, if any.
+def _path_given_for(description: BootDescription, field: str) -> str | None:
+    """The image path the description already gives a ``field`` file, if any.
 
     An initramfs may be named by any of ``initrd``, ``ramdisk`` or ``cpio``
     (synonyms in runPHI descriptions); the first one present wins.
@@ -60,7 +60,7 @@ def _named_path(description: BootDescription, field: str) -> tuple[str, str] | N
     for name in INITRD_SYNONYMS if field == "initrd" else (field,):
         path = named_path(description, name)
         if path is not None:
-            return name, path
+            return path
     return None
 
 
@@ -72,12 +72,10 @@ def _place_files(known: BootDescription, guest_files: dict[str, Path]) -> tuple[
         host_path = guest_files.get(field)
         if host_path is None:
             continue
-        named = _named_path(known, field)
-        if named is None:
+        image_path = _path_given_for(known, field)
+        if image_path is None:
             image_path = check_image_path(field, posixpath.join(BOOT_DIR, host_path.name))
             known = msgspec.structs.replace(known, **{field: image_path})
-        else:
-            image_path = named[1]
         if image_path in files:
             raise MkzicError(
                 f"the {field} file and the {owner[image_path]} file would both be {image_path}",
