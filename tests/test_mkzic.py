@@ -204,6 +204,14 @@ def test_bundle_config_is_an_oci_runtime_config(tmp_path: Path, inmate: Path) ->
     }
     assert (bundle / "rootfs/boot/hello.bin").read_bytes() == INMATE
     assert json.loads((bundle / "rootfs/boot/config.json").read_bytes())["inmate"] == "/boot/hello.bin"
+
+    from runphi.oci import load_config  # the runtime's own reading of the same file
+
+    config = load_config(bundle)
+    assert config.rootfs(bundle) == bundle / "rootfs"
+    assert config.process.terminal is True
+    assert (config.linux.resources.cpu.quota, config.linux.resources.cpu.period) == (150000, 100000)
+    assert config.linux.resources.memory.limit == 64 * 1024 * 1024
     assert sorted(p.name for p in bundle.iterdir()) == ["config.json", "rootfs"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hello", "in"]  # no staging left behind
 
