@@ -116,6 +116,37 @@ def test_runtimeclass_and_pod_select_the_containerd_handler() -> None:
     assert limits and requests and limits.groups() == requests.groups()
 
 
+def kubectl_decode(manifest: Path) -> dict:
+    """The manifest as Kubernetes' own types read it (kubectl, offline): unknown or misspelt keys vanish."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed (Debian: apt-get install kubernetes-client)")
+    result = subprocess.run([kubectl, "annotate", "--local", "-o", "json", "-f", str(manifest), "checked=yes"],
+                            capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    decoded = json.loads(result.stdout)
+    del decoded["metadata"]["annotations"]["checked"]
+    return decoded
+
+
+def test_kubernetes_manifests_decode_as_kubernetes_types() -> None:
+    runtime_class = kubectl_decode(TARGET / "kubernetes/runtimeclass.yaml")
+    assert runtime_class == {
+        "apiVersion": "node.k8s.io/v1",
+        "kind": "RuntimeClass",
+        "metadata": {"name": "runphi", "annotations": {}},
+        "handler": "runphi",
+        "scheduling": {"nodeSelector": {"runphi.io/jailhouse": "true"}},
+    }
+    pod = kubectl_decode(TARGET / "kubernetes/zic-pod.yaml")
+    assert pod["spec"]["runtimeClassName"] == runtime_class["metadata"]["name"]
+    assert pod["metadata"]["annotations"] == {"org.runphi.runtime": "runphi"}
+    [container] = pod["spec"]["containers"]
+    assert container["image"] == "docker.io/library/hello:latest"
+    assert container["resources"] == {"limits": {"cpu": "1", "memory": "64Mi"},
+                                      "requests": {"cpu": "1", "memory": "64Mi"}}
+
+
 # --- BOARDS.md ---------------------------------------------------------------
 
 
