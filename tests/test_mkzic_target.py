@@ -117,7 +117,7 @@ def test_runtimeclass_and_pod_select_the_containerd_handler() -> None:
 
 
 def kubectl_decode(manifest: Path) -> dict:
-    """The manifest as Kubernetes' own types read it (kubectl, offline): unknown or misspelt keys vanish."""
+    """The manifest as kubectl reads it, offline (YAML → JSON, no server), for exact comparison."""
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         pytest.skip("kubectl is not installed (Debian: apt-get install kubernetes-client)")
@@ -139,12 +139,22 @@ def test_kubernetes_manifests_decode_as_kubernetes_types() -> None:
         "scheduling": {"nodeSelector": {"runphi.io/jailhouse": "true"}},
     }
     pod = kubectl_decode(TARGET / "kubernetes/zic-pod.yaml")
-    assert pod["spec"]["runtimeClassName"] == runtime_class["metadata"]["name"]
-    assert pod["metadata"]["annotations"] == {"org.runphi.runtime": "runphi"}
-    [container] = pod["spec"]["containers"]
-    assert container["image"] == "docker.io/library/hello:latest"
-    assert container["resources"] == {"limits": {"cpu": "1", "memory": "64Mi"},
-                                      "requests": {"cpu": "1", "memory": "64Mi"}}
+    limits = {"cpu": "1", "memory": "64Mi"}
+    assert pod == {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "hello-zic", "annotations": {"org.runphi.runtime": "runphi"}},
+        "spec": {
+            "runtimeClassName": runtime_class["metadata"]["name"],
+            "restartPolicy": "Never",
+            "containers": [{
+                "name": "hello",
+                "image": "docker.io/library/hello:latest",
+                "imagePullPolicy": "Never",
+                "resources": {"limits": limits, "requests": limits},
+            }],
+        },
+    }
 
 
 # --- BOARDS.md ---------------------------------------------------------------
