@@ -93,20 +93,22 @@ class FdSource:
         self.fd = fd
 
     async def receive_some(self, max_bytes: int) -> bytes:
-        """Return the next bytes as soon as the fd has some; ``b""`` once it has ended."""
+        """Return the next bytes as soon as the fd has some; ``b""`` once it has ended.
+
+        Cancellation can only happen before bytes are taken off the fd, never
+        after: a cancelled call has consumed nothing.
+        """
+        # A source that is always ready must still let other tasks run.
+        await trio.lowlevel.checkpoint()
         while True:
             try:
-                data = os.read(self.fd, max_bytes)
+                return os.read(self.fd, max_bytes)
             except BlockingIOError:
                 await trio.lowlevel.wait_readable(self.fd)
-                continue
             except OSError as exc:
                 if exc.errno == errno.EIO:
                     return b""
                 raise
-            # A source that is always ready must still let other tasks run.
-            await trio.lowlevel.checkpoint()
-            return data
 
 
 class PolledSource:
@@ -124,14 +126,14 @@ class PolledSource:
         self.interval = interval
 
     async def receive_some(self, max_bytes: int) -> bytes:
-        """Return the next bytes printed on the hypervisor console."""
+        """Return the next bytes printed on the hypervisor console (cancelled: none taken)."""
+        await trio.lowlevel.checkpoint()
         while True:
             try:
                 data = os.read(self.fd, max_bytes)
             except BlockingIOError:
                 data = b""  # hypervisor not (yet) enabled: nothing to show
             if data:
-                await trio.lowlevel.checkpoint()
                 return data
             await trio.sleep(self.interval)
 
@@ -146,17 +148,16 @@ def set_nonblocking(fd: int) -> None:
 async def write_some(fd: int, data: memoryview) -> int:
     """Write part of ``data`` to ``fd`` as soon as it accepts bytes; return how many.
 
-    Writes first and waits only on EAGAIN, so sinks epoll cannot watch
+    Cancellation can only happen before anything is written. Writes first and
+    waits only on EAGAIN, so sinks epoll cannot watch
     (``/dev/null`` and regular files under ``--null-io`` or ``file://``) work too.
     """
+    await trio.lowlevel.checkpoint()
     while True:
         try:
-            written = os.write(fd, data)
+            return os.write(fd, data)
         except BlockingIOError:
             await trio.lowlevel.wait_writable(fd)
-            continue
-        await trio.lowlevel.checkpoint()
-        return written
 
 
 class ConsolePump:
@@ -166,7 +167,8 @@ class ConsolePump:
     ``buffer_limit`` bytes are held; bytes reach the sink unchanged and in order,
     minus the oldest ones dropped on overflow (counted in :attr:`stats`); a sink
     error stops writing, never reading; every wait is a trio checkpoint, so
-    cancelling the enclosing scope stops the pump at once.
+    cancelling the enclosing scope stops the pump at once, and nothing read is
+    forgotten by a cancellation (:meth:`finish` still flushes it).
     """
 
     def __init__(
@@ -185,8 +187,9 @@ class ConsolePump:
         self._chunk_size = chunk_size
         self._tee = tee
         self._queue = DropOldestQueue(buffer_limit)
-        self._reading = True
-        self._writing = True
+        self._running = False
+        self._reading = False
+        self._writing = False
         self._last_read = float("-inf")
         self._read_scope = trio.CancelScope()
         self._write_scope = trio.CancelScope()
@@ -198,13 +201,23 @@ class ConsolePump:
         return len(self._queue)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> PumpStats:
-        """Pump until the source ends and the buffer is flushed, the sink is gone
-        and the source ended, or :meth:`finish` completes. Returns the final stats."""
+        """Pump until the source has ended and everything read is written (or the
+        sink is gone), until :meth:`finish` stops it, or until cancelled."""
+        if self._running:
+            raise RuntimeError("this console pump is already running")
+        self._running = True
+        self._read_scope = trio.CancelScope()
+        self._write_scope = trio.CancelScope()
         self._last_read = trio.current_time()
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._read_loop)
-            nursery.start_soon(self._write_loop)
-            task_status.started()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._reading = self.stats.source_ended is None
+                self._writing = self.stats.sink_closed is None
+                nursery.start_soon(self._read_loop)
+                nursery.start_soon(self._write_loop)
+                task_status.started()
+        finally:
+            self._running = False
         return self.stats
 
     async def finish(
@@ -216,68 +229,67 @@ class ConsolePump:
         """The cell has stopped: drain the source until it is quiet for ``quiet``
         seconds, flush the buffer, then stop the pump; all within ``deadline`` seconds.
 
-        Guarantees: returns within ``deadline`` (plus scheduling), after which
-        :meth:`run` returns promptly; bytes not flushed by then count as lost.
+        Works whether :meth:`run` is still running in the caller's nursery (it
+        returns promptly afterwards) or was cancelled already (the pump then
+        runs once more, here). Guarantees: returns within ``deadline`` (plus
+        scheduling); bytes read but not written by then count as lost.
         """
         with trio.move_on_after(deadline):
-            await self._until_source_quiet(quiet)
-            self._stop_reading()
-            await self._until_flushed()
-        self._stop_reading()
-        self._stop_writing()
+            async with trio.open_nursery() as nursery:
+                if not self._running:
+                    await nursery.start(self.run)
+                await self._until_source_quiet(quiet)
+                self._read_scope.cancel()
+                await self._until_flushed()
+                self._write_scope.cancel()
+        self._read_scope.cancel()
+        self._write_scope.cancel()
+        self.stats.lost_bytes += self._queue.clear()
         return self.stats
 
     async def _read_loop(self) -> None:
-        with self._read_scope:
-            try:
-                while True:
-                    data = await self._source.receive_some(self._chunk_size)
-                    if not data:
-                        self.stats.source_ended = "end of file"
-                        break
-                    self._accept(data)
-            except OSError as exc:
-                self.stats.source_ended = f"read error: {exc.strerror or exc}"
-        self._reading = False
-        self._queue_changed.unpark_all()
+        try:
+            with self._read_scope:
+                while self.stats.source_ended is None:
+                    await self._read_once()
+        finally:
+            self._reading = False
+            self._queue_changed.unpark_all()
 
-    def _accept(self, data: bytes) -> None:
+    async def _read_once(self) -> None:
+        try:
+            data = await self._source.receive_some(self._chunk_size)
+        except OSError as exc:
+            self.stats.source_ended = f"read error: {exc.strerror or exc}"
+            return
+        if not data:
+            self.stats.source_ended = "end of file"
+            return
         self._last_read = trio.current_time()
         self.stats.read_bytes += len(data)
         if self._tee is not None:
             self._tee.write(data)
-        if self._writing:
+        if self.stats.sink_closed is None:
             self.stats.dropped_bytes += self._queue.push(data)
             self._queue_changed.unpark_all()
         else:
             self.stats.lost_bytes += len(data)
 
     async def _write_loop(self) -> None:
-        with self._write_scope:
-            while self._writing:
-                if not self._queue:
-                    if not self._reading:
-                        break
-                    await self._queue_changed.park()
-                    continue
-                await self._write_head()
-        self._writing = False
-        self.stats.lost_bytes += self._queue.clear()
-        self._queue_changed.unpark_all()
-
-    async def _write_head(self) -> None:
         try:
-            written = await self._write_oldest()
-        except OSError as exc:
-            if exc.errno not in _GONE_ERRNOS:
-                raise
-            self.stats.sink_closed = f"write error: {exc.strerror}"
+            with self._write_scope:
+                while self.stats.sink_closed is None:
+                    if self._queue:
+                        await self._write_oldest()
+                    elif self._reading:
+                        await self._queue_changed.park()
+                    else:
+                        break
+        finally:
             self._writing = False
-            return
-        self.stats.written_bytes += written
-        self._queue_changed.unpark_all()
+            self._queue_changed.unpark_all()
 
-    async def _write_oldest(self) -> int:
+    async def _write_oldest(self) -> None:
         # The reader may drop the bytes we were about to write while we wait for
         # the sink, so the view is taken only once the sink is known writable.
         while self._queue:
@@ -286,10 +298,17 @@ class ConsolePump:
             except BlockingIOError:
                 await trio.lowlevel.wait_writable(self._sink_fd)
                 continue
+            except OSError as exc:
+                if exc.errno not in _GONE_ERRNOS:
+                    raise
+                self.stats.sink_closed = f"write error: {exc.strerror}"
+                self.stats.lost_bytes += self._queue.clear()
+                return
             self._queue.consume(written)
+            self.stats.written_bytes += written
+            self._queue_changed.unpark_all()
             await trio.lowlevel.checkpoint()
-            return written
-        return 0
+            return
 
     async def _until_source_quiet(self, quiet: float) -> None:
         while self._reading:
@@ -301,12 +320,6 @@ class ConsolePump:
     async def _until_flushed(self) -> None:
         while self._writing and self._queue:
             await self._queue_changed.park()
-
-    def _stop_reading(self) -> None:
-        self._read_scope.cancel()
-
-    def _stop_writing(self) -> None:
-        self._write_scope.cancel()
 
 
 async def pump_input(source_fd: int, uart_fd: int, *, chunk_size: int = 4096) -> InputStats:

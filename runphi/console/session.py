@@ -1,0 +1,114 @@
+"""Everything console-related one ZIC's monitor runs, as one object.
+
+The monitor inherits from ``create`` the console source fd (UART, or the shared
+hypervisor console) and either the shim's stdio (fds 0 and 1) or, in terminal
+mode, the pty slave. A :class:`ConsoleSession` joins them:
+
+* output: source -> :class:`~runphi.console.pump.ConsolePump` -> stdout or pty
+  slave, teed into the container's console log (``runphi logs``);
+* input: stdin or pty slave -> UART (not for the read-only hypervisor console).
+
+Monitor usage (one nursery, the cell watcher decides the end)::
+
+    session = ConsoleSession(console_fd=..., output_fd=..., input_fd=..., log_dir=...)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(session.run)
+        ...  # the cell stops -> nursery.cancel_scope.cancel()
+    stats = await session.drain()   # after the nursery, or instead of cancelling
+
+:meth:`ConsoleSession.drain` works both while :meth:`run` is still going and
+after it was cancelled.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import trio
+
+from runphi.console import ConsoleError
+from runphi.console.pump import (
+    DEFAULT_BUFFER_LIMIT,
+    DEFAULT_FINISH_DEADLINE_SECONDS,
+    DEFAULT_QUIET_SECONDS,
+    ConsolePump,
+    FdSource,
+    InputStats,
+    PolledSource,
+    PumpStats,
+    pump_input,
+)
+from runphi.console.ringlog import DEFAULT_LOG_LIMIT, ConsoleLogWriter
+
+
+class ConsoleSession:
+    """Output pump, input pump and console log of one container.
+
+    Guarantees: :meth:`run` never ends the container (stdin EOF, a gone sink or
+    a vanished UART only end the part concerned); :meth:`drain` returns within
+    its deadline with the final output counters and closes the console log,
+    whose failure to open is recorded in :attr:`log_error` instead of failing
+    the container. The session does not close the fds it was given.
+    """
+
+    def __init__(
+        self,
+        *,
+        console_fd: int,
+        output_fd: int,
+        input_fd: int | None,
+        source_kind: Literal["uart", "hypervisor"] = "uart",
+        log_dir: str | None = None,
+        log_limit: int = DEFAULT_LOG_LIMIT,
+        buffer_limit: int = DEFAULT_BUFFER_LIMIT,
+    ) -> None:
+        self.log_error: str | None = None
+        self.input_stats: InputStats | None = None
+        self._log = self._open_log(log_dir, log_limit)
+        source = FdSource(console_fd) if source_kind == "uart" else PolledSource(console_fd)
+        self._pump = ConsolePump(source, output_fd, buffer_limit=buffer_limit, tee=self._log)
+        # The hypervisor console is read-only: nothing to type into.
+        self._input_fd = input_fd if source_kind == "uart" else None
+        self._console_fd = console_fd
+
+    @property
+    def stats(self) -> PumpStats:
+        """Live output counters (read/written/dropped/lost), for ``events``."""
+        return self._pump.stats
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Pump both directions until cancelled (or until there is nothing left to pump)."""
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self._pump.run)
+            if self._input_fd is not None:
+                nursery.start_soon(self._pump_input)
+            task_status.started()
+
+    async def drain(
+        self,
+        *,
+        quiet: float = DEFAULT_QUIET_SECONDS,
+        deadline: float = DEFAULT_FINISH_DEADLINE_SECONDS,
+    ) -> PumpStats:
+        """The cell has stopped: finish the output within ``deadline`` and close the log."""
+        try:
+            return await self._pump.finish(quiet=quiet, deadline=deadline)
+        finally:
+            if self._log is not None:
+                if self._log.error is not None:
+                    self.log_error = self._log.error
+                self._log.close()
+                self._log = None
+
+    async def _pump_input(self) -> None:
+        assert self._input_fd is not None
+        self.input_stats = await pump_input(self._input_fd, self._console_fd)
+
+    def _open_log(self, log_dir: str | None, limit: int) -> ConsoleLogWriter | None:
+        if not log_dir:
+            return None
+        try:
+            return ConsoleLogWriter(log_dir, limit=limit)
+        except (ConsoleError, OSError) as exc:
+            self.log_error = f"console log in {log_dir} not kept: {exc}"
+            return None
