@@ -414,27 +414,39 @@ _PCI_CAP = struct.Struct("<HHHH")
 _STREAM_ID = struct.Struct("<I")
 _QOS = struct.Struct(f"<{QOS_NAME_SIZE}sBI")
 _REGION = {32: struct.Struct("<QQQQ"), 40: struct.Struct("<QQQQQ")}
-_HEADER_CACHE: dict[str, struct.Struct] = {}
+_HEADER_CACHE: dict[str, tuple[struct.Struct, tuple[str, ...]]] = {}
+
+
+_COUNT_FIELDS = (
+    "num_memory_regions", "num_cache_regions", "num_irqchips", "num_pio_regions",
+    "num_pci_devices", "num_pci_caps", "num_stream_ids",
+)  # fmt: skip
+_CONSOLE_FIELDS = ("con_address", "con_size", "con_type", "con_flags", "con_divider", "con_gate_nr", "con_clock_reg")
+
+
+def _header_layout(profile: FormatProfile) -> tuple[struct.Struct, tuple[str, ...]]:
+    """The packed header of `profile` and its field names in order (cached)."""
+    cached = _HEADER_CACHE.get(profile.name)
+    if cached is None:
+        fields: list[tuple[str, str]] = [("signature", f"{len(profile.signature)}s")]
+        if profile.has_architecture:
+            fields.append(("architecture", "B"))
+        fields += [("revision", "H"), ("name", f"{NAME_FIELD_SIZE}s"), ("id", "I"), ("flags", "I"), ("cpu_set_size", "I")]
+        if profile.has_rcpu_set:
+            fields.append(("rcpu_set_size", "I"))
+        fields += [(name, "I") for name in _COUNT_FIELDS]
+        if profile.has_qos_devices:
+            fields.append(("num_qos_devices", "I"))
+        fields += [("vpci_irq_base", "I"), ("cpu_reset_address", "Q"), ("msg_reply_timeout", "Q")]
+        fields += list(zip(_CONSOLE_FIELDS, _CONSOLE_FMT))
+        layout = struct.Struct("<" + "".join(fmt for _, fmt in fields))
+        cached = _HEADER_CACHE[profile.name] = (layout, tuple(name for name, _ in fields))
+    return cached
 
 
 def _header_struct(profile: FormatProfile) -> struct.Struct:
-    """The packed header layout of `profile` (cached)."""
-    cached = _HEADER_CACHE.get(profile.name)
-    if cached is None:
-        prefix = f"{len(profile.signature)}s" + ("B" if profile.has_architecture else "") + "H"
-        fmt = (
-            "<"
-            + prefix
-            + f"{NAME_FIELD_SIZE}sII"  # name, id, flags
-            + "I"  # cpu_set_size
-            + ("I" if profile.has_rcpu_set else "")
-            + "7I"  # memory, cache, irqchip, pio, pci, pci caps, stream id counts
-            + ("I" if profile.has_qos_devices else "")
-            + "IQQ"  # vpci_irq_base, cpu_reset_address, msg_reply_timeout
-            + _CONSOLE_FMT
-        )
-        cached = _HEADER_CACHE[profile.name] = struct.Struct(fmt)
-    return cached
+    """The packed header layout of `profile`."""
+    return _header_layout(profile)[0]
 
 
 # --- writer ---
@@ -509,21 +521,20 @@ _Record = tuple[struct.Struct, tuple, tuple[str, "int | None"]]
 def _records(config: CellConfig, profile: FormatProfile, name: bytes) -> Iterator[_Record]:
     """Every packed record of the file in order: layout, values, and (kind, index) for errors."""
     c = config.console
-    head: list[object] = [profile.signature]
-    if profile.has_architecture:
-        head.append(int(config.architecture))  # type: ignore[arg-type]
-    head += [profile.revision, name, config.id, config.flags, config.cpu_set_size]
-    if profile.has_rcpu_set:
-        head.append(config.rcpu_set_size)
-    head += [
-        len(config.memory_regions), len(config.cache_regions), len(config.irqchips), len(config.pio_regions),
-        len(config.pci_devices), len(config.pci_caps), len(config.stream_ids),
-    ]  # fmt: skip
-    if profile.has_qos_devices:
-        head.append(len(config.qos_devices))
-    head += [config.vpci_irq_base, config.cpu_reset_address, config.msg_reply_timeout]
-    head += [c.address, c.size, c.type, c.flags, c.divider, c.gate_nr, c.clock_reg]
-    yield _header_struct(profile), tuple(head), ("header", None)
+    values = {
+        "signature": profile.signature, "architecture": int(config.architecture or 0), "revision": profile.revision,
+        "name": name, "id": config.id, "flags": config.flags, "cpu_set_size": config.cpu_set_size,
+        "rcpu_set_size": config.rcpu_set_size, "num_memory_regions": len(config.memory_regions),
+        "num_cache_regions": len(config.cache_regions), "num_irqchips": len(config.irqchips),
+        "num_pio_regions": len(config.pio_regions), "num_pci_devices": len(config.pci_devices),
+        "num_pci_caps": len(config.pci_caps), "num_stream_ids": len(config.stream_ids),
+        "num_qos_devices": len(config.qos_devices), "vpci_irq_base": config.vpci_irq_base,
+        "cpu_reset_address": config.cpu_reset_address, "msg_reply_timeout": config.msg_reply_timeout,
+        "con_address": c.address, "con_size": c.size, "con_type": c.type, "con_flags": c.flags,
+        "con_divider": c.divider, "con_gate_nr": c.gate_nr, "con_clock_reg": c.clock_reg,
+    }  # fmt: skip
+    layout, fields = _header_layout(profile)
+    yield layout, tuple(values[f] for f in fields), ("header", None)
     yield _raw(config.cpu_set_size), (_bitmap(config.cpus, config.cpu_set_size, "CPU", config.name),), ("CPU set", None)
     if profile.has_rcpu_set:
         bitmap = _bitmap(config.rcpus, config.rcpu_set_size, "rCPU", config.name)
@@ -601,6 +612,10 @@ class _Cursor:
     def unpack(self, layout: struct.Struct, what: str) -> tuple:
         return layout.unpack(self.take(layout.size, what))
 
+    def array(self, layout: struct.Struct, count: int) -> Iterator[tuple]:
+        """`count` consecutive records (the caller has checked the file is long enough)."""
+        return layout.iter_unpack(self.take(layout.size * count, "an array"))
+
 
 def _decode_name(field: bytes, what: str) -> str:
     """The NUL-terminated name in `field`; garbage after the NUL or bad UTF-8 is refused."""
@@ -614,38 +629,46 @@ def _decode_name(field: bytes, what: str) -> str:
 
 
 def _decode_cpus(bitmap: bytes) -> frozenset[int]:
+    """The bit numbers set in a little-endian bitmap."""
     mask = int.from_bytes(bitmap, "little")
-    return frozenset(n for n in range(len(bitmap) * 8) if mask >> n & 1)
+    cpus = []
+    while mask:
+        low = mask & -mask
+        cpus.append(low.bit_length() - 1)
+        mask ^= low
+    return frozenset(cpus)
 
 
 def _read_with(data: bytes, profile: FormatProfile) -> CellConfig:
     """Decode `data` strictly as `profile` (every byte accounted for)."""
     cur = _Cursor(data, profile)
-    h = list(cur.unpack(_header_struct(profile), "the header"))
-    signature = h.pop(0)
-    if signature != profile.signature:
+    layout, fields = _header_layout(profile)
+    h = dict(zip(fields, cur.unpack(layout, "the header")))
+    if h["signature"] != profile.signature:
         raise CellConfigError(
-            f"not a {profile.name} cell configuration: signature {signature!r}, expected {profile.signature!r}"
+            f"not a {profile.name} cell configuration: signature {h['signature']!r}, expected {profile.signature!r}"
         )
     arch: Architecture | None = None
     if profile.has_architecture:
-        raw_arch = h.pop(0)
         try:
-            arch = Architecture(raw_arch)
+            arch = Architecture(h["architecture"])
         except ValueError:
-            raise CellConfigError(f"unsupported architecture byte {raw_arch} in {profile.name} cell configuration") from None
-    revision = h.pop(0)
-    if revision != profile.revision:
-        raise CellConfigError(f"cell configuration revision {revision}, profile {profile.name} is {profile.revision}")
-    name = _decode_name(h.pop(0), "the cell name")
-    cell_id, flags, cpu_set_size = h.pop(0), h.pop(0), h.pop(0)
-    rcpu_set_size = h.pop(0) if profile.has_rcpu_set else 8
-    n_mem, n_cache, n_irq, n_pio, n_pci, n_caps, n_sids = (h.pop(0) for _ in range(7))
-    n_qos = h.pop(0) if profile.has_qos_devices else 0
-    vpci_irq_base, reset, timeout = h.pop(0), h.pop(0), h.pop(0)
+            raise CellConfigError(
+                f"unsupported architecture byte {h['architecture']} in {profile.name} cell configuration"
+            ) from None
+    if h["revision"] != profile.revision:
+        raise CellConfigError(
+            f"cell configuration revision {h['revision']}, profile {profile.name} is {profile.revision}"
+        )
+    name = _decode_name(h["name"], "the cell name")
+    cpu_set_size = h["cpu_set_size"]
+    rcpu_set_size = h.get("rcpu_set_size", 8)
+    n_mem, n_cache, n_irq, n_pio, n_pci, n_caps, n_sids = (h[f] for f in _COUNT_FIELDS)
+    n_qos = h.get("num_qos_devices", 0)
     console = Console(
-        address=h[0], size=h[1], type=h[2], flags=h[3], divider=h[4], gate_nr=h[5], clock_reg=h[6]
-    )
+        address=h["con_address"], size=h["con_size"], type=h["con_type"], flags=h["con_flags"],
+        divider=h["con_divider"], gate_nr=h["con_gate_nr"], clock_reg=h["con_clock_reg"],
+    )  # fmt: skip
     expected = (
         profile.header_size + cpu_set_size + (rcpu_set_size if profile.has_rcpu_set else 0)
         + n_mem * profile.region_size + n_cache * _CACHE.size + n_irq * _IRQCHIP.size
@@ -657,42 +680,36 @@ def _read_with(data: bytes, profile: FormatProfile) -> CellConfig:
             f"{profile.name} cell configuration {name!r}: its header describes {expected} bytes "
             f"but the file has {len(data)} bytes (truncated, trailing data, or another profile)"
         )
+    # the length check above guarantees every array below is complete
     cpus = _decode_cpus(cur.take(cpu_set_size, "the CPU set"))
     rcpus = _decode_cpus(cur.take(rcpu_set_size, "the rCPU set")) if profile.has_rcpu_set else frozenset()
     region = _REGION[profile.region_size]
-    regions = []
-    for i in range(n_mem):
-        v = cur.unpack(region, f"memory region {i}")
-        regions.append(
-            MemoryRegion(phys_start=v[0], virt_start=v[1], size=v[2], flags=v[3], colors=v[4] if len(v) > 4 else 0)
-        )
+    regions = [
+        MemoryRegion(phys_start=v[0], virt_start=v[1], size=v[2], flags=v[3], colors=v[4] if len(v) > 4 else 0)
+        for v in cur.array(region, n_mem)
+    ]
     caches = []
-    for i in range(n_cache):
-        start, size, ctype, pad, cflags = cur.unpack(_CACHE, f"cache region {i}")
+    for i, (start, size, ctype, pad, cflags) in enumerate(cur.array(_CACHE, n_cache)):
         if pad:
             raise CellConfigError(f"garbled cell configuration {name!r}: cache region {i} has a non-zero padding byte")
         caches.append(CacheRegion(start=start, size=size, type=ctype, flags=cflags))
-    irqchips = []
-    for i in range(n_irq):
-        v = cur.unpack(_IRQCHIP, f"irqchip {i}")
-        irqchips.append(IrqChip(address=v[0], id=v[1], pin_base=v[2], pin_bitmap=tuple(v[3:7])))
-    pios = [PioRegion(base=b, length=n) for b, n in (cur.unpack(_PIO, f"pio region {i}") for i in range(n_pio))]
-    pcis = [_pci_from(cur.unpack(_PCI, f"pci device {i}"), name, i) for i in range(n_pci)]
-    caps = [
-        PciCapability(id=v[0], start=v[1], len=v[2], flags=v[3])
-        for v in (cur.unpack(_PCI_CAP, f"pci capability {i}") for i in range(n_caps))
+    irqchips = [
+        IrqChip(address=v[0], id=v[1], pin_base=v[2], pin_bitmap=v[3:7]) for v in cur.array(_IRQCHIP, n_irq)
     ]
-    sids = tuple(cur.unpack(_STREAM_ID, f"stream id {i}")[0] for i in range(n_sids))
-    qos = []
-    for i in range(n_qos):
-        qname, qflags, qbase = cur.unpack(_QOS, f"qos device {i}")
-        qos.append(QosDevice(name=_decode_qos_name(qname, name, i), flags=qflags, base=qbase))
+    pios = [PioRegion(base=b, length=n) for b, n in cur.array(_PIO, n_pio)]
+    pcis = [_pci_from(v, name, i) for i, v in enumerate(cur.array(_PCI, n_pci))]
+    caps = [PciCapability(id=v[0], start=v[1], len=v[2], flags=v[3]) for v in cur.array(_PCI_CAP, n_caps)]
+    sids = tuple(v[0] for v in cur.array(_STREAM_ID, n_sids))
+    qos = [
+        QosDevice(name=_decode_qos_name(qname, name, i), flags=qflags, base=qbase)
+        for i, (qname, qflags, qbase) in enumerate(cur.array(_QOS, n_qos))
+    ]
     return CellConfig(
-        name=name, flags=flags, id=cell_id, architecture=arch, cpus=cpus, cpu_set_size=cpu_set_size,
+        name=name, flags=h["flags"], id=h["id"], architecture=arch, cpus=cpus, cpu_set_size=cpu_set_size,
         rcpus=rcpus, rcpu_set_size=rcpu_set_size, memory_regions=tuple(regions), cache_regions=tuple(caches),
         irqchips=tuple(irqchips), pio_regions=tuple(pios), pci_devices=tuple(pcis), pci_caps=tuple(caps),
-        stream_ids=sids, qos_devices=tuple(qos), vpci_irq_base=vpci_irq_base, cpu_reset_address=reset,
-        msg_reply_timeout=timeout, console=console,
+        stream_ids=sids, qos_devices=tuple(qos), vpci_irq_base=h["vpci_irq_base"],
+        cpu_reset_address=h["cpu_reset_address"], msg_reply_timeout=h["msg_reply_timeout"], console=console,
     )  # fmt: skip
 
 
