@@ -355,3 +355,27 @@ async def test_hypervisor_console_source_shows_only_new_output(tmp_path, sink):
                 await pump.finish(quiet=0.05)
     finally:
         device.close()
+
+
+async def test_cancelling_and_restarting_the_pump_loses_no_byte(uart, sink):
+    # The monitor may cancel run() at any point and call finish() later: every
+    # byte must still arrive once, in order.
+    payload = random.Random(11).randbytes(1024 * 1024)
+    pump = ConsolePump(FdSource(uart.device.fd), sink.fd, buffer_limit=2 * len(payload))
+    received = bytearray()
+
+    async def shim_reads() -> None:
+        while chunk := await sink.reader.receive_some(1 << 16):
+            received.extend(chunk)
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(uart.guest.send_all, payload)
+            nursery.start_soon(shim_reads)
+            for attempt in range(40):
+                with trio.move_on_after(0.001 * (attempt % 5)):
+                    await pump.run()
+            stats = await pump.finish(quiet=0.3, deadline=30)
+            sink.close_writer()  # the monitor exits: the shim sees EOF
+    assert bytes(received) == payload
+    assert (stats.read_bytes, stats.written_bytes, stats.lost_bytes) == (len(payload),) * 2 + (0,)
