@@ -488,9 +488,9 @@ def _check_profile_fits(config: CellConfig, profile: FormatProfile) -> None:
     if profile.region_size < 40 and any(r.colors for r in config.memory_regions):
         lost.append("memory region colors")
     if lost:
+        fits = "omnivisor-rev14" if "rcpus" in lost else "runphi-rev13 or omnivisor-rev14"
         raise CellConfigError(
-            f"cell {config.name!r}: profile {profile.name} cannot carry {', '.join(lost)}; "
-            "use runphi-rev13 or omnivisor-rev14"
+            f"cell {config.name!r}: profile {profile.name} cannot carry {', '.join(lost)}; use {fits}"
         )
 
 

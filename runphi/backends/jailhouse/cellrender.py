@@ -20,15 +20,17 @@ from runphi.backends.jailhouse.cellconfig import (
     QOS_FLAG_NAMES,
     CellConfig,
     FormatProfile,
+    MemoryRegion,
+    PciDevice,
     format_flags,
     shmem_protocol_name,
+    write_cell,
 )
+from runphi.backends.jailhouse.cpulist import format_cpu_list
 
 
 def cpu_list(cpus: frozenset[int]) -> str:
     """Kernel list syntax for a CPU set (`0-1,4`); `none` when empty."""
-    from runphi.backends.jailhouse.cpulist import format_cpu_list
-
     return format_cpu_list(cpus) or "none"
 
 
@@ -139,6 +141,7 @@ def _c_string(raw: bytes) -> str:
 
 
 def _c_struct_defs(profile: FormatProfile) -> str:
+    """Packed C structs laid out like `profile` (our own definitions, no Jailhouse headers)."""
     arch = "\tuint8_t architecture;\n" if profile.has_architecture else ""
     rcpu = "\tuint32_t rcpu_set_size;\n" if profile.has_rcpu_set else ""
     qos = "\tuint32_t num_qos_devices;\n" if profile.has_qos_devices else ""
@@ -237,14 +240,13 @@ struct qos_device {{
 
 
 def _bitmap_words(cpus: frozenset[int], size: int) -> str:
+    """A CPU set as the C initializer of a `size`-byte little-endian bitmap."""
     mask = sum(1 << n for n in cpus)
     return ", ".join(f"{b:#04x}" for b in mask.to_bytes(size, "little"))
 
 
 def cell_to_c(config: CellConfig, profile: FormatProfile) -> str:
     """A self-contained C translation unit whose `.data` is exactly `write_cell(config, profile)`."""
-    from runphi.backends.jailhouse.cellconfig import write_cell
-
     write_cell(config, profile)  # same validation as the binary path
     c = config
     members = ["\tstruct cell_desc cell;", f"\tuint8_t cpus[{c.cpu_set_size}];"]
@@ -335,12 +337,13 @@ def cell_to_c(config: CellConfig, profile: FormatProfile) -> str:
 
 
 def _c_array(field: str, items: list[str]) -> list[str]:
+    """Designated-initializer lines for one array member (nothing when it is empty)."""
     if not items:
         return []
     return [f"\t.{field} = {{", *(f"\t\t{item}," for item in items), "\t},"]
 
 
-def _c_region(r, profile: FormatProfile) -> str:
+def _c_region(r: MemoryRegion, profile: FormatProfile) -> str:
     colors = f", .colors = {r.colors:#x}ULL" if profile.region_size == 40 else ""
     return (
         f"{{ .phys_start = {r.phys_start:#x}ULL, .virt_start = {r.virt_start:#x}ULL, .size = {r.size:#x}ULL, "
@@ -348,7 +351,7 @@ def _c_region(r, profile: FormatProfile) -> str:
     )
 
 
-def _c_pci(d) -> str:
+def _c_pci(d: PciDevice) -> str:
     msi = int(d.msi_64bits) | int(d.msi_maskable) << 1
     return (
         f"{{ .type = {d.type}, .iommu = {d.iommu}, .domain = {d.domain}, .bdf = {d.bdf:#x}, "
