@@ -367,6 +367,13 @@ def _dispatch(options: argparse.Namespace, args: argparse.Namespace, argv: list[
             error.container_id = getattr(args, "container_id", None)
         ctx.log.fatal(error)
         return error.exit_code
+    except OSError as exc:  # the environment (permissions, full disk), not the input
+        container_id = getattr(args, "container_id", None)
+        subject = f" container {container_id}" if container_id else ""
+        where = f": {exc.filename}" if exc.filename else ""
+        ctx.log.fatal(RunphiError(f"runphi {args.verb}{subject} failed: {exc.strerror or exc}{where}",
+                                  container_id=container_id))
+        return 1
 
 
 def run_cli(argv: list[str]) -> int:

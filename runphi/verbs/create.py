@@ -133,7 +133,7 @@ def _undo_launch(ctx, backend, record: ContainerRecord) -> None:
 
     try:
         stop_monitor(record)
-        if record.cell.cell_name and backend.cell_state(record.cell.cell_name) is not None:
+        if record.cell.cell_name:
             backend.destroy_cell(record.cell.cell_name)
     except RunphiError as secondary:
         ctx.log.warn(f"while undoing the create of {record.id}: {secondary}", id=record.id)

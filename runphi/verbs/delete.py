@@ -30,9 +30,8 @@ def run(args, ctx) -> int:
         poststop = _poststop_hooks(ctx, record)
         stop_monitor(record)
         if record.cell.cell_name:
-            backend = ctx.backend(record.id)
-            if backend.cell_state(record.cell.cell_name) is not None:
-                backend.destroy_cell(record.cell.cell_name, DESTROY_TIMEOUT)
+            # Idempotent: a cell already gone only has its resources released.
+            ctx.backend(record.id).destroy_cell(record.cell.cell_name, DESTROY_TIMEOUT)
         ctx.store.remove(record.id)
     if poststop:
         from runphi.hooks import run_hooks_best_effort
