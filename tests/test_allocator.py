@@ -9,7 +9,7 @@ from pathlib import Path
 
 import msgspec
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from runphi import oci
@@ -317,3 +317,42 @@ def test_sixteen_concurrent_creates_never_overlap_and_all_release(tmp_path, sim)
     released = run_workers("release", ids, state, sysfs)
     assert {cid for cid, r in released.items() if r["released"]} == set(won)
     assert Allocator(sim, state, sysfs).allocations() == []
+
+
+# --- property: any sequence of allocations and releases keeps the ledger consistent ---
+
+operations = st.lists(
+    st.one_of(
+        st.tuples(st.just("alloc"), st.integers(0, 9), st.integers(1, 3), st.integers(1, 200), st.booleans()),
+        st.tuples(st.just("release"), st.integers(0, 9), st.just(0), st.just(0), st.just(False)),
+    ),
+    max_size=30,
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=operations)
+def test_random_allocate_release_sequences_never_overlap(tmp_path_factory, sim, ops) -> None:
+    base = tmp_path_factory.mktemp("seq")
+    alloc = Allocator(sim, base / "state", make_sysfs(base, "0-7"))
+    model: dict[str, object] = {}
+    for op, n, cpus, mib, net in ops:
+        cid = f"c{n}"
+        if op == "release":
+            assert (alloc.release(cid) is not None) == (cid in model)
+            model.pop(cid, None)
+            continue
+        try:
+            model[cid] = alloc.allocate(cid, ResourceRequest(cpu_count=cpus, memory=mib * MiB, network=net))
+        except AllocationError as exc:
+            assert cid in model or str(exc).startswith(f"cannot create container {cid} on sim-qemu-arm64: ")
+        held = alloc.allocations()
+        assert {a.container_id for a in held} == set(model)
+        all_cpus = [c for a in held for c in a.cpus]
+        assert len(all_cpus) == len(set(all_cpus)) and 0 not in all_cpus
+        spans = sorted((a.ram.start, a.ram.end) for a in held)
+        assert all(e1 <= s2 for (_, e1), (s2, _) in zip(spans, spans[1:]))
+        assert all(sim.memory.pools[0].start <= s and e <= sim.memory.pools[0].end for s, e in spans)
+        uarts = [a.uart_slot for a in held]
+        links = [a.ivshmem_slot for a in held if a.ivshmem_slot is not None]
+        assert len(uarts) == len(set(uarts)) and len(links) == len(set(links))
