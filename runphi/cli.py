@@ -267,7 +267,7 @@ def _global_parser() -> _Parser:
     _bool(p, "debug")
     _bool(p, "systemd-cgroup")
     _flag(p, "criu")
-    _flag(p, "rootless", nargs="?", const="true")
+    _flag(p, "rootless", help="true|false|auto (accepted; cgroup errors do not apply to cells)")
     _bool(p, "version", "-v")
     _bool(p, "help", "-h")
     p.add_argument("verb", nargs="?")

@@ -350,3 +350,33 @@ def test_structlog_loads_only_when_a_debug_line_is_written(runphi_bin, make_reco
     assert "structlog" in debug
     lines = [msgspec.json.decode(line) for line in log.read_text().splitlines()]
     assert any(line["msg"] == "forwarding to runc" and line["level"] == "debug" for line in lines)
+
+
+# --- properties -------------------------------------------------------------------
+
+from hypothesis import given, strategies as st  # noqa: E402
+
+ID_ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_+,.-"
+
+
+@given(st.text(alphabet=ID_ALPHABET, min_size=1, max_size=255).filter(lambda s: s not in (".", "..")))
+def test_every_id_in_runc_charset_is_accepted(container_id):
+    from runphi.cli import validate_id
+
+    assert validate_id(container_id) == container_id
+
+
+@given(st.text(min_size=0, max_size=40), st.sampled_from(["/", " ", "\n", "\x00", "é"]))
+def test_ids_with_foreign_characters_are_refused(prefix, bad):
+    from runphi.cli import validate_id
+
+    with pytest.raises(InvalidId):
+        validate_id(prefix + bad)
+
+
+@given(st.sampled_from(sorted(s.name for s in signal.Signals)), st.booleans(), st.booleans())
+def test_every_signal_name_parses_in_any_spelling(name, drop_sig, lower):
+    text = name[3:] if drop_sig and name.startswith("SIG") else name
+    text = text.lower() if lower else text
+    assert parse_signal(text) == signal.Signals[name]
+    assert parse_signal(str(int(signal.Signals[name]))) == signal.Signals[name]
