@@ -1,19 +1,24 @@
 """Cell configuration generation time: plan + write one `.cell`, per config.
 
-    python -m tools.bench.cellgen [--platform sim-qemu-arm64] [--count 4000]
+    python -m tools.bench.cellgen [--platform sim-qemu-arm64] [--count 4000] [--gcc]
 
 Prints the time per generated config (best of several rounds) (plan_cell + write_cell) and, for
-comparison, the time of one read_cell. runPHI ran gcc + objcopy for the same job.
+comparison, the time of one read_cell and (with --gcc) of the gcc + objcopy
+build runPHI ran on the board for the same job.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
+import subprocess
+import tempfile
 import time
 from pathlib import Path
 
 from runphi.backends.jailhouse.allocator import Allocation, Segment
 from runphi.backends.jailhouse.cellconfig import read_cell, write_cell
+from runphi.backends.jailhouse.cellrender import cell_to_c
 from runphi.backends.jailhouse.plan import plan_cell
 from runphi.backends.jailhouse.platform import MiB, load_platform
 
@@ -50,10 +55,27 @@ def per_call(fn, count: int) -> float:
     return best
 
 
+def gcc_objcopy_seconds(source: str, expected: bytes, rounds: int = 3) -> float:
+    """Best wall time of the gcc + objcopy path runPHI used; checks it yields the same bytes."""
+    best = float("inf")
+    with tempfile.TemporaryDirectory() as tmp:
+        c_file, obj, cell = Path(tmp, "cell.c"), Path(tmp, "cell.o"), Path(tmp, "cell.cell")
+        c_file.write_text(source)
+        for _ in range(rounds):
+            start = time.perf_counter()
+            subprocess.run(["gcc", "-c", "-o", obj, c_file], check=True)
+            subprocess.run(["objcopy", "-O", "binary", "-j", ".data", obj, cell], check=True)
+            best = min(best, time.perf_counter() - start)
+        if cell.read_bytes() != expected:
+            raise SystemExit("gcc + objcopy produced different bytes than write_cell")
+    return best
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--platform", default="sim-qemu-arm64")
     parser.add_argument("--count", type=int, default=4000)
+    parser.add_argument("--gcc", action="store_true", help="also time gcc + objcopy on the same config")
     args = parser.parse_args()
     platform = load_platform(args.platform, TEMPLATES)
     allocation = sample_allocation(args.platform)
@@ -68,6 +90,10 @@ def main() -> None:
     print(f"platform {platform.name} profile {profile.name}: {len(data)}-byte .cell")
     print(f"plan + write: {gen * 1e6:.1f} us per config (best of {ROUNDS} x {args.count})")
     print(f"read:         {read * 1e6:.1f} us per config")
+    if args.gcc and shutil.which("gcc") and shutil.which("objcopy"):
+        config = plan_cell(platform, allocation, None, allocation.container_id)
+        seconds = gcc_objcopy_seconds(cell_to_c(config, profile), data)
+        print(f"gcc+objcopy:  {seconds * 1e3:.1f} ms per config ({seconds / gen:.0f}x plan + write)")
 
 
 if __name__ == "__main__":
