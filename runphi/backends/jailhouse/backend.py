@@ -41,6 +41,21 @@ if TYPE_CHECKING:
 
 #: Deadline for the `cell destroy` that undoes a failed create.
 UNDO_TIMEOUT = 5.0
+#: How long a graceful shutdown (kill TERM/INT/HUP/QUIT) may take before the cell is destroyed.
+DEFAULT_SHUTDOWN_TIMEOUT = 10.0
+#: Per-container override of that deadline, in milliseconds.
+SHUTDOWN_TIMEOUT_ANNOTATION = "org.runphi.shutdown-timeout-ms"
+
+
+def shutdown_timeout(annotations: dict[str, str], container_id: str) -> float:
+    """The graceful-shutdown deadline in seconds (annotation, else the default)."""
+    text = annotations.get(SHUTDOWN_TIMEOUT_ANNOTATION)
+    if text is None:
+        return DEFAULT_SHUTDOWN_TIMEOUT
+    if not text.isdigit() or int(text) == 0:
+        raise BackendError(f"cannot create ZIC {container_id}: annotation {SHUTDOWN_TIMEOUT_ANNOTATION}="
+                           f"{text!r} must be a positive number of milliseconds", container_id=container_id)
+    return int(text) / 1000
 
 
 class UndoStack:
@@ -150,6 +165,7 @@ class JailhouseBackend:
         from runphi.verbs.create import Launched
 
         cid = request.container_id
+        grace = shutdown_timeout(request.config.annotations, cid)
         self.driver.require_available()
         boot = load_boot_description(Path(request.rootfs))
         platform = self.platform
@@ -174,7 +190,7 @@ class JailhouseBackend:
         fds = self._open_console(request, allocation, undo)
         start_fd = os.open(request.start_fifo, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
         undo.push("close the start fifo", lambda: os.close(start_fd))
-        monitor_pid, start_time = self._spawn_monitor(request, name, start_fd, fds, undo)
+        monitor_pid, start_time = self._spawn_monitor(request, name, start_fd, fds, grace, undo)
         cell = CellRecord(cell_name=name, cell_id=self.driver.cell_id(name),
                           allocation=msgspec.to_builtins(allocation), uart_device=fds.device)
         # Success: create's own copies of the fds go; the monitor keeps its own.
@@ -251,12 +267,13 @@ class JailhouseBackend:
         return fds
 
     def _spawn_monitor(self, request: LaunchRequest, name: str, start_fd: int, fds: _ConsoleFds,
-                       undo: UndoStack) -> tuple[int, int]:
+                       grace: float, undo: UndoStack) -> tuple[int, int]:
         from runphi.monitor import MonitorSetup, spawn_monitor
 
         setup = MonitorSetup(
             container_id=request.container_id, container_dir=request.container_dir, cell_name=name,
             tool=self.jh.tool, sysfs=self.jh.sysfs, poll_interval=self.jh.poll_interval_ms / 1000,
+            shutdown_timeout=grace,
             start_fd=start_fd, console_fd=fds.console, terminal_fd=fds.terminal)
         if fds.terminal >= 0:
             # Terminal mode: never keep create's fds 0/1/2 (the shim's buffer pipe).
