@@ -44,8 +44,6 @@ def test_row_kill_with_signal_n_is_128_plus_n(zic, signal_name, code):
     assert f"SIG{signal_name}" in reason(zic, "rowsig")
 
 
-@pytest.mark.xfail(strict=True, reason="kill.py must freeze the monitor before destroying the cell "
-                   "(pending the verb wiring: the monitor can see `shut down` and exit 0 first)")
 def test_row_kill_sigkill_is_137_and_the_cell_is_stopped(zic):
     pid = started(zic, "rowkill", "tick 50 alive")
     zic.run("kill", "rowkill", "KILL", check=True)
