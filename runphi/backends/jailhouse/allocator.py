@@ -188,15 +188,15 @@ class Allocator:
     # --- ledger I/O ---
 
     @contextmanager
-    def _locked(self) -> Iterator[Ledger]:
-        """Hold the ledger lock; yields the current ledger (callers save explicitly)."""
+    def _locked(self, exclusive: bool = True) -> Iterator[Ledger]:
+        """Hold the ledger lock (shared for readers); yields the current ledger (writers save explicitly)."""
         try:
             self.state_dir.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.state_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as exc:
             raise AllocationError(f"cannot open the resource ledger lock in {self.state_dir}: {exc.strerror}") from None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
             yield self._read()
         finally:
             os.close(fd)  # releases the flock
@@ -260,7 +260,7 @@ class Allocator:
 
     def allocations(self) -> list[Allocation]:
         """Every recorded allocation (what a ledger rebuild compares with reality)."""
-        with self._locked() as ledger:
+        with self._locked(exclusive=False) as ledger:
             return list(ledger.allocations.values())
 
     # --- changes ---
@@ -298,7 +298,7 @@ class Allocator:
         """
         others: list[Allocation] = []
         if self.state_dir.is_dir():  # no state dir: nothing allocated on this node yet
-            with self._locked() as ledger:
+            with self._locked(exclusive=False) as ledger:
                 held = ledger.allocations.get(container_id)
                 if held is not None:
                     return held
