@@ -34,3 +34,24 @@ def test_run_detached_leaves_a_running_container(zic):
     assert zic.run("kill", "run-det", "TERM").returncode == 0
     assert wait_exit(monitor) == 143
     assert zic.run("delete", "run-det").returncode == 0
+
+
+def test_events_stats_of_a_running_zic(zic):
+    import json
+
+    pid = zic.create("ev", zic.bundle("ev", guest_script("tick 50 alive")))
+    zic.run("start", "ev", check=True)
+    result = zic.run("events", "--stats", "ev")
+    assert result.returncode == 0, result.stderr
+    [line] = result.stdout.splitlines()
+    event = json.loads(line)
+    assert (event["type"], event["id"]) == ("stats", "ev")
+    assert event["data"]["cell"]["name"] == "ev" and event["data"]["cell"]["state"] == "running"
+    assert isinstance(event["data"]["cell"]["exits"], dict)
+    bad = zic.run("events", "--interval", "0s", "ev")
+    assert bad.returncode == 1 and "invalid --interval '0s'" in bad.stderr
+    zic.run("kill", "ev", "KILL", check=True)
+    assert wait_exit(pid) == 137
+    stopped = zic.run("events", "ev")
+    assert stopped.returncode == 1 and "container with id ev is not running" in stopped.stderr
+    zic.run("delete", "ev", check=True)
