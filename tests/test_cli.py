@@ -380,3 +380,15 @@ def test_every_signal_name_parses_in_any_spelling(name, drop_sig, lower):
     text = text.lower() if lower else text
     assert parse_signal(text) == signal.Signals[name]
     assert parse_signal(str(int(signal.Signals[name]))) == signal.Signals[name]
+
+
+def test_a_verb_whose_module_is_missing_fails_in_one_line(monkeypatch, state_root, capfd):
+    from runphi import cli
+
+    monkeypatch.setitem(cli.VERBS, "logs", cli.Verb(cli._p_logs, "not_written_yet", "console log"))
+    monkeypatch.setenv("RUNPHI_CONFIG", str(state_root / "none.toml"))
+    (state_root / "none.toml").write_text("")
+    assert cli.run_cli(["--root", str(state_root), "logs", "c1"]) == 1
+    err = capfd.readouterr().err
+    assert len(err.splitlines()) == 1
+    assert "the 'logs' command is not available in this runphi build yet" in err
