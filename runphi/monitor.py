@@ -31,7 +31,6 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -422,32 +421,3 @@ def _close_all_but(keep: set[int]) -> None:
                 os.close(fd)
             except OSError:
                 pass
-
-
-# ---- liveness: used by every verb ------------------------------------------
-
-def process_start_time(pid: int) -> int | None:
-    """The process's start time (clock ticks since boot), or None if it is gone or a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    fields = stat.rsplit(")", 1)[1].split()
-    if fields[0] in ("Z", "X"):
-        return None
-    return int(fields[19])
-
-
-def monitor_alive(pid: int, start_time: int) -> bool:
-    """True when `pid` is still the monitor started at `start_time` (defeats pid reuse)."""
-    return pid > 0 and process_start_time(pid) == start_time
-
-
-def wait_monitor_gone(pid: int, start_time: int, timeout: float) -> bool:
-    """Poll /proc until the monitor is gone or a zombie; False if it outlives `timeout`."""
-    deadline = time.monotonic() + timeout
-    while monitor_alive(pid, start_time):
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.01)
-    return True
