@@ -47,3 +47,32 @@ def test_monitor_is_adopted_by_the_subreaper(zic):
     with open(f"/proc/{pid}/stat") as stat:
         ppid = int(stat.read().rsplit(")", 1)[1].split()[1])
     assert ppid == os.getpid()
+
+
+def test_create_never_imports_trio_or_structlog(zic):
+    """trio is for the monitor, after the fork; create's own imports stay lean (DESIGN §2)."""
+    import socket
+    import subprocess
+    import sys
+
+    from tests.test_lifecycle_harness import RUNPHI
+
+    bundle = zic.bundle("lean", guest_script("tick 50 x"), terminal=True)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(zic.base / "pty.sock"))
+    listener.listen(1)
+    # Terminal mode: the monitor's stderr is /dev/null, so -X importtime lines on
+    # stderr are create's alone.
+    script = f"import sys; sys.argv = {[str(RUNPHI)]!r} + sys.argv[1:]; from runphi.cli import main; sys.exit(main())"
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-c", script, "--root", str(zic.root), "create",
+                           "--bundle", str(bundle), "--console-socket", str(zic.base / "pty.sock"),
+                           "--pid-file", str(zic.base / "lean.pid"), "lean"],
+                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          env=zic.env, timeout=60, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    zic.monitors.append(int((zic.base / "lean.pid").read_text()))
+    imported = {line.rsplit("|", 1)[-1].strip().split(".")[0] for line in proc.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert "runphi" in imported
+    assert not imported & {"trio", "structlog", "asyncio"}
+    listener.close()
