@@ -49,6 +49,38 @@ def containerd(runphi_bin: Path):
             shutil.rmtree(base, ignore_errors=True)
 
 
+@pytest.fixture
+def start_containerd(runphi_bin: Path):
+    """Factory for tests that need their own containerd environment (e.g. a simulator).
+
+    ``start_containerd(env={"RUNPHI_BACKEND": "jailhouse", ...}, cri=False)`` returns a
+    started :class:`PrivateContainerd`; the shims and runphi inherit ``env``. Every
+    daemon started this way is cleaned up and stopped after the test.
+    """
+    reason = missing_requirements()
+    if reason:
+        pytest.skip(f"real containerd test: {reason}")
+    started: list[PrivateContainerd] = []
+
+    def start(env: dict[str, str] | None = None, cri: bool = False) -> PrivateContainerd:
+        base = short_tempdir("rphi-ctd-")
+        daemon = PrivateContainerd(base, runphi_bin, env={"RUNPHI_STATE_DIR": str(base / "node"),
+                                                          **(env or {})}, cri=cri)
+        started.append(daemon)
+        daemon.start()
+        return daemon
+
+    try:
+        yield start
+    finally:
+        for daemon in started:
+            try:
+                daemon.remove_leftovers()
+            finally:
+                daemon.stop()
+                shutil.rmtree(daemon.base, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def busybox_rootfs(containerd: PrivateContainerd) -> Path:
     """A static-busybox rootfs inside the private containerd's directory."""

@@ -177,3 +177,16 @@ def test_runphi_error_reaches_ctr_as_one_json_line(containerd, busybox_rootfs, r
     assert result.returncode == 1
     assert b"OCI runtime create failed: cannot create ZIC zic-no-backend: no partitioning backend" \
         in result.stderr, result.stderr
+
+
+def test_a_second_private_containerd_with_its_own_environment(start_containerd, runphi_bin, tmp_path):
+    """The factory fixture: its env reaches runphi through containerd and the shim."""
+    from tests.containerd import make_busybox_rootfs
+
+    missing = tmp_path / "not-there.toml"
+    daemon = start_containerd(env={"RUNPHI_CONFIG": str(missing)})
+    rootfs = make_busybox_rootfs(tmp_path / "rootfs")
+    result = daemon.ctr("run", "--rm", *daemon.runtime_flags(runphi_bin), "--rootfs", str(rootfs),
+                        "second", "sh")
+    assert result.returncode == 1
+    assert f"configuration file {missing} (from RUNPHI_CONFIG) does not exist".encode() in result.stderr
