@@ -61,7 +61,7 @@ class MonitorSetup(msgspec.Struct, frozen=True):
     shutdown_timeout: float = 10.0
     tool_timeout: float = 10.0
     #: How often to check that the hypervisor still answers (seconds).
-    probe_interval: float = 1.0
+    probe_interval: float = 2.0
     #: Read end (opened read-write) of the start fifo; ``start`` writes one byte.
     start_fd: int = -1
     #: Console source fd (UART), or -1 when the cell has no console.
