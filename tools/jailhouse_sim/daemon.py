@@ -84,6 +84,13 @@ class CellHost:
             self.hv.count_vmexits(cpu, kind, n)
 
 
+def _root_cause(error: BaseException) -> str:
+    """The first leaf of a (possibly nested) exception group, as one line."""
+    while isinstance(error, BaseExceptionGroup) and error.exceptions:
+        error = error.exceptions[0]
+    return f"{type(error).__name__}: {error}"
+
+
 @dataclass
 class GuestRun:
     host: CellHost
@@ -166,7 +173,7 @@ class GuestSupervisor:
                     nursery.cancel_scope.cancel()
         except Exception as e:  # noqa: BLE001 - an engine failure must not take the board down
             log("guest engine failed", cell=cell.name, engine=engine.name, error=repr(e))
-            host.hv_print(f"jailhouse-sim: {engine.name} engine failed for cell \"{cell.name}\": {e}")
+            host.hv_print(f"jailhouse-sim: {engine.name} engine failed for cell \"{cell.name}\": {_root_cause(e)}")
             for cpu in sorted(cell.cpus):
                 host.park_cpu(cpu, "")
         finally:

@@ -27,7 +27,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cli import child_env, cleanup_leftovers, install_client, install_system_config, query_status, request
+from .cli import (child_env, cleanup_leftovers, daemon_pid, install_client, install_system_config, query_status,
+                  request)
 from .layout import SimLayout
 
 READY_TIMEOUT_S = 30.0
@@ -73,6 +74,8 @@ class SimBoard:
 
         layout = SimLayout(root)
         board_config = load_board(board)
+        if daemon_pid(layout) is not None:
+            raise SimError(f"a simulator is already running in {layout.root}")
         cleanup_leftovers(layout)
         layout.run.mkdir(parents=True, exist_ok=True)
         install_client(layout, board_config.rcpus)
@@ -186,6 +189,17 @@ class SimBoard:
                 return time.monotonic() - start
             if time.monotonic() - start > timeout:
                 raise SimError(f"cell {cell_id} state is {current!r}, not {state!r}, after {timeout}s")
+            time.sleep(0.001)
+
+    def wait_sysfs(self, relpath: str, predicate, timeout: float = 5.0) -> str:
+        """Poll a sysfs attribute until ``predicate(value)`` holds; returns the value."""
+        start = time.monotonic()
+        while True:
+            value = self.read_sysfs(relpath)
+            if value is not None and predicate(value):
+                return value
+            if time.monotonic() - start > timeout:
+                raise SimError(f"{relpath} is {value!r} after {timeout}s")
             time.sleep(0.001)
 
     def console(self) -> str:
