@@ -115,6 +115,9 @@ class JailhouseBackend:
     def cell_statistics(self, cell_name: str) -> CellStatistics:
         return self.driver.statistics(cell_name)
 
+    def failed_cpus(self, cell_name: str) -> frozenset[int]:
+        return self.driver.failed_cpus(cell_name)
+
     def start_cell(self, cell_name: str) -> None:
         self.driver.start(cell_name)
 

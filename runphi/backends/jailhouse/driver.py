@@ -275,6 +275,11 @@ class JailhouseDriver:
         text = self._cell_file(name, "cpus_assigned_list")
         return None if text is None else parse_cpu_list(text)
 
+    def failed_cpus(self, name: str) -> frozenset[int]:
+        """The cell's CPUs parked on a fatal trap (empty when none, or no such cell)."""
+        text = self._cell_file(name, "cpus_failed_list")
+        return frozenset() if text is None else parse_cpu_list(text)
+
     def root_cpus(self) -> frozenset[int]:
         """CPUs the root cell currently owns (the ones a new cell may take)."""
         try:
