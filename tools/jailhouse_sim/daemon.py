@@ -257,8 +257,6 @@ class Daemon:
             log("client connection dropped", error=repr(e))
         finally:
             await stream.aclose()
-            if self.stop_requested.is_set():
-                log("stop requested")
 
     async def dispatch(self, request: p.Request) -> p.Reply:
         match request:
@@ -341,11 +339,11 @@ async def _stop_on_signal(event: trio.Event) -> None:
             event.set()
 
 
-def _bind_socket(path) -> trio.socket.SocketType:
-    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+def _fresh_unix_socket(path) -> trio.socket.SocketType:
+    """A new unix stream socket, with any stale socket file at ``path`` removed."""
     if path.exists() or path.is_symlink():
         path.unlink()
-    return sock
+    return trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
 
 
 async def serve(layout: SimLayout, board: Board, engine_name: str, *, enable: bool,
@@ -359,7 +357,6 @@ async def serve(layout: SimLayout, board: Board, engine_name: str, *, enable: bo
         directory.mkdir(parents=True, exist_ok=True)
     uarts: dict[int, PtyUart] = {}
     sysfs = SysfsTree(layout.sysfs)
-    sock = None
     try:
         for uart in board.uarts:
             uarts[uart.index] = PtyUart(uart.index, layout.uart(uart.index))
@@ -372,7 +369,7 @@ async def serve(layout: SimLayout, board: Board, engine_name: str, *, enable: bo
             if enable:
                 await hv.enable(minimal_system_config(board.profile, board.arch_code))
             daemon = Daemon(board, layout, engine_name, hv, supervisor, uarts)
-            sock = _bind_socket(layout.socket)
+            sock = _fresh_unix_socket(layout.socket)
             await sock.bind(str(layout.socket))
             sock.listen(64)
             listener = trio.SocketListener(sock)

@@ -10,6 +10,8 @@ a :class:`GuestRunner` supplied by the daemon.
 from __future__ import annotations
 
 import errno
+import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -63,7 +65,7 @@ class Cell:
     loadable: bool = False
     failed_cpus: set[int] = field(default_factory=set)
     images: list[LoadedImage] = field(default_factory=list)
-    rcpu_images: list[tuple[str, int, bytes]] = field(default_factory=list)
+    rcpu_images: list[tuple[str, int, bytes | None]] = field(default_factory=list)
 
     @property
     def is_root(self) -> bool:
@@ -99,7 +101,8 @@ class Hypervisor:
         self.cells: dict[int, Cell] = {}
         self.cpu_stats: dict[int, dict[str, int]] = {c: dict.fromkeys(STAT_NAMES, 0) for c in range(board.cpus)}
         self.stats_dirty: set[int] = set()
-        self.console_listeners: list = []
+        # Called with every console line (the board's debug UART listens here).
+        self.console_listeners: list[Callable[[bytes], None]] = []
         sysfs.reset()
         self._write_globals()
 
@@ -167,8 +170,6 @@ class Hypervisor:
 
     def _rebuild_stats_dir(self, cell: Cell) -> None:
         """Recreate ``statistics/`` after CPUs moved (cpu<N> kobjects move between cells)."""
-        import shutil
-
         stats = self.sysfs.base / "cells" / str(cell.id) / "statistics"
         shutil.rmtree(stats, ignore_errors=True)
         for rel, value in self._stat_files(cell).items():
