@@ -115,15 +115,17 @@ class QmpClient:
 
         Raises QmpError if the peer closes or sends something that is not QMP."""
         reader = LineReader(stream)
-        line = await reader.readline()
-        if not line:
-            raise QmpError("QMP connection closed before the greeting")
         try:
+            line = await reader.readline()
+            if not line:
+                raise QmpError("QMP connection closed before the greeting")
             greeting = _greeting_decoder.decode(line)
-        except msgspec.ValidationError as exc:
-            raise QmpError(f"not a QMP greeting: {line[:200]!r} ({exc})") from None
-        await stream.send_all(_encoder.encode(QmpCommand("qmp_capabilities")) + b"\n")
-        reply = _message_decoder.decode(await reader.readline() or b"{}")
+            await stream.send_all(_encoder.encode(QmpCommand("qmp_capabilities")) + b"\n")
+            reply = _message_decoder.decode(await reader.readline() or b"{}")
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise QmpError("QMP connection closed during the handshake") from None
+        except msgspec.DecodeError as exc:
+            raise QmpError(f"not QMP: {exc}") from None
         if reply.error is not None or reply.result is msgspec.UNSET:
             raise QmpError(f"qmp_capabilities refused: {reply}")
         return cls(stream, reader, greeting)
@@ -137,6 +139,8 @@ class QmpClient:
                 self._route(_message_decoder.decode(line))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
+        except msgspec.DecodeError as exc:
+            raise QmpError(f"not QMP: {exc}") from None
         finally:
             self._closed = True
             self._event_send.close()

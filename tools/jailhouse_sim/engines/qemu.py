@@ -60,7 +60,7 @@ from dataclasses import dataclass
 
 import trio
 
-from ..engine import GuestHost, GuestSpec
+from ..engine import GuestHost, GuestSpec, LoadedImage
 from ..qmp import QmpClient, QmpError, QmpEvent
 
 DEFAULT_BINARY = "qemu-system-aarch64"
@@ -129,6 +129,29 @@ Outcome = PoweredOff | DataAbort | GuestStopped | QemuDied
 # ---------------------------------------------------------------- command line
 
 
+def paint_images(images: Sequence[LoadedImage]) -> tuple[LoadedImage, ...]:
+    """The guest memory the loads leave behind, as non-overlapping images sorted by address.
+
+    ``cell load`` writes into cell RAM, so a later image overwrites an earlier one
+    where they overlap (a reload after ``cell shutdown`` lands on the old bytes);
+    QEMU's loader refuses overlapping images, so they are resolved here."""
+    painted: list[tuple[int, bytes]] = []
+    for image in images:
+        if not image.data:
+            continue
+        start, end = image.address, image.address + len(image.data)
+        kept: list[tuple[int, bytes]] = []
+        for address, data in painted:
+            # Keep what sticks out on either side of the new image.
+            if address < start:
+                kept.append((address, data[: start - address]))
+            if address + len(data) > end:
+                cut = max(0, end - address)
+                kept.append((address + cut, data[cut:]))
+        painted = [(a, d) for a, d in kept if d] + [(start, image.data)]
+    return tuple(LoadedImage(address, data) for address, data in sorted(painted))
+
+
 def ram_mib(spec: GuestSpec) -> int:
     """MiB of QEMU RAM (from 0x40000000) covering every RAM region and image at or above it."""
     top = VIRT_RAM_BASE
@@ -153,7 +176,7 @@ def qemu_argv(
     uart_fd: int,
     qmp_fd: int,
 ) -> list[str]:
-    """The QEMU command line for one cell; image i is read from /dev/fd/image_fds[i]."""
+    """The QEMU command line for one cell; painted image i is read from /dev/fd/image_fds[i]."""
     argv = [
         binary,
         "-M", machine,
@@ -168,7 +191,7 @@ def qemu_argv(
         "-chardev", f"socket,id=qmp,fd={qmp_fd}",
         "-mon", "chardev=qmp,mode=control",
     ]  # fmt: skip
-    for image, fd in zip(spec.images, image_fds, strict=True):
+    for image, fd in zip(paint_images(spec.images), image_fds, strict=True):
         argv += ["-device", f"loader,file=/dev/fd/{fd},addr={image.address:#x},force-raw=on"]
     if spec.reset_address != 0:
         # QEMU's loader rejects addr=0 without a file; a firmware-less virt CPU resets to 0 anyway.
@@ -244,10 +267,10 @@ class QemuProcess:
 
 @contextmanager
 def _image_memfds(spec: GuestSpec) -> Iterator[list[int]]:
-    """One memfd per image holding its bytes, closed on exit."""
+    """One memfd per painted image (see paint_images) holding its bytes, closed on exit."""
     with ExitStack() as stack:
         fds = []
-        for index, image in enumerate(spec.images):
+        for index, image in enumerate(paint_images(spec.images)):
             fd = os.memfd_create(f"cell-{spec.cell_id}-image-{index}")
             stack.callback(os.close, fd)
             _write_all(fd, image.data)

@@ -17,12 +17,14 @@ import textwrap
 import time
 from pathlib import Path
 
+import hypothesis
+import hypothesis.strategies as st
 import pytest
 import trio
 
 from tools.inmates import build as inmates
 from tools.jailhouse_sim.engine import GuestSpec, LoadedImage, RamRegion
-from tools.jailhouse_sim.engines.qemu import QemuEngine, qemu_argv, ram_mib
+from tools.jailhouse_sim.engines.qemu import QemuEngine, paint_images, qemu_argv, ram_mib
 
 pytestmark = pytest.mark.qemu
 
@@ -160,6 +162,22 @@ def test_command_line_places_images_and_sizes_ram():
     assert "loader,file=/dev/fd/7,addr=0x70000000,force-raw=on" in argv
     assert argv[-1] == "loader,addr=0x70000000,cpu-num=0"
     assert {"-S", "-no-reboot", "guest_errors"} <= set(argv)
+
+
+@hypothesis.given(st.lists(st.tuples(st.integers(0, 64), st.binary(max_size=24)), max_size=8))
+def test_painted_images_are_the_memory_the_loads_leave(loads):
+    memory: dict[int, int] = {}
+    for address, data in loads:
+        memory.update(zip(range(address, address + len(data)), data))
+    painted = paint_images([LoadedImage(address, data) for address, data in loads])
+    seen: dict[int, int] = {}
+    for image in painted:
+        assert image.data, "no empty images"
+        for address, byte in zip(range(image.address, image.address + len(image.data)), image.data):
+            assert address not in seen, "painted images overlap"
+            seen[address] = byte
+    assert seen == memory
+    assert [i.address for i in painted] == sorted(i.address for i in painted)
 
 
 def test_reset_address_zero_needs_no_cpu_loader():
