@@ -6,9 +6,11 @@ import os
 
 import pytest
 import trio
+import trio.testing
 
 from runphi.console.ringlog import read_console_log, writer_alive
 from runphi.console.session import ConsoleSession
+from runphi.console.stats import read_console_stats
 from runphi.console.uart import UartSettings, open_hypervisor_console, open_uart
 
 TEST_TIMEOUT = 30
@@ -135,3 +137,28 @@ async def test_hypervisor_console_session_is_output_only(stdio, tmp_path):
         assert session.input_stats is None  # nothing was ever pumped towards a read-only ring
     finally:
         device.close()
+
+
+async def test_drops_are_reported_and_published_for_events(board, stdio, tmp_path):
+    guest, device = board
+    _, _, stdout_fd, shim_out = stdio
+    reports = []
+    session = ConsoleSession(console_fd=device.fd, output_fd=stdout_fd, input_fd=None,
+                             log_dir=str(tmp_path), buffer_limit=16 * 1024,
+                             on_drops=lambda stats: reports.append(stats.dropped_bytes))
+    assert read_console_stats(tmp_path) is None
+    with trio.fail_after(TEST_TIMEOUT):
+        async with trio.open_nursery() as monitor:
+            await monitor.start(session.run)
+            # Nobody reads stdout: the pipe fills, then the buffer, then bytes drop.
+            await guest.send_all(bytes(512 * 1024))
+            # Wait on the real event: the pump reports its first drop.
+            await session.wait_dropped(0)
+            await trio.testing.wait_all_tasks_blocked()
+            published = read_console_stats(tmp_path)
+            final = await session.drain(quiet=0.1, deadline=1)
+    assert reports and reports[0] > 0
+    assert published is not None and published.dropped_bytes > 0
+    assert read_console_stats(tmp_path) == final
+    assert final.read_bytes == 512 * 1024
+    assert final.read_bytes == final.written_bytes + final.dropped_bytes + final.lost_bytes

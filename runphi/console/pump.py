@@ -31,10 +31,14 @@ import fcntl
 import os
 from typing import Protocol
 
-import msgspec
 import trio
 
 from runphi.console.bytequeue import DropOldestQueue
+from runphi.console.stats import InputStats, PumpStats
+
+__all__ = [
+    "ConsolePump", "FdSource", "InputStats", "PolledSource", "PumpStats", "pump_input", "write_some",
+]
 
 DEFAULT_BUFFER_LIMIT = 1 << 20
 DEFAULT_CHUNK_SIZE = 1 << 16
@@ -43,30 +47,7 @@ DEFAULT_FINISH_DEADLINE_SECONDS = 2.0
 HYPERVISOR_CONSOLE_POLL_SECONDS = 0.1
 
 # Errors that mean "the other end is gone for good", as opposed to a bug.
-_GONE_ERRNOS = frozenset({errno.EPIPE, errno.EIO, errno.ECONNRESET, errno.ENXIO, errno.EBADF})
-
-
-class PumpStats(msgspec.Struct):
-    """Counters of one console pump, for ``events`` and the monitor's log.
-
-    Every byte read is, by the end, exactly one of: written, dropped (the sink
-    stalled and the buffer was full), or lost (the sink was gone, or still
-    unflushed when the finish deadline passed).
-    """
-
-    read_bytes: int = 0
-    written_bytes: int = 0
-    dropped_bytes: int = 0
-    lost_bytes: int = 0
-    source_ended: str | None = None
-    sink_closed: str | None = None
-
-
-class InputStats(msgspec.Struct):
-    """Counters of the stdin -> UART pump."""
-
-    bytes: int = 0
-    ended: str | None = None
+_GONE_ERRNOS = frozenset({errno.EPIPE, errno.EIO, errno.ECONNRESET, errno.ENXIO})
 
 
 class ByteSource(Protocol):
@@ -194,11 +175,18 @@ class ConsolePump:
         self._read_scope = trio.CancelScope()
         self._write_scope = trio.CancelScope()
         self._queue_changed = trio.lowlevel.ParkingLot()
+        self._drops_changed = trio.lowlevel.ParkingLot()
 
     @property
     def buffered_bytes(self) -> int:
         """Bytes read but not yet written."""
         return len(self._queue)
+
+    async def wait_dropped(self, more_than: int) -> int:
+        """Wait until more than ``more_than`` bytes have been dropped; return the count."""
+        while self.stats.dropped_bytes <= more_than:
+            await self._drops_changed.park()
+        return self.stats.dropped_bytes
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> PumpStats:
         """Pump until the source has ended and everything read is written (or the
@@ -270,8 +258,11 @@ class ConsolePump:
         if self._tee is not None:
             self._tee.write(data)
         if self.stats.sink_closed is None:
-            self.stats.dropped_bytes += self._queue.push(data)
+            dropped = self._queue.push(data)
             self._queue_changed.unpark_all()
+            if dropped:
+                self.stats.dropped_bytes += dropped
+                self._drops_changed.unpark_all()
         else:
             self.stats.lost_bytes += len(data)
 

@@ -22,6 +22,7 @@ after it was cancelled.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import trio
@@ -39,6 +40,10 @@ from runphi.console.pump import (
     pump_input,
 )
 from runphi.console.ringlog import DEFAULT_LOG_LIMIT, ConsoleLogWriter
+from runphi.console.stats import write_console_stats
+
+#: At most one drop report (log line + stats file) per this many seconds.
+DROP_REPORT_INTERVAL_SECONDS = 1.0
 
 
 class ConsoleSession:
@@ -49,6 +54,13 @@ class ConsoleSession:
     its deadline with the final output counters and closes the console log,
     whose failure to open is recorded in :attr:`log_error` instead of failing
     the container. The session does not close the fds it was given.
+
+    Drops are reported as they happen, at most once per
+    :data:`DROP_REPORT_INTERVAL_SECONDS`: ``on_drops(stats)`` is called (the
+    monitor logs a warning there) and, with ``log_dir``, the counters are
+    published to ``console-stats.json`` for ``runphi events``
+    (:func:`runphi.console.stats.read_console_stats`); they are published once
+    more by :meth:`drain`.
     """
 
     def __init__(
@@ -61,8 +73,12 @@ class ConsoleSession:
         log_dir: str | None = None,
         log_limit: int = DEFAULT_LOG_LIMIT,
         buffer_limit: int = DEFAULT_BUFFER_LIMIT,
+        on_drops: Callable[[PumpStats], None] | None = None,
     ) -> None:
         self.log_error: str | None = None
+        self._log_dir = log_dir or None
+        self._on_drops = on_drops
+        self._scope = trio.CancelScope()
         self.input_stats: InputStats | None = None
         self._log = self._open_log(log_dir, log_limit)
         source = FdSource(console_fd) if source_kind == "uart" else PolledSource(console_fd)
@@ -76,13 +92,19 @@ class ConsoleSession:
         """Live output counters (read/written/dropped/lost), for ``events``."""
         return self._pump.stats
 
+    async def wait_dropped(self, more_than: int) -> int:
+        """Wait until more than ``more_than`` output bytes were dropped; return the count."""
+        return await self._pump.wait_dropped(more_than)
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Pump both directions until cancelled (or until there is nothing left to pump)."""
-        async with trio.open_nursery() as nursery:
-            await nursery.start(self._pump.run)
-            if self._input_fd is not None:
-                nursery.start_soon(self._pump_input)
-            task_status.started()
+        """Pump both directions until :meth:`drain` is done or the caller cancels."""
+        with self._scope:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self._pump.run)
+                if self._input_fd is not None:
+                    nursery.start_soon(self._pump_input)
+                nursery.start_soon(self._report_drops)
+                task_status.started()
 
     async def drain(
         self,
@@ -92,13 +114,33 @@ class ConsoleSession:
     ) -> PumpStats:
         """The cell has stopped: finish the output within ``deadline`` and close the log."""
         try:
-            return await self._pump.finish(quiet=quiet, deadline=deadline)
+            stats = await self._pump.finish(quiet=quiet, deadline=deadline)
+            self._publish(stats)
+            return stats
         finally:
+            self._scope.cancel()
             if self._log is not None:
                 if self._log.error is not None:
                     self.log_error = self._log.error
                 self._log.close()
                 self._log = None
+
+    async def _report_drops(self) -> None:
+        reported = 0
+        while True:
+            reported = await self._pump.wait_dropped(reported)
+            if self._on_drops is not None:
+                self._on_drops(self.stats)
+            self._publish(self.stats)
+            await trio.sleep(DROP_REPORT_INTERVAL_SECONDS)
+
+    def _publish(self, stats: PumpStats) -> None:
+        if self._log_dir is None:
+            return
+        try:
+            write_console_stats(self._log_dir, stats)
+        except OSError as exc:
+            self.log_error = f"console stats in {self._log_dir} not published: {exc.strerror}"
 
     async def _pump_input(self) -> None:
         assert self._input_fd is not None
