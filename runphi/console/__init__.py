@@ -9,11 +9,16 @@ Two layers, matching the process model (DESIGN §2, §8):
 * asynchronous (trio), used by the per-container monitor:
   :mod:`runphi.console.pump` (UART -> sink with a bounded buffer that drops the
   oldest bytes when the sink stalls, stdin -> UART, drain on cell stop) and
-  :mod:`runphi.console.ringlog` (the last N KiB of console output kept in the
-  container's state directory, read by ``runphi logs``).
+  :mod:`runphi.console.session` (both pumps plus the console log and drop
+  reports, as one object with ``run``/``drain``);
+* lean readers for verbs: :mod:`runphi.console.ringlog` (the last N KiB of
+  console output kept in the container's state directory, read by
+  ``runphi logs``) and :mod:`runphi.console.stats` (the counters the monitor
+  publishes for ``runphi events``).
 
-Nothing here imports trio, structlog or pyserial at module level except
-:mod:`runphi.console.pump`, which only the monitor imports.
+Only :mod:`runphi.console.pump` and :mod:`runphi.console.session` import trio,
+and only the monitor imports them; pyserial is imported inside
+:func:`runphi.console.uart.open_uart`; nothing here imports structlog.
 """
 
 from __future__ import annotations
