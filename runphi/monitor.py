@@ -31,6 +31,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -123,6 +124,48 @@ def write_monitor_exit(container_dir: str | os.PathLike[str], outcome: MonitorEx
     os.replace(temp, final)
 
 
+def record_exit_in_container_record(container_dir: str, outcome: MonitorExit, wait: float = 1.0) -> bool:
+    """Copy the exit code and reason into the container record, under its lock.
+
+    Never blocks on the lock for long: a verb holding it (``kill``, ``delete``)
+    may be about to kill this process. Returns False when the record could not
+    be updated; `monitor-exit.json` still says why.
+    """
+    import fcntl
+
+    from runphi.store import LOCK_NAME, Store
+
+    directory = Path(container_dir)
+    try:
+        fd = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    return False
+                time.sleep(0.01)  # the lock is the thing polled, against a deadline
+        store = Store(directory.parent)
+        try:
+            record = store.read(directory.name)
+        except Exception:
+            return False
+        cell = msgspec.structs.replace(record.cell, exit_code=outcome.code, exit_reason=outcome.reason)
+        status = "stopped" if record.status in ("created", "running") else record.status
+        try:
+            store.write(msgspec.structs.replace(record, cell=cell, status=status))
+        except Exception:
+            return False
+        return True
+    finally:
+        os.close(fd)
+
+
 def _utc_now() -> str:
     from datetime import datetime, timezone
 
@@ -147,6 +190,7 @@ def run_monitor(setup: MonitorSetup) -> None:
         outcome = trio.run(_supervise, setup, early)
         code = outcome.code
         write_monitor_exit(setup.container_dir, outcome)
+        record_exit_in_container_record(setup.container_dir, outcome)
     except BaseException as exc:  # the monitor must always leave a reason and a status
         try:
             write_monitor_exit(setup.container_dir, MonitorExit(

@@ -23,9 +23,15 @@ def started(zic, cid: str, *guest: str) -> int:
 
 
 def reason(zic, cid: str) -> str:
+    """Why the monitor exited, as recorded in monitor-exit.json and in the container record."""
     import json
 
-    return json.loads((zic.root / cid / "monitor-exit.json").read_text())["reason"]
+    exit_file = json.loads((zic.root / cid / "monitor-exit.json").read_text())
+    record = json.loads((zic.root / cid / "runphi.json").read_text())
+    assert record["cell"]["exit_code"] == exit_file["code"]
+    assert record["cell"]["exit_reason"] == exit_file["reason"]
+    assert record["status"] == "stopped"
+    return exit_file["reason"]
 
 
 def test_row_guest_shut_itself_down_is_0(zic):
