@@ -10,6 +10,7 @@ import sys
 import textwrap
 
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from runphi.console import ConsoleError
 from runphi.console.ringlog import (
@@ -46,6 +47,23 @@ def test_keeps_the_newest_output_within_the_limit(tmp_path):
         writer.close()
     assert writer.error is None
     assert read_console_log(tmp_path) == kept  # still readable after the monitor is gone
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(limit=st.integers(min_value=2, max_value=200), chunks=st.lists(st.binary(max_size=150), max_size=30))
+def test_any_write_sequence_keeps_a_bounded_suffix(tmp_path_factory, limit, chunks):
+    state_dir = tmp_path_factory.mktemp("ring")
+    writer = ConsoleLogWriter(state_dir, limit=limit)
+    for chunk in chunks:
+        writer.write(chunk)
+    writer.close()
+    stream = b"".join(chunks)
+    kept = read_console_log(state_dir)
+    assert stream.endswith(kept)
+    assert len(kept) <= limit
+    # The newest output always survives: at least the last write, up to half the limit.
+    last = next((c for c in reversed(chunks) if c), b"")
+    assert kept.endswith(last[-(limit // 2):])
 
 
 def test_a_burst_larger_than_a_segment_keeps_its_end(tmp_path):
