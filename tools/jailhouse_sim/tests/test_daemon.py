@@ -194,3 +194,27 @@ def test_the_client_starts_fast_with_stdlib_only(jailhouse_sim):
     modules = {line.split("|")[-1].strip() for line in imported.stderr.splitlines()[1:]}
     assert imported.returncode == 0
     assert not modules & {"trio", "msgspec", "serial", "structlog", "tools"}
+
+
+async def test_console_follow_streams_new_lines(jailhouse_sim, tmp_path):
+    sim = jailhouse_sim
+    cell = cells.write(tmp_path, cells.runphi_cell("followed", {1}))
+    follower = await trio.lowlevel.open_process([str(sim.jailhouse_path), "console", "--follow"],
+                                                stdout=subprocess.PIPE)
+    seen = b""
+
+    async def read_until(marker: bytes) -> None:
+        nonlocal seen
+        with trio.fail_after(10):
+            while marker not in seen:
+                seen += await follower.stdout.receive_some(4096)
+
+    try:
+        await read_until(b"Activating hypervisor\n")
+        await run_jailhouse(sim, "cell", "create", str(cell))
+        await read_until(b'Created cell "followed"\n')
+    finally:
+        follower.kill()
+        await follower.wait()
+        await follower.stdout.aclose()
+    assert seen.startswith(b"\nInitializing Jailhouse hypervisor")
