@@ -11,8 +11,7 @@ int main(void)
 	print_banner("ticker");
 	for (uint64_t n = 1;; n++) {
 		/* Deadlines advance from the previous one, so ticks do not drift. */
-		while (timer_ticks() < next)
-			;
+		sleep_until(next);
 		next += period;
 		uart_puts("tick ");
 		uart_put_dec(n);

@@ -12,11 +12,17 @@ void uart_put_raw(char c);              /* one byte, no translation */
 void uart_putc(char c);                 /* '\n' goes out as "\r\n" */
 void uart_puts(const char *s);
 void uart_put_dec(uint64_t value);
-int uart_getc(void);                    /* waits for and returns one received byte */
+int uart_getc(void);                    /* sleeps (WFI) until a byte arrives, returns it */
+
+/* GICv3: let interrupt `intid` end a WFI on the first CPU (never taken). */
+void gic_enable_wakeup(unsigned int intid);
+#define INTID_VIRTUAL_TIMER	27
+#define INTID_UART		33
 
 /* Generic timer */
 uint64_t timer_ticks(void);             /* CNTVCT_EL0 */
 uint64_t timer_frequency(void);         /* CNTFRQ_EL0, ticks per second */
+void sleep_until(uint64_t ticks);       /* WFI until CNTVCT_EL0 >= ticks */
 void delay_ms(uint64_t ms);
 
 /* PSCI SYSTEM_OFF / SYSTEM_RESET through the hypervisor call conduit; do not return. */

@@ -5,6 +5,7 @@
 #define UART_FR		0x18
 #define UART_LCR_H	0x2c
 #define UART_CR		0x30
+#define UART_IMSC	0x38
 
 #define FR_RXFE		(1u << 4)	/* receive FIFO empty */
 #define FR_TXFF		(1u << 5)	/* transmit FIFO full */
@@ -13,6 +14,8 @@
 #define CR_UARTEN	(1u << 0)
 #define CR_TXE		(1u << 8)
 #define CR_RXE		(1u << 9)
+#define IMSC_RX		(1u << 4)	/* receive */
+#define IMSC_RT		(1u << 6)	/* receive timeout */
 
 static inline volatile uint32_t *uart_reg(unsigned long offset)
 {
@@ -60,7 +63,16 @@ void uart_put_dec(uint64_t value)
 
 int uart_getc(void)
 {
+	static int wakeup_enabled;
+
+	if (!wakeup_enabled) {
+		*uart_reg(UART_IMSC) = IMSC_RX | IMSC_RT;
+		gic_enable_wakeup(INTID_UART);
+		wakeup_enabled = 1;
+	}
+	/* The RX line stays asserted while the FIFO holds data, so a byte that
+	 * arrives between the check and the WFI still ends the WFI. */
 	while (*uart_reg(UART_FR) & FR_RXFE)
-		;
+		asm volatile("wfi");
 	return *uart_reg(UART_DR) & 0xff;
 }

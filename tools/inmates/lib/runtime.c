@@ -21,12 +21,27 @@ uint64_t timer_frequency(void)
 	return frequency;
 }
 
+#define CNTV_CTL_ENABLE	(1ull << 0)
+
+void sleep_until(uint64_t ticks)
+{
+	static int wakeup_enabled;
+
+	if (!wakeup_enabled) {
+		gic_enable_wakeup(INTID_VIRTUAL_TIMER);
+		wakeup_enabled = 1;
+	}
+	asm volatile("msr cntv_cval_el0, %0" :: "r"(ticks));
+	asm volatile("msr cntv_ctl_el0, %0; isb" :: "r"(CNTV_CTL_ENABLE));
+	while (timer_ticks() < ticks)
+		asm volatile("wfi");
+	/* Disarm, so the expired timer does not keep waking later WFIs. */
+	asm volatile("msr cntv_ctl_el0, xzr; isb");
+}
+
 void delay_ms(uint64_t ms)
 {
-	uint64_t end = timer_ticks() + timer_frequency() / 1000 * ms;
-
-	while (timer_ticks() < end)
-		;
+	sleep_until(timer_ticks() + timer_frequency() / 1000 * ms);
 }
 
 static void __attribute__((noreturn)) psci_call_no_return(uint64_t function)

@@ -233,6 +233,26 @@ async def test_ticker_stops_when_cancelled_and_qemu_is_reaped():
     assert host.states == [] and host.parked == {}
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def test_a_waiting_guest_sleeps_instead_of_spinning():
+    host = RecordingHost()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(QemuEngine().run, inmate_spec("ticker"), host)
+        await host.wait_for_output(b"tick 2\r\n")
+        [qemu] = qemu_children(os.getpid())
+        cpu_before, wall_before = cpu_seconds(qemu), time.monotonic()
+        # Ten more ticks: one second of guest time spent mostly in WFI.
+        await host.wait_for_output(b"tick 12\r\n")
+        cpu_used, wall = cpu_seconds(qemu) - cpu_before, time.monotonic() - wall_before
+        nursery.cancel_scope.cancel()
+    assert cpu_used < 0.5 * wall, f"ticker's QEMU used {cpu_used:.2f}s of CPU in {wall:.2f}s"
+
+
 async def test_crash_parks_every_cpu_with_the_faulting_address():
     host = await run_to_end("crash", cpus=(2, 3), name="crasher")
     assert host.output.decode() == (
