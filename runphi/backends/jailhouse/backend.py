@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from runphi.backends.base import BackendError, CellNotFound, CellStatistics, ResourceBusy
-from runphi.backends.jailhouse.driver import JailhouseDriver, LoadImage, RpuImage
+from runphi.backends.jailhouse.driver import JailhouseDriver, LoadImage
 from runphi.container import CellRecord, identify_process
 from runphi.errors import RunphiError
 
@@ -171,6 +171,7 @@ class JailhouseBackend:
         grace = shutdown_timeout(request.config.annotations, cid)
         self.driver.require_available()
         boot = load_boot_description(Path(request.rootfs))
+        self._refuse_unsupported(boot, cid)
         platform = self.platform
         allocator = self.allocator()
         allocation = allocator.allocate(cid, request_from(request.config, boot, platform))
@@ -188,7 +189,7 @@ class JailhouseBackend:
 
         self._create_cell(str(cell_file), name, allocation, cid)
         undo.push(f"destroy cell {name}", lambda: self.driver.destroy(name, UNDO_TIMEOUT))
-        self._load(name, boot, cell_config.cpu_reset_address, allocation, cid)
+        self._load(name, boot, cell_config.cpu_reset_address, cid)
 
         fds = self._open_console(request, allocation, undo)
         start_fd = os.open(request.start_fifo, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -224,21 +225,25 @@ class JailhouseBackend:
                     "to other CPUs")
         return None
 
-    def _load(self, name: str, boot: BootDescription, reset_address: int, allocation: Allocation,
-              cid: str) -> None:
+    @staticmethod
+    def _refuse_unsupported(boot: BootDescription, cid: str) -> None:
+        """Refuse, before touching anything, the guests this build cannot boot yet."""
         if boot.is_linux:
             raise BackendError(f"cannot create ZIC {cid}: Linux guests (os_var \"linux\") are not "
                                "supported by this runphi build yet; use a bare-metal or Zephyr image",
                                container_id=cid)
+        if boot.rpu_req:
+            # The Omnivisor tool loads RPU images by firmware name from /lib/firmware;
+            # runphi does not place them there yet.
+            raise BackendError(f"cannot create ZIC {cid}: RPU guests (rpu_req) are not supported by this "
+                               "runphi build yet; run the inmate on APU CPUs (remove rpu_req)",
+                               container_id=cid)
+
+    def _load(self, name: str, boot: BootDescription, reset_address: int, cid: str) -> None:
+        """`cell load` of the inmate at `starting_vaddress`, else at the cell's reset address."""
         address = boot.starting_vaddress if boot.starting_vaddress is not None else reset_address
-        rpus: list[RpuImage] = []
-        images = [LoadImage(file=str(boot.inmate), address=address)]
-        if boot.rpu_req and allocation.rpus:
-            rpus = [RpuImage(firmware=boot.inmate.name, rcpu=min(allocation.rpus))]
-            images = []
         try:
-            if images or rpus:
-                self.driver.load(name, images, rpus)
+            self.driver.load(name, [LoadImage(file=str(boot.inmate), address=address)])
         except BackendError as exc:
             raise type(exc)(f"cannot create ZIC {cid}: {exc}", container_id=cid) from None
 
