@@ -196,6 +196,8 @@ class Hypervisor:
 
     def count_vmexits(self, cpu: int, kind: str, n: int = 1) -> None:
         """Advance a per-CPU counter (and ``total``); sysfs is refreshed by :meth:`flush_stats`."""
+        if kind not in STAT_NAMES:
+            raise ValueError(f"unknown vmexit counter {kind!r} (one of {', '.join(STAT_NAMES)})")
         stats = self.cpu_stats[cpu]
         if kind != "total":
             stats[kind] = (stats[kind] + n) & _STAT_MASK
