@@ -61,9 +61,7 @@ def test_any_write_sequence_keeps_a_bounded_suffix(tmp_path_factory, limit, chun
     kept = read_console_log(state_dir)
     assert stream.endswith(kept)
     assert len(kept) <= limit
-    # The newest output always survives: at least the last write, up to half the limit.
-    last = next((c for c in reversed(chunks) if c), b"")
-    assert kept.endswith(last[-(limit // 2):])
+    assert len(kept) >= min(len(stream), limit // 2)
 
 
 def test_a_burst_larger_than_a_segment_keeps_its_end(tmp_path):

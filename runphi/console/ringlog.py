@@ -6,8 +6,9 @@ Layout inside the container's state directory::
     console.log.1    previous segment (replaced at each rotation)
     console.lock     flock'ed (exclusive) by the writer for as long as it lives
 
-Each segment holds at most half the limit, so both together hold the last
-``limit`` bytes or more of output, never more than ``limit``. Rotation is a
+Each segment holds at most half the limit and a segment is rotated only once
+full, so together they hold a contiguous tail of the output: never more than
+``limit`` bytes, and at least half of it once that much was printed. Rotation is a
 rename, so a reader sees every byte exactly once as long as it keeps up with one
 rotation. The writer's lock tells a follower (``runphi logs -f``) when the
 monitor is gone, even if it was SIGKILLed: the kernel drops the lock with it.
@@ -57,17 +58,18 @@ class ConsoleLogWriter:
         self._size = os.fstat(self._fd).st_size
 
     def write(self, data: bytes) -> None:
-        """Append ``data``, rotating first if the current segment would overflow."""
+        """Append ``data``; a full current segment first becomes the previous one."""
         if self.error is not None or not data:
             return
+        # Older bytes of a huge burst could not survive two segments anyway.
+        view = memoryview(data)[-2 * self.segment_limit:]
         try:
-            if len(data) > self.segment_limit:
-                data = data[-self.segment_limit:]
-            if self._size + len(data) > self.segment_limit and self._size:
-                self._rotate()
-            view = memoryview(data)
             while view:
-                written = os.write(self._fd, view)
+                room = self.segment_limit - self._size
+                if room <= 0:
+                    self._rotate()
+                    room = self.segment_limit
+                written = os.write(self._fd, view[:room])
                 self._size += written
                 view = view[written:]
         except OSError as exc:
