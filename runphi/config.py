@@ -123,8 +123,6 @@ def _config_file(env: Mapping[str, str]) -> tuple[Path, bool]:
 
 
 def _read_toml(path: Path, required: bool) -> dict:
-    import tomllib
-
     try:
         text = path.read_text()
     except FileNotFoundError:
@@ -133,6 +131,8 @@ def _read_toml(path: Path, required: bool) -> dict:
         return {}
     except OSError as exc:
         raise ConfigError(f"cannot read configuration file {path}: {exc.strerror}") from None
+    import tomllib  # only when there is a file: a verb without one stays lean
+
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
