@@ -13,6 +13,7 @@ import random
 
 import pytest
 import trio
+import trio.testing
 
 from runphi.console.pump import ConsolePump, FdSource, PolledSource, pump_input
 from runphi.console.uart import UartSettings, open_hypervisor_console, open_uart
@@ -379,3 +380,35 @@ async def test_cancelling_and_restarting_the_pump_loses_no_byte(uart, sink):
             sink.close_writer()  # the monitor exits: the shim sees EOF
     assert bytes(received) == payload
     assert (stats.read_bytes, stats.written_bytes, stats.lost_bytes) == (len(payload),) * 2 + (0,)
+
+
+async def test_input_waits_for_a_slow_guest_and_drops_nothing(uart):
+    # A paste much larger than the UART's buffer while the guest is not reading:
+    # the input pump waits (back-pressure to the shim) instead of dropping.
+    stdin_read, stdin_write = os.pipe()
+    pasted = random.Random(5).randbytes(512 * 1024)
+    shim_stdin = trio.lowlevel.FdStream(stdin_write)
+    try:
+        with trio.fail_after(TEST_TIMEOUT):
+            async with trio.open_nursery() as nursery:
+                result = []
+
+                async def input_pump() -> None:
+                    result.append(await pump_input(stdin_read, uart.device.fd))
+
+                nursery.start_soon(input_pump)
+
+                async def shim_pastes() -> None:
+                    await shim_stdin.send_all(pasted)
+                    await shim_stdin.aclose()
+
+                nursery.start_soon(shim_pastes)
+                # The guest is busy: nothing reads the UART until every task is blocked.
+                await trio.testing.wait_all_tasks_blocked()
+                got = bytearray()
+                while len(got) < len(pasted):
+                    got += await uart.guest.receive_some(1 << 16)
+        assert bytes(got) == pasted
+        assert result[0].bytes == len(pasted) and result[0].ended == "end of stdin"
+    finally:
+        os.close(stdin_read)
