@@ -56,6 +56,14 @@ class QmpCommand(msgspec.Struct, omit_defaults=True):
     id: int | None = None
 
 
+class ShutdownEventData(msgspec.Struct):
+    """Payload of the SHUTDOWN event: ``guest`` is true when the guest asked for it;
+    ``reason`` is ``guest-shutdown``, ``guest-reset``, ``guest-panic``, ``host-qmp-quit``..."""
+
+    guest: bool
+    reason: str
+
+
 class QmpEvent(msgspec.Struct, frozen=True):
     """An asynchronous event, e.g. ``SHUTDOWN`` with data ``{"guest": true, "reason": "guest-shutdown"}``."""
 

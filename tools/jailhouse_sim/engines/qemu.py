@@ -58,10 +58,11 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
+import msgspec
 import trio
 
 from ..engine import GuestHost, GuestSpec, LoadedImage
-from ..qmp import QmpClient, QmpError, QmpEvent
+from ..qmp import QmpClient, QmpError, QmpEvent, ShutdownEventData
 
 DEFAULT_BINARY = "qemu-system-aarch64"
 DEFAULT_MACHINE = "virt,gic-version=3"
@@ -116,10 +117,10 @@ class QemuDied:
     """QEMU exited without telling us why over QMP."""
 
     status: int
-    stderr_tail: str
+    qemu_says: str  # QEMU's own error line, or its last stderr line
 
     def console_line(self) -> str:
-        detail = f": {self.stderr_tail}" if self.stderr_tail else ""
+        detail = f": {self.qemu_says}" if self.qemu_says else ""
         return f"Guest machine exited unexpectedly (status {self.status}){detail}"
 
 
@@ -382,12 +383,18 @@ class _GuestRun:
 
 
 def _outcome_of_event(event: QmpEvent) -> Outcome | None:
-    if event.name != "SHUTDOWN" or not event.data.get("guest", False):
+    """A guest-initiated SHUTDOWN ends the guest (with -no-reboot a reset is one too)."""
+    if event.name != "SHUTDOWN":
         return None
-    reason = str(event.data.get("reason", "unknown"))
-    if reason == "guest-shutdown":
+    try:
+        shutdown = msgspec.convert(event.data, ShutdownEventData)
+    except msgspec.ValidationError:
+        return None
+    if not shutdown.guest:
+        return None
+    if shutdown.reason == "guest-shutdown":
         return PoweredOff()
-    return GuestStopped(reason.removeprefix("guest-"))
+    return GuestStopped(shutdown.reason.removeprefix("guest-"))
 
 
 async def _run_then_set(done: trio.Event, function: Callable[..., Awaitable[object]], *args: object) -> None:

@@ -11,6 +11,7 @@ import math
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -25,6 +26,7 @@ import trio
 from tools.inmates import build as inmates
 from tools.jailhouse_sim.engine import GuestSpec, LoadedImage, RamRegion
 from tools.jailhouse_sim.engines.qemu import QemuEngine, paint_images, qemu_argv, ram_mib
+from tools.jailhouse_sim.qmp import QmpClient, QmpError, QmpEvent
 
 pytestmark = pytest.mark.qemu
 
@@ -325,6 +327,36 @@ async def test_missing_qemu_binary_is_one_clear_error():
 
     with pytest.raises(QemuEngineError, match=r'cell "inmate": cannot run /nonexistent/qemu: .*JAILHOUSE_SIM_QEMU'):
         await QemuEngine(binary="/nonexistent/qemu").run(inmate_spec("hello"), RecordingHost())
+
+
+async def test_qmp_client_commands_errors_and_events_against_real_qemu():
+    ours, theirs = socket.socketpair()
+    qemu = subprocess.Popen(
+        [QEMU, "-M", "virt", "-nodefaults", "-display", "none", "-S",
+         "-chardev", f"socket,id=qmp,fd={theirs.fileno()}", "-mon", "chardev=qmp,mode=control"],
+        pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    theirs.close()
+    try:
+        stream = trio.SocketStream(trio.socket.from_stdlib_socket(ours))
+        with trio.fail_after(STEP_TIMEOUT):
+            client = await QmpClient.connect(stream)
+            assert client.greeting.QMP.version.qemu["major"] >= 7
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(client.serve)
+                status = await client.execute("query-status")
+                assert status["running"] is False
+                with pytest.raises(QmpError, match="CommandNotFound"):
+                    await client.execute("no-such-command")
+                await client.execute("quit")
+                events = [event async for event in client.events]
+        assert QmpEvent("SHUTDOWN", {"guest": False, "reason": "host-qmp-quit"}) in events
+        with pytest.raises(QmpError, match="closed"):
+            await client.execute("query-status")
+    finally:
+        qemu.kill()
+        qemu.wait()
+        ours.close()
 
 
 HOSTING_SCRIPT = textwrap.dedent(
