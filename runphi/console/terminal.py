@@ -23,9 +23,12 @@ would show:
 * Ctrl-C/Ctrl-Z/Ctrl-\\\\ reach the guest as bytes instead of becoming signals.
 
 A guest that prints a bare ``\\n`` therefore "staircases", as it would on a real
-serial line. The slave is opened with O_NOCTTY (``os.openpty``), so it never
-becomes the monitor's controlling terminal and the shim closing the master
-cannot SIGHUP the monitor.
+serial line. Window resizes (the shim's TIOCSWINSZ on the master) change the
+pty's size but reach no guest: a serial line carries no such signal.
+
+The slave is opened with O_NOCTTY (``os.openpty``), so it never becomes the
+monitor's controlling terminal and the shim closing the master cannot SIGHUP
+the monitor.
 """
 
 from __future__ import annotations
