@@ -135,8 +135,10 @@ async def run_jailhouse(sim: SimBoard, *args: str) -> subprocess.CompletedProces
 async def test_concurrent_calls_are_serialised_like_the_driver_mutex(jailhouse_sim, tmp_path):
     sim = jailhouse_sim
     files = [cells.write(tmp_path, cells.runphi_cell(f"c{n}", {n}, uart=n)) for n in range(1, 5)]
-    twins = [cells.write(tmp_path / f"t{n}", cells.runphi_cell("twin", {n + 4})) for n in range(1, 4)
-             if (tmp_path / f"t{n}").mkdir() is None]
+    twins = []
+    for n in range(1, 4):
+        (tmp_path / f"t{n}").mkdir()
+        twins.append(cells.write(tmp_path / f"t{n}", cells.runphi_cell("twin", {n + 4})))
     sim.inject(delay_ms=150, count=-1, op="create")
     results: list[subprocess.CompletedProcess[bytes]] = []
 
