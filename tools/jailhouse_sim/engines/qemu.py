@@ -203,10 +203,14 @@ def qemu_argv(
 # ---------------------------------------------------------------- the process
 
 
+# Resolved in the parent: the forked child must not dlopen (another thread may
+# have held the loader lock at fork time).
+_prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+
 def _die_with_parent(parent: int) -> None:
     """preexec_fn: SIGKILL this child when the forking thread dies (and if it already did)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+    if _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
         os._exit(127)
     if os.getppid() != parent:
         os._exit(127)
