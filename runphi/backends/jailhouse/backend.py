@@ -45,6 +45,8 @@ UNDO_TIMEOUT = 5.0
 DEFAULT_SHUTDOWN_TIMEOUT = 10.0
 #: Per-container override of that deadline, in milliseconds.
 SHUTDOWN_TIMEOUT_ANNOTATION = "org.runphi.shutdown-timeout-ms"
+#: Kernel command line of a Linux guest (written to /chosen/bootargs; absent = keep the DTB's).
+LINUX_CMDLINE_ANNOTATION = "org.runphi.linux.cmdline"
 
 
 def shutdown_timeout(annotations: dict[str, str], container_id: str) -> float:
@@ -183,13 +185,19 @@ class JailhouseBackend:
                                "(left over, or used by another namespace): destroy it first",
                                container_id=cid)
         cell_config = plan_cell(platform, allocation, boot, cid)
+        linux = self._prepare_linux(boot, cell_config, request, cid) if boot.is_linux else None
+        if linux is not None:
+            cell_config = linux.cell
         cell_file = Path(request.container_dir, f"{name}.cell")
         cell_file.write_bytes(write_cell(cell_config, platform.profile))
         undo.push("remove the .cell file", lambda: cell_file.unlink(missing_ok=True))
 
         self._create_cell(str(cell_file), name, allocation, cid)
         undo.push(f"destroy cell {name}", lambda: self.driver.destroy(name, UNDO_TIMEOUT))
-        self._load(name, boot, cell_config.cpu_reset_address, cid)
+        if linux is not None:
+            self._load_images(name, linux.images, cid)
+        else:
+            self._load(name, boot, cell_config.cpu_reset_address, cid)
 
         fds = self._open_console(request, allocation, undo)
         start_fd = os.open(request.start_fifo, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -228,10 +236,6 @@ class JailhouseBackend:
     @staticmethod
     def _refuse_unsupported(boot: BootDescription, cid: str) -> None:
         """Refuse, before touching anything, the guests this build cannot boot yet."""
-        if boot.is_linux:
-            raise BackendError(f"cannot create ZIC {cid}: Linux guests (os_var \"linux\") are not "
-                               "supported by this runphi build yet; use a bare-metal or Zephyr image",
-                               container_id=cid)
         if boot.rpu_req:
             # The Omnivisor tool loads RPU images by firmware name from /lib/firmware;
             # runphi does not place them there yet.
@@ -242,10 +246,61 @@ class JailhouseBackend:
     def _load(self, name: str, boot: BootDescription, reset_address: int, cid: str) -> None:
         """`cell load` of the inmate at `starting_vaddress`, else at the cell's reset address."""
         address = boot.starting_vaddress if boot.starting_vaddress is not None else reset_address
+        self._load_images(name, [LoadImage(file=str(boot.inmate), address=address)], cid)
+
+    def _load_images(self, name: str, images: list[LoadImage], cid: str) -> None:
         try:
-            self.driver.load(name, [LoadImage(file=str(boot.inmate), address=address)])
+            self.driver.load(name, images)
         except BackendError as exc:
             raise type(exc)(f"cannot create ZIC {cid}: {exc}", container_id=cid) from None
+
+    def linux_loader(self) -> Path:
+        """Jailhouse's `linux-loader.bin`: `<prefix>/libexec/jailhouse/` next to the tool's `<prefix>/*bin/`."""
+        import shutil
+
+        tool = shutil.which(self.jh.tool) or self.jh.tool
+        return Path(os.path.abspath(tool)).parent.parent / "libexec" / "jailhouse" / "linux-loader.bin"
+
+    def _prepare_linux(self, boot: BootDescription, cell_config, request: LaunchRequest, cid: str) -> _LinuxBoot:
+        """Place and patch a Linux guest (see runphi.backends.jailhouse.linux); nothing is loaded yet."""
+        from runphi.backends.jailhouse.linux import LinuxGuestError, patch_device_tree, place_linux
+
+        loader = self.linux_loader()
+        if not loader.is_file():
+            raise BackendError(f"cannot create ZIC {cid}: Jailhouse's Linux loader {loader} is missing "
+                               "(install Jailhouse's inmates next to the jailhouse tool)", container_id=cid)
+        if boot.dtb is None:
+            raise BackendError(f"cannot create ZIC {cid}: a Linux guest needs a device tree: set \"dtb\" "
+                               "in the image's /boot/config.json", container_id=cid)
+        kernel_path = boot.kernel or boot.inmate
+        try:
+            kernel = kernel_path.read_bytes()
+            dtb = boot.dtb.read_bytes()
+            initrd_size = boot.initrd.stat().st_size if boot.initrd is not None else None
+        except OSError as exc:
+            raise BackendError(f"cannot create ZIC {cid}: cannot read the Linux guest's files: {exc}",
+                               container_id=cid) from None
+        # The loader runs first: the cell starts at the loadable region at guest 0.
+        cell_config = msgspec.structs.replace(cell_config, cpu_reset_address=0)
+        try:
+            placed = place_linux(cell_config, loader_address=0, kernel=kernel, dtb_size=len(dtb) + 0x1000,
+                                 initrd_size=initrd_size)
+            cmdline = request.config.annotations.get(LINUX_CMDLINE_ANNOTATION, "")
+            patched = patch_device_tree(dtb, cell_config, placed, cmdline=cmdline, initrd_size=initrd_size)
+            if len(patched) > len(dtb) + 0x1000:
+                raise LinuxGuestError("the patched device tree outgrew the room left for it "
+                                      f"(shorten {LINUX_CMDLINE_ANNOTATION})")
+        except LinuxGuestError as exc:
+            raise LinuxGuestError(f"cannot create ZIC {cid}: {exc}", container_id=cid) from None
+        dtb_file = Path(request.container_dir, "guest.dtb")
+        dtb_file.write_bytes(patched)
+        images = [LoadImage(file=str(loader), address=placed.loader),
+                  LoadImage(string=placed.params, address=placed.params_address),
+                  LoadImage(file=str(dtb_file), address=placed.dtb),
+                  LoadImage(file=str(kernel_path), address=placed.kernel)]
+        if boot.initrd is not None and placed.initrd is not None:
+            images.append(LoadImage(file=str(boot.initrd), address=placed.initrd))
+        return _LinuxBoot(cell=cell_config, images=images)
 
     def _open_console(self, request: LaunchRequest, allocation: Allocation, undo: UndoStack) -> _ConsoleFds:
         from runphi.backends.jailhouse.platform import default_placeholders
@@ -298,6 +353,14 @@ class JailhouseBackend:
         except ProcessLookupError:
             raise BackendError(f"cannot create ZIC {request.container_id}: its monitor exited at once",
                                container_id=request.container_id) from None
+
+
+class _LinuxBoot:
+    """A Linux guest ready to load: its cell (reset at the loader) and the load list."""
+
+    def __init__(self, cell, images: list[LoadImage]) -> None:
+        self.cell = cell
+        self.images = images
 
 
 class _ConsoleFds:
