@@ -39,27 +39,32 @@ def guest_script(*lines: str) -> bytes:
 
 
 class Board:
-    """One simulated Jailhouse board (daemon up for the test's duration)."""
+    """One simulated Jailhouse board, its daemon a direct child of the test process
+    (``tools.jailhouse_sim.testing.SimBoard``), reaped on teardown."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, engine: str = "script") -> None:
         self.root = root
+        self.engine = engine
         self.tool = root / "bin" / "jailhouse"
         self.sysfs = root / "sys" / "devices" / "jailhouse"
+        self.sim = None
 
     def up(self) -> None:
-        subprocess.run([str(JAILHOUSE_SIM), "up", "--root", str(self.root)], check=True,
-                       stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL, timeout=60)
+        from tools.jailhouse_sim.testing import SimBoard
+
+        self.sim = SimBoard.start(self.root, engine=self.engine)
 
     def down(self) -> None:
-        subprocess.run([str(JAILHOUSE_SIM), "down", "--root", str(self.root)],
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
-                       timeout=60)
+        if self.sim is not None:
+            self.sim.stop()
+            self.sim = None
 
     def kill(self) -> None:
-        subprocess.run([str(JAILHOUSE_SIM), "kill", "--root", str(self.root)], check=True,
-                       stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL, timeout=60)
+        """SIGKILL the daemon: the board vanishes under its cells."""
+        self.sim.kill()
 
     def inject(self, *args: str) -> None:
+        """`jailhouse-sim inject` with the CLI's flags (`--op`, `--errno`, `--count`, `--clear`)."""
         subprocess.run([str(JAILHOUSE_SIM), "inject", "--root", str(self.root), *args], check=True,
                        stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL, timeout=30)
 

@@ -30,9 +30,8 @@ def inmates() -> Path:
 @pytest.fixture(scope="module")
 def qemu_board(subreaper) -> Board:
     base = Path(tempfile.mkdtemp(prefix="rphi-qsim-"))
-    sim = Board(base / "sim")
-    subprocess.run([str(Path(RUNPHI).parent / "jailhouse-sim"), "up", "--root", str(sim.root), "--engine", "qemu"],
-                   check=True, stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL, timeout=120)
+    sim = Board(base / "sim", engine="qemu")
+    sim.up()
     try:
         yield sim
     finally:
