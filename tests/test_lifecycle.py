@@ -76,3 +76,33 @@ def test_create_never_imports_trio_or_structlog(zic):
     assert "runphi" in imported
     assert not imported & {"trio", "structlog", "asyncio"}
     listener.close()
+
+
+def test_two_zics_get_their_own_cpus_uarts_and_exit_codes(zic):
+    import subprocess
+
+    from tests.test_lifecycle_harness import RUNPHI
+
+    bundles = {cid: zic.bundle(cid, guest_script(f"print i am {cid}\\n", "tick 50 alive")) for cid in ("za", "zb")}
+    # Both creates at once: the node ledger serialises the allocations.
+    procs = [subprocess.Popen([str(RUNPHI), "--root", str(zic.root), "create", "--bundle", str(bundle),
+                               "--pid-file", str(zic.base / f"{cid}.pid"), cid], env=zic.env,
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for cid, bundle in bundles.items()]
+    assert [p.wait(timeout=60) for p in procs] == [0, 0]
+    pids = {cid: int((zic.base / f"{cid}.pid").read_text()) for cid in bundles}
+    zic.monitors.extend(pids.values())
+    for cid in bundles:
+        zic.run("start", cid, check=True)
+    assigned = {}
+    for entry in (zic.board.sysfs / "cells").iterdir():
+        name = (entry / "name").read_text().strip()
+        if name in bundles:
+            assigned[name] = (entry / "cpus_assigned_list").read_text().strip()
+    assert len(assigned) == 2 and assigned["za"] != assigned["zb"]
+    zic.run("kill", "za", "TERM", check=True)
+    assert wait_exit(pids["za"]) == 143
+    assert zic.status("zb") == "running"
+    assert "i am za" in zic.run("logs", "za").stdout and "i am zb" in zic.run("logs", "zb").stdout
+    zic.run("kill", "zb", "INT", check=True)
+    assert wait_exit(pids["zb"]) == 130
