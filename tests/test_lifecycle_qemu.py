@@ -67,3 +67,33 @@ def test_crash_inmate_exits_139(qemu_board, inmates, tmp_path):
     assert result.returncode == 139, result.stderr
     assert qemu_board.cells() == {}
     reap_all(z.monitors)
+
+
+def test_tty_session_with_the_echo_inmate_round_trips_a_line(qemu_board, inmates, tmp_path):
+    import socket
+
+    from tests.test_lifecycle_harness import wait_exit
+    from tests.test_monitor_console import read_until
+
+    z = Zic(qemu_board, tmp_path)
+    bundle = z.bundle("echo", (inmates / "echo.bin").read_bytes(), terminal=True)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(tmp_path / "pty.sock"))
+    listener.listen(1)
+    pid = z.create("echo1", bundle, "--console-socket", str(tmp_path / "pty.sock"))
+    conn, _ = listener.accept()
+    with conn:
+        _, fds, _, _ = socket.recv_fds(conn, 4096, 1)
+    listener.close()
+    master = fds[0]
+    try:
+        z.run("start", "echo1", check=True)
+        assert b"> " in read_until(master, b"> ", timeout=60)
+        os.write(master, b"hello from the shim\r")
+        assert b"hello from the shim\r\n" in read_until(master, b"hello from the shim\r\n", timeout=30)
+        os.write(master, b"exit\r")
+        assert wait_exit(pid, timeout=60) == 0
+    finally:
+        os.close(master)
+        reap_all(z.monitors)
+        z.run("delete", "--force", "echo1")
