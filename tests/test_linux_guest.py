@@ -1,0 +1,217 @@
+"""The Linux guest helper without booting anything: cpio writer, initramfs, cache, CLI."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from tools.linux_guest import BANNER, LinuxGuestError, build, build_initramfs, default_cache_dir, fetch
+from tools.linux_guest import apt, cpio
+from tools.linux_guest.guest import Fetched, LinuxGuest, _release_of
+from tools.linux_guest.initramfs import initramfs_entries
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+HOST_BUSYBOX = shutil.which("busybox")
+needs_busybox = pytest.mark.skipif(HOST_BUSYBOX is None, reason="host busybox (busybox-static) not installed")
+
+
+def _cpio_listing(archive: bytes, tmp_path: Path) -> list[str]:
+    """``busybox cpio -tv`` of the archive: the host's own reader judges our writer."""
+    path = tmp_path / "archive.cpio"
+    path.write_bytes(archive)
+    done = subprocess.run([HOST_BUSYBOX, "cpio", "-t", "-v", "-F", str(path)], capture_output=True,
+                          text=True, check=True)
+    return done.stdout.splitlines()
+
+
+@needs_busybox
+def test_newc_archive_is_read_back_by_busybox_cpio(tmp_path: Path) -> None:
+    archive = cpio.write_newc([
+        cpio.directory("etc"),
+        cpio.file("etc/hello", b"abc", 0o640),
+        cpio.file("etc/odd-length-name", b"12345"),
+        cpio.symlink("etc/link", "hello"),
+        cpio.char_device("console", 5, 1),
+    ])
+    listing = _cpio_listing(archive, tmp_path)
+    assert [line.split()[-1] if "->" not in line else line.split()[-3] for line in listing] == [
+        "etc", "etc/hello", "etc/odd-length-name", "etc/link", "console"]
+    assert listing[0].startswith("drwxr-xr-x")
+    assert listing[1].startswith("-rw-r-----") and " 3 " in listing[1]
+    assert listing[3].startswith("lrwxrwxrwx") and listing[3].endswith("etc/link -> hello")
+    assert listing[4].startswith("crw-------")
+
+    out = tmp_path / "x"
+    out.mkdir()
+    subprocess.run([HOST_BUSYBOX, "cpio", "-i", "-d", "-F", str(tmp_path / "archive.cpio"),
+                    "etc/hello", "etc/odd-length-name", "etc/link"], cwd=out, check=True,
+                   capture_output=True)
+    assert (out / "etc/hello").read_bytes() == b"abc"
+    assert (out / "etc/odd-length-name").read_bytes() == b"12345"
+    assert os.readlink(out / "etc/link") == "hello"
+
+
+def test_newc_members_are_four_byte_aligned() -> None:
+    archive = cpio.write_newc([cpio.file("a", b"x"), cpio.file("bb", b"yyyyy")])
+    offsets = [i for i in range(len(archive)) if archive.startswith(b"070701", i)]
+    assert len(offsets) == 3  # two members and the trailer
+    assert all(offset % 4 == 0 for offset in offsets)
+    assert len(archive) % 4 == 0
+    assert archive.endswith(b"TRAILER!!!\0" + b"\0" * (-(110 + 11) % 4))
+
+
+@pytest.mark.parametrize("entries, message", [
+    ([cpio.file("/init", b"")], "must be relative"),
+    ([cpio.file("", b"")], "must be relative"),
+    ([cpio.file("a", b""), cpio.file("a", b"")], "duplicate"),
+    ([cpio.file("etc/x", b"")], "before its directory"),
+])
+def test_newc_refuses_archives_the_kernel_would_mangle(entries, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        cpio.write_newc(entries)
+
+
+def test_initramfs_is_reproducible_and_gzip_has_no_timestamp() -> None:
+    first = build_initramfs(b"busybox-bytes", {"evdev.ko": b"m1"}, "6.1.0-test")
+    second = build_initramfs(b"busybox-bytes", {"evdev.ko": b"m1"}, "6.1.0-test")
+    assert first == second
+    assert first[:2] == b"\x1f\x8b" and first[4:8] == b"\0\0\0\0"  # gzip MTIME field
+    assert b"busybox-bytes" in gzip.decompress(first)
+
+
+def _entries_by_path(modules: dict[str, bytes]) -> dict[str, cpio.Entry]:
+    return {entry.path: entry for entry in initramfs_entries(b"BB", modules, "6.1.0-test")}
+
+
+def test_initramfs_layout_boots_busybox_init_with_a_console_shell() -> None:
+    entries = _entries_by_path({"evdev.ko": b"E", "gpio_keys.ko": b"G"})
+    assert entries["init"].mode == stat.S_IFREG | 0o755
+    assert entries["bin/busybox"].data == b"BB"
+    assert entries["bin/sh"].data == b"busybox"
+    assert entries["dev/console"].rdev == (5, 1)
+    assert entries["lib/modules/6.1.0-test/evdev.ko"].data == b"E"
+    assert entries["lib/modules/6.1.0-test/gpio_keys.ko"].data == b"G"
+    init = entries["init"].data.decode()
+    for mount in ("-t proc", "-t sysfs", "-t devtmpfs", "-t devpts"):
+        assert f"mount {mount}" in init
+    assert init.rstrip().endswith("exec /sbin/init")
+    inittab = entries["etc/inittab"].data.decode().splitlines()
+    assert "::sysinit:/etc/init.d/rcS" in inittab and "::shutdown:/etc/init.d/rcK" in inittab
+    assert "setsid cttyhack sh -l" in entries["etc/init.d/console"].data.decode()
+    assert BANNER in entries["etc/init.d/rcS"].data.decode()
+    assert entries["etc/acpid.conf"].data == b"PWRF power-button\n"
+    assert "poweroff" in entries["etc/acpi/power-button"].data.decode()
+
+
+def test_initramfs_without_modules_has_no_module_directory() -> None:
+    assert not any(path.startswith("lib/modules/") for path in _entries_by_path({}))
+
+
+@needs_busybox
+def test_guest_scripts_parse_in_busybox_sh(tmp_path: Path) -> None:
+    entries = _entries_by_path({})
+    scripts = [path for path, entry in entries.items() if entry.data.startswith(b"#!/bin/sh")]
+    assert len(scripts) >= 5
+    for path in scripts:
+        script = tmp_path / path.replace("/", "_")
+        script.write_bytes(entries[path].data)
+        done = subprocess.run([HOST_BUSYBOX, "sh", "-n", str(script)], capture_output=True, text=True)
+        assert done.returncode == 0, f"{path}: {done.stderr}"
+
+
+def test_kernel_metapackage_dependency_is_parsed() -> None:
+    assert apt.kernel_image_of("linux-image-arm64", "linux-image-6.1.0-56-arm64 (= 6.1.192-2)") == \
+        "linux-image-6.1.0-56-arm64"
+    with pytest.raises(LinuxGuestError, match="does not depend on a linux-image"):
+        apt.kernel_image_of("linux-headers-arm64", "linux-headers-6.1.0-56-arm64 (= 6.1.192-2)")
+
+
+def test_kernel_release_comes_from_the_image_package_name() -> None:
+    assert _release_of("linux-image-6.1.0-56-arm64") == "6.1.0-56-arm64"
+    assert _release_of("linux-image-6.1.0-56-arm64-unsigned") == "6.1.0-56-arm64"
+
+
+def test_default_cache_dir_honours_runphi_cache_then_xdg(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("RUNPHI_CACHE", str(tmp_path / "a"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "b"))
+    assert default_cache_dir() == tmp_path / "a"
+    monkeypatch.delenv("RUNPHI_CACHE")
+    assert default_cache_dir() == tmp_path / "b" / "runphi"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_cache_dir() == tmp_path / "home" / ".cache" / "runphi"
+
+
+def _seed_cache(cache: Path, kernel_request: str = "linux-image-arm64") -> None:
+    """A cache as ``fetch`` leaves it (with stand-in bytes for the packaged files)."""
+    directory = cache / "linux-guest"
+    (directory / "modules").mkdir(parents=True)
+    (directory / "vmlinuz-6.1.0-test").write_bytes(b"KERNEL")
+    (directory / "busybox").write_bytes(b"BUSYBOX")
+    (directory / "modules/evdev.ko").write_bytes(b"EVDEV")
+    fetched = Fetched(kernel_request=kernel_request, kernel_package="linux-image-6.1.0-test",
+                      kernel_version="6.1.1-1", kernel_release="6.1.0-test", busybox_version="1:1.35",
+                      kernel="vmlinuz-6.1.0-test", busybox="busybox", modules=["modules/evdev.ko"])
+    (directory / "fetched.json").write_bytes(msgspec.json.encode(fetched))
+
+
+def test_cached_guest_builds_without_apt(monkeypatch, tmp_path: Path) -> None:
+    _seed_cache(tmp_path)
+    monkeypatch.setenv("PATH", str(tmp_path / "no-tools-here"))
+    guest = build(tmp_path)
+    assert guest.kernel == str(tmp_path / "linux-guest/vmlinuz-6.1.0-test")
+    image = gzip.decompress(Path(guest.initrd).read_bytes())
+    assert b"BUSYBOX" in image and b"lib/modules/6.1.0-test/evdev.ko" in image
+    stamp = os.stat(guest.initrd).st_mtime_ns
+    assert build(tmp_path) == guest
+    assert os.stat(guest.initrd).st_mtime_ns == stamp  # same bytes: file left alone
+    recorded = msgspec.json.decode((tmp_path / "linux-guest/guest.json").read_bytes(), type=LinuxGuest)
+    assert recorded == guest
+
+
+def test_cache_for_another_kernel_is_not_reused(monkeypatch, tmp_path: Path) -> None:
+    _seed_cache(tmp_path, kernel_request="linux-image-other")
+    monkeypatch.setenv("PATH", str(tmp_path / "no-tools-here"))
+    with pytest.raises(LinuxGuestError, match="apt-get, apt-cache, dpkg, dpkg-deb not found"):
+        fetch(tmp_path)
+
+
+def test_cache_with_a_missing_file_is_not_reused(monkeypatch, tmp_path: Path) -> None:
+    _seed_cache(tmp_path)
+    (tmp_path / "linux-guest/modules/evdev.ko").unlink()
+    monkeypatch.setenv("PATH", str(tmp_path / "no-tools-here"))
+    with pytest.raises(LinuxGuestError, match="not found"):
+        fetch(tmp_path)
+
+
+def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "tools.linux_guest", *args], cwd=REPO_ROOT,
+                          capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=60)
+
+
+def test_cli_build_prints_kernel_and_initrd_of_a_cached_guest(tmp_path: Path) -> None:
+    _seed_cache(tmp_path)
+    done = _cli("build", "--cache", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [f"kernel {tmp_path}/linux-guest/vmlinuz-6.1.0-test",
+                                        f"initrd {tmp_path}/linux-guest/initrd.cpio.gz"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["fetch", "--cache", "/proc/no-such-dir"], "linux_guest: cannot use the cache /proc/no-such-dir/linux-guest"),
+    (["boot"], "linux_guest: argument verb: invalid choice"),
+    (["run", "--memory", "8"], "is not a size in MiB of at least 32"),
+])
+def test_cli_bad_input_is_one_line_and_exit_1(args, message) -> None:
+    done = _cli(*args)
+    assert done.returncode == 1
+    assert done.stdout == ""
+    assert len(done.stderr.splitlines()) == 1 and message in done.stderr, done.stderr

@@ -1,0 +1,172 @@
+"""Test helpers for the Linux guest: the built guest (or a skip), a console transcript,
+and the guest booted directly under QEMU on a real pty.
+
+Used by this package's tests and by tests that run the guest inside a cell or a ZIC::
+
+    async def test_banner(linux_guest):
+        async with boot_in_qemu(linux_guest) as vm:
+            await vm.console.expect(BANNER)
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from tools.linux_guest import apt
+from tools.linux_guest.errors import LinuxGuestError
+from tools.linux_guest.guest import LinuxGuest, build, default_cache_dir, guest_dir, qemu_argv
+from tools.linux_guest.initramfs import PROMPT
+
+QEMU = "qemu-system-aarch64"
+
+
+def guest_unavailable(cache: Path | None = None) -> str | None:
+    """Why the guest cannot be had on this host (to skip with), or None.
+
+    Only a missing QEMU, a host without apt, or a non-root user facing an empty cache
+    count; any other failure (e.g. the network) is an error the caller must see.
+    """
+    if shutil.which(QEMU) is None:
+        return f"{QEMU} is not installed (Debian package qemu-system-arm)"
+    if (guest_dir(cache or default_cache_dir()) / "guest.json").is_file():
+        return None
+    try:
+        apt.require_apt()
+    except LinuxGuestError as exc:
+        return exc.line()
+    if os.geteuid() != 0:
+        return "the Linux guest is not cached and fetching it needs root (apt-get)"
+    return None
+
+
+def guest_or_skip(cache: Path | None = None) -> LinuxGuest:
+    """The built guest for a test; skips (with the reason) only when it truly cannot be had."""
+    import pytest
+
+    reason = guest_unavailable(cache)
+    if reason:
+        pytest.skip(f"Linux guest: {reason}")
+    try:
+        return build(cache)
+    except LinuxGuestError as exc:
+        pytest.fail(exc.line(), pytrace=False)
+
+
+class Transcript:
+    """Every byte a console printed, kept whole, with waits for what it prints next."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.closed = False
+        self._changed = trio.Event()
+
+    @property
+    def text(self) -> str:
+        """The transcript so far, decoded leniently (for assertions and failure messages)."""
+        return self.data.decode(errors="replace")
+
+    def mark(self) -> int:
+        """The current end; pass it as ``after`` to wait only for output that comes later."""
+        return len(self.data)
+
+    def feed(self, chunk: bytes) -> None:
+        """Append output (an empty chunk marks the end of the stream)."""
+        if chunk:
+            self.data += chunk
+        else:
+            self.closed = True
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def pump(self, stream: trio.abc.ReceiveStream) -> None:
+        """Feed everything ``stream`` yields until it ends (a hung-up pty counts as the end)."""
+        try:
+            while chunk := await stream.receive_some(65536):
+                self.feed(chunk)
+        except trio.BrokenResourceError:
+            pass
+        self.feed(b"")
+
+    async def expect(self, text: str, after: int = 0, timeout: float = 60.0) -> int:
+        """Wait until ``text`` appears at or after offset ``after``; the offset just past it.
+
+        Fails with the transcript's tail when the deadline passes or the stream ends first.
+        """
+        needle = text.encode()
+        with trio.move_on_after(timeout):
+            while (found := self.data.find(needle, after)) < 0:
+                if self.closed:
+                    break
+                await self._changed.wait()
+            else:
+                return found + len(needle)
+        why = "the console closed" if self.closed else f"{timeout:g} s passed"
+        raise AssertionError(f"{why} before {text!r} appeared; console tail:\n{self.text[-3000:]}")
+
+
+@dataclass
+class QemuGuest:
+    """A guest booted by :func:`boot_in_qemu`: its process, console and QMP socket path."""
+
+    process: trio.Process
+    console: Transcript
+    qmp_path: Path
+    _master: trio.lowlevel.FdStream
+
+    async def type(self, keys: str) -> int:
+        """Send keystrokes to the console; the transcript offset before they were sent."""
+        mark = self.console.mark()
+        await self._master.send_all(keys.encode())
+        return mark
+
+    async def run(self, command: str, timeout: float = 30.0) -> str:
+        """Type ``command`` and return what it printed before the next prompt."""
+        mark = await self.type(command + "\n")
+        echoed = await self.console.expect(command, mark, timeout)
+        end = await self.console.expect(PROMPT, echoed, timeout)
+        return self.console.data[echoed:end - len(PROMPT)].decode(errors="replace").strip()
+
+    async def wait_exit(self, timeout: float = 60.0) -> int:
+        """QEMU's exit status, failing the test if it is still running after ``timeout``."""
+        with trio.move_on_after(timeout):
+            return await self.process.wait()
+        raise AssertionError(f"QEMU still running after {timeout:g} s; console tail:\n"
+                             f"{self.console.text[-3000:]}")
+
+
+@asynccontextmanager
+async def boot_in_qemu(guest: LinuxGuest, workdir: Path, memory_mib: int = 96,
+                       cmdline: str = "console=ttyAMA0") -> AsyncIterator[QemuGuest]:
+    """Boot ``guest`` under QEMU with its PL011 on a fresh pty; QEMU is killed on exit.
+
+    The QMP socket (``workdir/qmp.sock``) accepts connections once QEMU is running.
+    """
+    qmp_path = workdir / "qmp.sock"
+    argv = qemu_argv(guest, memory_mib, cmdline) + ["-qmp", f"unix:{qmp_path},server=on,wait=off"]
+    master, slave = os.openpty()
+    try:
+        process = await trio.lowlevel.open_process(argv, stdin=slave, stdout=slave, stderr=slave)
+    finally:
+        os.close(slave)
+    stream = trio.lowlevel.FdStream(master)
+    console = Transcript()
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(console.pump, stream)
+            try:
+                yield QemuGuest(process, console, qmp_path, stream)
+            finally:
+                if process.returncode is None:
+                    process.kill()
+                with trio.CancelScope(shield=True):
+                    await process.wait()
+                nursery.cancel_scope.cancel()
+    finally:
+        await stream.aclose()
