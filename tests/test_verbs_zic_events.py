@@ -53,3 +53,23 @@ def test_events_stats_once_via_the_cli(zic):
     result = zic.run("events", "--stats", "evs", check=True)
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert len(lines) == 1 and lines[0]["type"] == "stats" and lines[0]["id"] == "evs"
+
+
+def test_events_stream_via_the_cli_ends_when_the_container_stops(zic):
+    pid = zic.create("evc", zic.bundle("evc", guest_script("tick 20 x", "")))
+    zic.run("start", "evc", check=True)
+    import subprocess
+
+    from tests.test_lifecycle_harness import RUNPHI
+
+    events = subprocess.Popen([str(RUNPHI), "--root", str(zic.root), "events", "--interval", "50ms", "evc"],
+                              env=zic.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              stdin=subprocess.DEVNULL)
+    first = json.loads(events.stdout.readline())
+    assert first == {"type": "cell-state", "id": "evc", "data": {"state": "running", "previous": None}}
+    zic.run("kill", "evc", "TERM", check=True)
+    out, err = events.communicate(timeout=30)
+    assert events.returncode == 0, err
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert {"type": "cell-state", "id": "evc", "data": {"state": "shut down", "previous": "running"}} in lines
+    assert wait_exit(pid) == 143

@@ -1,18 +1,16 @@
 """``runphi events [--interval D] [--stats] ID``: a ZIC's statistics as JSON lines.
 
-Each line is runc's envelope ``{"type":"stats","id":ID,"data":{...}}``; ``data``
-carries the cell's hypervisor exit counters under ``cell`` (a cell has no
-cgroup, so runc's cgroup keys are absent). ``--stats`` prints one record; the
-stream ends when the container stops.
+Each line is runc's envelope ``{"type", "id", "data"}``: ``stats`` carries the
+cell's hypervisor exit counters under ``data.cell`` (a cell has no cgroup, so
+runc's cgroup keys are absent); runphi adds ``cell-state`` on every change of
+the cell's state and ``failed`` when it crashes. ``--stats`` prints one
+``stats`` record; the stream ends when the container stops.
 """
 
 from __future__ import annotations
 
 import re
 import sys
-import time
-
-import msgspec
 
 from runphi.container import live_status
 from runphi.errors import RunphiError, UsageError
@@ -34,42 +32,30 @@ def parse_duration(text: str) -> float:
     return total
 
 
-class CellStats(msgspec.Struct):
-    """``data.cell``: the cell's state and hypervisor exit counters."""
-
-    name: str
-    state: str | None
-    exits: dict[str, int]
-    per_cpu: dict[int, dict[str, int]]
-
-
-class Event(msgspec.Struct):
-    """One line of the stream (runc's envelope)."""
-
-    type: str
-    id: str
-    data: dict[str, CellStats]
-
-
-def _sample(backend, container_id: str, cell_name: str) -> bytes:
-    stats = backend.cell_statistics(cell_name)
-    cell = CellStats(name=cell_name, state=backend.cell_state(cell_name),
-                     exits=stats.total, per_cpu=stats.per_cpu)
-    return msgspec.json.encode(Event(type="stats", id=container_id, data={"cell": cell})) + b"\n"
-
-
 def run(args, ctx) -> int:
-    """Print stats once (``--stats``) or every interval until the container stops."""
+    """Print stats once (``--stats``), or stream stats, cell-state changes and failures
+    until the container stops (a trio program: see :mod:`runphi.cell_events`)."""
     interval = parse_duration(args.interval)
     record = ctx.store.read(args.container_id)
     if live_status(record) == "stopped":
         raise RunphiError(f"container with id {record.id} is not running", container_id=record.id)
     backend = ctx.backend(record.id)
-    while True:
-        sys.stdout.buffer.write(_sample(backend, record.id, record.cell.cell_name))
-        sys.stdout.buffer.flush()
-        if args.stats:
-            return 0
-        time.sleep(interval)  # the sampling period itself, not synchronisation
-        if live_status(record) == "stopped":
-            return 0
+    name = record.cell.cell_name
+    if args.stats:
+        from runphi.cell_events import stats_line
+
+        _write(stats_line(record.id, name, backend.cell_state(name), backend.cell_statistics(name)))
+        return 0
+    import trio
+
+    from runphi.cell_events import stream
+
+    poll = ctx.config.jailhouse.poll_interval_ms / 1000
+    trio.run(lambda: stream(backend, record.id, name, interval=interval, poll=poll,
+                            still_running=lambda: live_status(record) != "stopped"))
+    return 0
+
+
+def _write(data: bytes) -> None:
+    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.flush()
