@@ -27,6 +27,9 @@ in the virt flash (fetchable, not writable), so guests for this engine must keep
 code, data and stack at or above 0x40000000, as the inmates in ``tools/inmates``
 (linked at 0x70000000) and the Zephyr Jailhouse-on-QEMU build do.
 
+Linux cells (``spec.linux``, from ``cell linux``) are refused with a
+QemuEngineError: this engine boots raw images only.
+
 UART address: the guest always sees QEMU's single PL011 at 0x09000000, whatever
 UART address the board gives the cell; the bytes go to that cell's UART pty.
 
