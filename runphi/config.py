@@ -12,7 +12,10 @@ then: plain containers go to runc, ZICs are refused with a clear error)::
     sysfs = "/sys/devices/jailhouse"
     platform = "qemu-arm64"        # a template name in templates_dir, or a path to a .toml
     templates_dir = ""             # "" = the templates/ shipped with runphi
-    poll_interval_ms = 50
+    poll_interval_ms = 50          # how often a monitor reads its cell's state
+    shutdown_timeout_ms = 10000    # graceful shutdown (kill TERM) before the cell is destroyed
+    probe_interval_ms = 2000       # how often a monitor checks the hypervisor still answers
+    linux_loader = ""              # linux-loader.bin; "" = <prefix>/libexec/jailhouse/ next to the tool
 
     [log]
     level = "info"                 # error | warn | info | debug | trace
@@ -49,6 +52,9 @@ class JailhouseConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     platform: str = "qemu-arm64"
     templates_dir: str = ""
     poll_interval_ms: int = 50
+    shutdown_timeout_ms: int = 10000
+    probe_interval_ms: int = 2000
+    linux_loader: str = ""
 
     def templates_path(self) -> Path:
         """The platform templates directory (configured, else the shipped one)."""

@@ -41,19 +41,18 @@ if TYPE_CHECKING:
 
 #: Deadline for the `cell destroy` that undoes a failed create.
 UNDO_TIMEOUT = 5.0
-#: How long a graceful shutdown (kill TERM/INT/HUP/QUIT) may take before the cell is destroyed.
-DEFAULT_SHUTDOWN_TIMEOUT = 10.0
-#: Per-container override of that deadline, in milliseconds.
+#: Per-container override of `[jailhouse] shutdown_timeout_ms`: how long a graceful
+#: shutdown (kill TERM/INT/HUP/QUIT) may take before the cell is destroyed.
 SHUTDOWN_TIMEOUT_ANNOTATION = "org.runphi.shutdown-timeout-ms"
 #: Kernel command line of a Linux guest (written to /chosen/bootargs; absent = keep the DTB's).
 LINUX_CMDLINE_ANNOTATION = "org.runphi.linux.cmdline"
 
 
-def shutdown_timeout(annotations: dict[str, str], container_id: str) -> float:
-    """The graceful-shutdown deadline in seconds (annotation, else the default)."""
+def shutdown_timeout(annotations: dict[str, str], container_id: str, default_ms: int) -> float:
+    """The graceful-shutdown deadline in seconds (annotation, else the configured default)."""
     text = annotations.get(SHUTDOWN_TIMEOUT_ANNOTATION)
     if text is None:
-        return DEFAULT_SHUTDOWN_TIMEOUT
+        return default_ms / 1000
     if not text.isdigit() or int(text) == 0:
         raise BackendError(f"cannot create ZIC {container_id}: annotation {SHUTDOWN_TIMEOUT_ANNOTATION}="
                            f"{text!r} must be a positive number of milliseconds", container_id=container_id)
@@ -170,7 +169,7 @@ class JailhouseBackend:
         from runphi.verbs.create import Launched
 
         cid = request.container_id
-        grace = shutdown_timeout(request.config.annotations, cid)
+        grace = shutdown_timeout(request.config.annotations, cid, self.jh.shutdown_timeout_ms)
         self.driver.require_available()
         boot = load_boot_description(Path(request.rootfs))
         self._refuse_unsupported(boot, cid)
@@ -255,9 +254,12 @@ class JailhouseBackend:
             raise type(exc)(f"cannot create ZIC {cid}: {exc}", container_id=cid) from None
 
     def linux_loader(self) -> Path:
-        """Jailhouse's `linux-loader.bin`: `<prefix>/libexec/jailhouse/` next to the tool's `<prefix>/*bin/`."""
+        """Jailhouse's `linux-loader.bin`: `[jailhouse] linux_loader`, else
+        `<prefix>/libexec/jailhouse/` next to the tool's `<prefix>/*bin/`."""
         import shutil
 
+        if self.jh.linux_loader:
+            return Path(self.jh.linux_loader)
         tool = shutil.which(self.jh.tool) or self.jh.tool
         return Path(os.path.abspath(tool)).parent.parent / "libexec" / "jailhouse" / "linux-loader.bin"
 
@@ -336,7 +338,7 @@ class JailhouseBackend:
         setup = MonitorSetup(
             container_id=request.container_id, container_dir=request.container_dir, cell_name=name,
             tool=self.jh.tool, sysfs=self.jh.sysfs, poll_interval=self.jh.poll_interval_ms / 1000,
-            shutdown_timeout=grace,
+            shutdown_timeout=grace, probe_interval=self.jh.probe_interval_ms / 1000,
             start_fd=start_fd, console_fd=fds.console, terminal_fd=fds.terminal)
         if fds.terminal >= 0:
             # Terminal mode: never keep create's fds 0/1/2 (the shim's buffer pipe).
