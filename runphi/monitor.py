@@ -69,8 +69,11 @@ class MonitorSetup(msgspec.Struct, frozen=True):
     console_fd: int = -1
     #: pty slave for terminal mode, or -1: then the pumps use fds 0 and 1.
     terminal_fd: int = -1
-    #: Where the console ring log lives ("" = none).
-    console_log: str = ""
+    #: runc's `--log` of the create that made us ("" = do not log: our stderr may be
+    #: the container's), its format and level.
+    log_path: str = ""
+    log_format: str = "json"
+    log_level: str = "info"
 
 
 class MonitorExit(msgspec.Struct, frozen=True):
@@ -166,6 +169,24 @@ def record_exit_in_container_record(container_dir: str, outcome: MonitorExit, wa
         os.close(fd)
 
 
+def _log_exit(setup: MonitorSetup, outcome: MonitorExit) -> None:
+    """One line in the container's runtime log saying how it ended (never raises)."""
+    if not setup.log_path:
+        return
+    try:
+        from runphi.log import get_logger
+
+        log = get_logger(setup.log_path, setup.log_format, setup.log_level, id=setup.container_id)
+        crashed = outcome.code in (EXIT_CRASHED, EXIT_VANISHED)
+        log.msg(f"container {setup.container_id} exited with status {outcome.code}: {outcome.reason}",
+                _level="warn" if crashed else "info", cell_state=outcome.cell_state or "")
+        if outcome.dropped_console_bytes:
+            log.msg(f"container {setup.container_id}: {outcome.dropped_console_bytes} console bytes "
+                    "were dropped because nobody read the output fast enough", _level="warn")
+    except Exception:
+        pass
+
+
 def _utc_now() -> str:
     from datetime import datetime, timezone
 
@@ -191,6 +212,7 @@ def run_monitor(setup: MonitorSetup) -> None:
         code = outcome.code
         write_monitor_exit(setup.container_dir, outcome)
         record_exit_in_container_record(setup.container_dir, outcome)
+        _log_exit(setup, outcome)
     except BaseException as exc:  # the monitor must always leave a reason and a status
         try:
             write_monitor_exit(setup.container_dir, MonitorExit(

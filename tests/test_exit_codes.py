@@ -93,3 +93,21 @@ def test_row_hypervisor_unreachable_is_255(subreaper, tmp_path):
         reap_all(z.monitors)
         own.down()
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_the_exit_is_logged_to_the_runtime_log(zic):
+    import json
+
+    log = zic.base / "log.json"
+    bundle = zic.bundle("logged", guest_script("print bye\\n", "fault"))
+    pid_file = zic.base / "logged.pid"
+    zic.run("--log", str(log), "--log-format", "json", "create", "--bundle", str(bundle), "--pid-file",
+            str(pid_file), "logged", check=True)
+    pid = int(pid_file.read_text())
+    zic.monitors.append(pid)
+    zic.run("start", "logged", check=True)
+    assert wait_exit(pid) == 139
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    exit_line = [line for line in lines if "exited with status 139" in line["msg"]]
+    assert len(exit_line) == 1 and exit_line[0]["level"] == "warning" and exit_line[0]["id"] == "logged"
+    assert all(set(line) >= {"level", "msg", "time"} for line in lines)

@@ -86,8 +86,11 @@ class UndoStack:
 class JailhouseBackend:
     """One node's Jailhouse, as configured in runphi.toml (`[jailhouse]`)."""
 
-    def __init__(self, config: RuntimeConfig, warn: Callable[[str], None] | None = None) -> None:
+    def __init__(self, config: RuntimeConfig, warn: Callable[[str], None] | None = None,
+                 log: tuple[str, str, str] = ("", "json", "info")) -> None:
         self.config = config
+        #: (path, format, level) of the runtime log the monitor appends its exit line to.
+        self.log = log
         self.jh = config.jailhouse
         self.driver = JailhouseDriver(self.jh.tool, self.jh.sysfs)
         self._warn = warn or (lambda message: None)
@@ -339,7 +342,8 @@ class JailhouseBackend:
             container_id=request.container_id, container_dir=request.container_dir, cell_name=name,
             tool=self.jh.tool, sysfs=self.jh.sysfs, poll_interval=self.jh.poll_interval_ms / 1000,
             shutdown_timeout=grace, probe_interval=self.jh.probe_interval_ms / 1000,
-            start_fd=start_fd, console_fd=fds.console, terminal_fd=fds.terminal)
+            start_fd=start_fd, console_fd=fds.console, terminal_fd=fds.terminal,
+            log_path=self.log[0], log_format=self.log[1], log_level=self.log[2])
         if fds.terminal >= 0:
             # Terminal mode: never keep create's fds 0/1/2 (the shim's buffer pipe).
             null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
@@ -395,4 +399,5 @@ def _kill(pid: int) -> None:
 
 def open_backend(ctx) -> JailhouseBackend:
     """The backend for a verb: runphi.toml's `[jailhouse]`, warnings to the verb's log."""
-    return JailhouseBackend(ctx.config, warn=lambda message: ctx.log.warn(message))
+    log = (ctx.options.log or "", ctx.options.log_format, ctx.log_level)
+    return JailhouseBackend(ctx.config, warn=lambda message: ctx.log.warn(message), log=log)
