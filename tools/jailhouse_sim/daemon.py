@@ -23,7 +23,7 @@ from .board import Board
 from .cellfile import MEM_COMM_REGION, MEM_IO, minimal_system_config
 from .engine import GuestEngine, GuestSpec, LoadedImage, RamRegion
 from .engines import load_engine
-from .engines.script import is_script
+from .engines.script import guest_image, is_script
 from .hypervisor import GUEST_STATES, Cell, CellRef, HvError, Hypervisor
 from .layout import SimLayout
 from .sysfs import SysfsTree
@@ -142,7 +142,8 @@ class GuestSupervisor:
 
     def start(self, cell: Cell) -> None:
         spec, pty = self.spec_for(cell)
-        engine = self.script_engine if any(is_script(i.data) for i in spec.images) else self.default_engine
+        booted = guest_image(spec)
+        engine = self.script_engine if booted is not None and is_script(booted.data) else self.default_engine
         run = GuestRun(CellHost(self.hv, cell, pty))
         self.runs[cell.id] = run
         self.nursery.start_soon(self._run_guest, cell, engine, spec, run)

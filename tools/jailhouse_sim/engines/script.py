@@ -164,12 +164,11 @@ def parse_script(data: bytes) -> list[Instruction]:
 
 
 def guest_image(spec: GuestSpec) -> LoadedImage | None:
-    """The image a script engine boots: the last script image, else the one at the reset address."""
-    scripts = [image for image in spec.images if is_script(image.data)]
-    if scripts:
-        return scripts[-1]
+    """The image the cell boots: the latest load covering the reset address (later loads
+    overwrite earlier ones, like memory), else the latest script image, else the latest image."""
     at_reset = [i for i in spec.images if i.address <= spec.reset_address < i.address + len(i.data)]
-    return (at_reset or list(spec.images) or [None])[-1]
+    scripts = [image for image in spec.images if is_script(image.data)]
+    return (at_reset or scripts or list(spec.images) or [None])[-1]
 
 
 class ScriptGuest:

@@ -151,6 +151,21 @@ def test_opaque_image_prints_size_and_sha256_then_idles(sim, tmp_path):
     assert sim.state(cell) == "running"
 
 
+def test_a_later_load_at_the_reset_address_replaces_the_script(sim, tmp_path):
+    """Memory keeps earlier images, but the cell boots what was loaded last at its reset address."""
+    blob = bytes(range(256)) * 2
+    with open_uart(sim, 1) as port:
+        cell = boot(sim, tmp_path, "print script ran\\n\n", name="reload")
+        assert port.read_until(b"\r\n") == b"script ran\r\n"
+        sim.jailhouse("cell", "shutdown", "reload").check()
+        (tmp_path / "opaque.img").write_bytes(blob)
+        sim.jailhouse("cell", "load", "reload", tmp_path / "opaque.img", "-a", "0x70000000").check()
+        sim.jailhouse("cell", "start", "reload").check()
+        line = port.read_until(b"\r\n")
+    assert line.startswith(b"[jailhouse-sim] opaque guest at 0x70000000: 512 bytes")
+    assert sim.state(cell) == "running"
+
+
 def test_string_images_include_their_nul(sim, tmp_path):
     sim.jailhouse("cell", "create", cells.write(tmp_path, cells.runphi_cell("str", {1}))).check()
     with open_uart(sim, 1) as port:
