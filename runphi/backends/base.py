@@ -24,6 +24,11 @@ FAILED = "failed"
 COMM_ABI_MISMATCH = "Comm ABI mismatch"
 INVALID = "invalid"
 
+#: Per-container override of the graceful-shutdown deadline (milliseconds).
+SHUTDOWN_TIMEOUT_ANNOTATION = "org.runphi.shutdown-timeout-ms"
+#: Kernel command line of a Linux guest (absent: keep the device tree's bootargs).
+LINUX_CMDLINE_ANNOTATION = "org.runphi.linux.cmdline"
+
 #: States in which the guest is alive.
 ALIVE_STATES = frozenset({RUNNING, RUNNING_LOCKED})
 #: States that mean the guest crashed (DESIGN §4: exit status 139).

@@ -11,6 +11,7 @@ import sys
 import msgspec
 
 from runphi import OCI_SPEC_VERSION, __version__
+from runphi.backends.base import LINUX_CMDLINE_ANNOTATION, SHUTDOWN_TIMEOUT_ANNOTATION
 from runphi.oci import RUNTIME_ANNOTATION
 
 
@@ -37,6 +38,8 @@ def features(backend: str) -> Features:
             "org.runphi.version": __version__,
             "org.runphi.backend": backend,
             RUNTIME_ANNOTATION: "runphi|runc: force the ZIC/plain decision",
+            SHUTDOWN_TIMEOUT_ANNOTATION: "milliseconds a graceful kill may take before the cell is destroyed",
+            LINUX_CMDLINE_ANNOTATION: "kernel command line of a Linux guest",
         },
     )
 

@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from runphi.backends.base import BackendError, CellNotFound, CellStatistics, ResourceBusy
+from runphi.backends.base import (LINUX_CMDLINE_ANNOTATION, SHUTDOWN_TIMEOUT_ANNOTATION, BackendError,
+                                  CellNotFound, CellStatistics, ResourceBusy)
 from runphi.backends.jailhouse.driver import JailhouseDriver, LoadImage
 from runphi.container import CellRecord, identify_process
 from runphi.errors import RunphiError
@@ -41,11 +42,6 @@ if TYPE_CHECKING:
 
 #: Deadline for the `cell destroy` that undoes a failed create.
 UNDO_TIMEOUT = 5.0
-#: Per-container override of `[jailhouse] shutdown_timeout_ms`: how long a graceful
-#: shutdown (kill TERM/INT/HUP/QUIT) may take before the cell is destroyed.
-SHUTDOWN_TIMEOUT_ANNOTATION = "org.runphi.shutdown-timeout-ms"
-#: Kernel command line of a Linux guest (written to /chosen/bootargs; absent = keep the DTB's).
-LINUX_CMDLINE_ANNOTATION = "org.runphi.linux.cmdline"
 
 
 def shutdown_timeout(annotations: dict[str, str], container_id: str, default_ms: int) -> float:
