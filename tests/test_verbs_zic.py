@@ -116,3 +116,28 @@ def test_unsupported_verbs_say_so_in_one_line(zic, verb):
     assert result.returncode == 1
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "not supported" in lines[0]
+
+
+def test_list_shows_zics_with_their_live_status(zic):
+    pid = make(zic, "running")
+    table = zic.run("list", check=True).stdout
+    assert "t1" in table and "running" in table and str(pid) in table
+    entries = {e["id"]: e for e in json.loads(zic.run("list", "--format", "json", check=True).stdout)}
+    assert entries["t1"]["status"] == "running" and entries["t1"]["pid"] == pid
+
+
+def test_run_in_the_foreground_exits_with_the_zics_status_and_cleans_up(zic):
+    result = zic.run("run", "--bundle", str(zic.bundle("r", guest_script("print x\\n", "fault"))), "runfg")
+    assert result.returncode == 139
+    assert not (zic.root / "runfg").exists() and zic.board.cells() == {}
+
+
+def test_run_detached_leaves_it_running(zic):
+    result = zic.run("run", "-d", "--bundle", str(zic.bundle("d", guest_script("tick 50 x"))),
+                     "--pid-file", str(zic.base / "d.pid"), "rund")
+    assert result.returncode == 0, result.stderr
+    pid = int((zic.base / "d.pid").read_text())
+    zic.monitors.append(pid)
+    assert zic.status("rund") == "running"
+    zic.run("kill", "rund", "TERM", check=True)
+    assert wait_exit(pid) == 143
