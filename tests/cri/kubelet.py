@@ -8,10 +8,13 @@ them would) and :meth:`Node.leftovers` reports anything that survived.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import re
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +31,7 @@ ZIC_GUESTS = {
     "hello": script_guest("print Hello from a ZIC\\n", "print second line\\n", "shutdown"),
     # tools/inmates/ticker.c: a line every 100 ms until shut down.
     "ticker": script_guest("print ticker up\\n", "tick 100 tick"),
-    # A guest that refuses shutdown requests (a locked cell), ticking.
+    # A locked cell, ticking; tests make it refuse shutdown with Node.guests_refuse_shutdown.
     "locked": script_guest("lock", "print locked up\\n", "tick 100 tick"),
     # tools/inmates/crash.c: a data abort, the cell fails (exit 139).
     "crash": script_guest("print about to crash\\n", "fault"),
@@ -190,6 +193,16 @@ class Node:
             if time.monotonic() > deadline:
                 raise AssertionError(f"{text!r} not in {path} after {timeout} s: {lines}")
             time.sleep(0.05)
+
+    @contextmanager
+    def guests_refuse_shutdown(self) -> Iterator[None]:
+        """Every shutdown request fails with EPERM while inside, as a non-passive guest
+        denies it (the simulator's cells are passive, so refusal is injected)."""
+        self.board.inject(op="shutdown", errno=errno.EPERM, count=-1)
+        try:
+            yield
+        finally:
+            self.board.inject(clear=True)
 
     def cells(self) -> list[str]:
         return cells_on(self.board.sysfs_path())
