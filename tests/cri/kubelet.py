@@ -87,14 +87,16 @@ class Node:
         self._uids = itertools.count(1)
 
     @classmethod
-    def start(cls, runphi: Path) -> Node:
-        """Board up, containerd up with the runphi handler, images imported, CRI answering."""
+    def start(cls, runphi: Path, *, engine: str = "script", guests: dict[str, bytes] | None = None) -> Node:
+        """Board up (guest ``engine``), containerd up with the runphi handler, the pause image
+        and one ZIC image per ``guests`` entry (``<name>:cri``, default :data:`ZIC_GUESTS`)
+        imported, CRI answering."""
         from tools.jailhouse_sim.testing import SimBoard
 
         base = short_tempdir("rphi-cri-")
         board = daemon = client = None
         try:
-            board = SimBoard.start(base / "sim", board=SIM_PLATFORM, engine="script")
+            board = SimBoard.start(base / "sim", board=SIM_PLATFORM, engine=engine)
             config = base / "runphi.toml"
             config.write_text('backend = "jailhouse"\n\n[jailhouse]\npoll_interval_ms = 20\n')
             env = {"RUNPHI_CONFIG": str(config), "RUNPHI_BACKEND": "jailhouse",
@@ -104,7 +106,7 @@ class Node:
             daemon.start()
             client = CriClient(compile_proto(base / "proto"), daemon.address)
             node = cls(base, board, daemon, client)
-            node._import_images()
+            node._import_images(ZIC_GUESTS if guests is None else guests)
             return node
         except BaseException:
             if client is not None:
@@ -116,7 +118,7 @@ class Node:
             shutil.rmtree(base, ignore_errors=True)
             raise
 
-    def _import_images(self) -> None:
+    def _import_images(self, guests: dict[str, bytes]) -> None:
         """The pause/sidecar image and the ZIC images, labelled for this machine's platform:
         the node's containerd resolves images for its own platform only (on a board that
         is arm64, the ZIC's real architecture)."""
@@ -126,7 +128,7 @@ class Node:
         busybox = images / "busybox.tar"
         busybox.write_bytes(busybox_image_archive(PAUSE_IMAGE, arch))
         self.daemon.import_image(busybox, arch)
-        for name, guest in ZIC_GUESTS.items():
+        for name, guest in guests.items():
             archive = images / f"{name}.tar"
             archive.write_bytes(zic_image_archive(f"{name}:{ZIC_TAG}", guest, images, arch))
             self.daemon.import_image(archive, arch)
