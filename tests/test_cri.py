@@ -245,3 +245,25 @@ def test_pod_annotation_runtime_runphi_leaves_the_pause_container_to_runc(kubele
     assert kubelet.runc_state(pod.id).exists() and runphi_record(kubelet, pod.id) is None
     container = kubelet.run_container(pod, "hello", HELLO)
     assert kubelet.client.wait_state(container, CONTAINER_EXITED).exit_code == 0
+
+
+
+def test_a_zic_that_does_not_fit_fails_start_container_with_one_clear_line(kubelet: Node):
+    """With one cell CPU taken, a ZIC asking for all seven is refused. containerd's CRI
+    runs the runtime's ``create`` in StartContainer, so that call fails, carrying
+    runphi's one-line reason (what ``kubectl describe`` shows), and nothing of the
+    refused container is left on the board."""
+    import grpc
+
+    pod = kubelet.run_pod("full")
+    holder = kubelet.run_container(pod, "holder", TICKER)
+    kubelet.client.wait_state(holder, CONTAINER_RUNNING)
+    greedy = kubelet.create(pod, "greedy", TICKER, resources=kubelet.client.resources(cpuset="1-7"))
+    with pytest.raises(grpc.RpcError) as refused:
+        kubelet.client.start(greedy)
+    reason = refused.value.details()
+    assert f"cannot create container {greedy}" in reason and "CPUs 1-7 requested" in reason, reason
+    assert "not free" in reason and "Traceback" not in reason, reason
+    assert len(kubelet.cells()) == 1
+    assert kubelet.leftovers().ledger == [holder]
+    assert runphi_record(kubelet, greedy) is None
