@@ -1,0 +1,92 @@
+"""``target/kubernetes/`` says what the CRI tests do: same containerd handler, same
+RuntimeClass handler name, pod shapes that the tests run (no containerd needed)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from tests.cri.node import CriContainerd
+
+REPO = Path(__file__).resolve().parent.parent
+KUBERNETES = REPO / "target" / "kubernetes"
+CRI = "io.containerd.grpc.v1.cri"
+
+
+def runtimes(config: dict) -> dict:
+    return config["plugins"][CRI]["containerd"]["runtimes"]
+
+
+def node_config(tmp_path: Path) -> dict:
+    daemon = CriContainerd(tmp_path, Path("/opt/runphi/bin/runphi"), env={})
+    return tomllib.loads(daemon.config_text())
+
+
+def test_the_shipped_handler_is_the_tested_handler(tmp_path: Path):
+    """Same runtime_type and annotation pass-through, same option keys; only paths differ."""
+    shipped = tomllib.loads((KUBERNETES / "containerd-cri.toml").read_text())
+    tested = node_config(tmp_path)
+    for name in ("runphi", "runc"):
+        ours, theirs = runtimes(shipped)[name], runtimes(tested)[name]
+        assert ours["runtime_type"] == theirs["runtime_type"] == "io.containerd.runc.v2"
+    ours, theirs = runtimes(shipped)["runphi"], runtimes(tested)["runphi"]
+    assert ours["pod_annotations"] == theirs["pod_annotations"] == ["org.runphi.*"]
+    assert ours["container_annotations"] == theirs["container_annotations"] == ["org.runphi.*"]
+    assert sorted(ours["options"]) == sorted(theirs["options"]) == ["BinaryName", "Root"]
+    assert shipped["plugins"][CRI]["containerd"]["default_runtime_name"] == "runc"
+    assert tested["plugins"][CRI]["containerd"]["default_runtime_name"] == "runc"
+
+
+def test_the_kubernetes_snippet_agrees_with_the_plain_containerd_snippet():
+    """target/containerd-runphi.toml (ctr users) and the Kubernetes snippet declare one handler."""
+    kubernetes = runtimes(tomllib.loads((KUBERNETES / "containerd-cri.toml").read_text()))
+    plain = runtimes(tomllib.loads((REPO / "target" / "containerd-runphi.toml").read_text()))
+    assert kubernetes["runphi"] == plain["runphi"]
+
+
+def test_the_tested_node_sets_what_an_offline_board_needs(tmp_path: Path):
+    """cri.md: local sandbox image, restrict_oom_score_adj, no AppArmor."""
+    from tests.cri.node import PAUSE_IMAGE
+
+    cri = node_config(tmp_path)["plugins"][CRI]
+    assert cri["sandbox_image"] == PAUSE_IMAGE
+    assert cri["restrict_oom_score_adj"] is True and cri["disable_apparmor"] is True
+
+
+def kubectl_json(manifest: Path) -> dict:
+    """The manifest as kubectl decodes it, offline."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed (Debian: apt-get install kubernetes-client)")
+    # `annotate --local` decodes and re-encodes without a cluster; drop the marker it adds.
+    done = subprocess.run([kubectl, "annotate", "--local", "-o", "json", "-f", str(manifest), "decoded=yes"],
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=60)
+    assert done.returncode == 0, done.stderr
+    decoded = json.loads(done.stdout)
+    del decoded["metadata"]["annotations"]["decoded"]
+    return decoded
+
+
+def test_the_sidecar_pod_is_the_tested_shape():
+    """Two ZIC containers and a busybox sidecar under RuntimeClass runphi, options as pod
+    annotations (the only annotations a kubelet passes on), no forced runtime."""
+    pod = kubectl_json(KUBERNETES / "zic-pod-sidecar.yaml")
+    runtime_class = kubectl_json(KUBERNETES / "runtimeclass.yaml")
+    assert runtime_class["handler"] == "runphi" and "runphi" in runtimes(
+        tomllib.loads((KUBERNETES / "containerd-cri.toml").read_text()))
+    spec = pod["spec"]
+    assert spec["runtimeClassName"] == runtime_class["metadata"]["name"]
+    names = [c["name"] for c in spec["containers"]]
+    assert names == ["ticker-a", "ticker-b", "sidecar"]
+    annotations = pod["metadata"]["annotations"]
+    assert all(key.startswith("org.runphi.") for key in annotations)
+    assert "org.runphi.runtime" not in annotations
+    grace_ms = spec["terminationGracePeriodSeconds"] * 1000
+    assert int(annotations["org.runphi.shutdown-timeout-ms"]) < grace_ms
+    for container in spec["containers"][:2]:
+        assert container["resources"]["limits"] == container["resources"]["requests"]
