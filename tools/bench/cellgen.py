@@ -1,19 +1,21 @@
-"""Cell configuration generation time: plan + write one `.cell`, per config.
+"""cellgen: plan + write one `.cell` vs runPHI's gcc + objcopy build of the same cell.
 
-    python -m tools.bench.cellgen [--platform sim-qemu-arm64] [--count 4000] [--gcc]
+    python -m tools.bench.cellgen [--quick]      (or: python -m tools.bench cellgen)
 
-Prints the time per generated config (best of several rounds) (plan_cell + write_cell) and, for
-comparison, the time of one read_cell and (with --gcc) of the gcc + objcopy
-build runPHI ran on the board for the same job.
+runphi plans a cell (``plan_cell``) and packs it (``write_cell``) in-process.
+runPHI generated C for every create and ran ``gcc -c`` + ``objcopy -O binary``
+on the board. The reference here emits the same cell as self-contained C
+(``cell_to_c``: our own packed struct definitions, no Jailhouse headers) and
+runs that toolchain; the bytes gcc produces must equal ``write_cell``'s, a free
+cross-check of the binary format. Budget: plan + write >= 100x faster.
 """
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import subprocess
+import sys
 import tempfile
-import time
 from pathlib import Path
 
 from runphi.backends.jailhouse.allocator import Allocation, Segment
@@ -22,10 +24,14 @@ from runphi.backends.jailhouse.cellrender import cell_to_c
 from runphi.backends.jailhouse.plan import plan_cell
 from runphi.backends.jailhouse.platform import MiB, load_platform
 
+from .harness import Budget, Check, Options, Series, SuiteResult, per_call, standalone, timed
+
 TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
+PLATFORM = "sim-qemu-arm64"
+SPEEDUP_BUDGET = 100.0
 
 
-def sample_allocation(platform_name: str) -> Allocation:
+def sample_allocation() -> Allocation:
     """A typical ZIC: one CPU, 64 MiB, a console slot and a network link."""
     return Allocation(
         container_id="bench-zic-0123456789abcdef",
@@ -37,64 +43,46 @@ def sample_allocation(platform_name: str) -> Allocation:
     )
 
 
-ROUNDS = 5
+def gcc_objcopy(source: str, work: Path) -> bytes:
+    """Build ``source`` the runPHI way (``gcc -c``, ``objcopy -O binary``) and return the `.cell` bytes."""
+    c_file, obj, cell = work / "cell.c", work / "cell.o", work / "cell.cell"
+    c_file.write_text(source)
+    subprocess.run(["gcc", "-c", "-o", obj, c_file], check=True)
+    subprocess.run(["objcopy", "-O", "binary", "-j", ".data", obj, cell], check=True)
+    return cell.read_bytes()
 
 
-def per_call(fn, count: int) -> float:
-    """Seconds per call of `fn`: the best of ROUNDS rounds of `count` calls (after one warm-up).
-
-    The best round is the least disturbed by other load on the machine.
-    """
-    fn()
-    best = float("inf")
-    for _ in range(ROUNDS):
-        start = time.perf_counter()
-        for _ in range(count):
-            fn()
-        best = min(best, (time.perf_counter() - start) / count)
-    return best
-
-
-def gcc_objcopy_seconds(source: str, expected: bytes, rounds: int = 3) -> float:
-    """Best wall time of the gcc + objcopy path runPHI used; checks it yields the same bytes."""
-    best = float("inf")
-    with tempfile.TemporaryDirectory() as tmp:
-        c_file, obj, cell = Path(tmp, "cell.c"), Path(tmp, "cell.o"), Path(tmp, "cell.cell")
-        c_file.write_text(source)
-        for _ in range(rounds):
-            start = time.perf_counter()
-            subprocess.run(["gcc", "-c", "-o", obj, c_file], check=True)
-            subprocess.run(["objcopy", "-O", "binary", "-j", ".data", obj, cell], check=True)
-            best = min(best, time.perf_counter() - start)
-        if cell.read_bytes() != expected:
-            raise SystemExit("gcc + objcopy produced different bytes than write_cell")
-    return best
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--platform", default="sim-qemu-arm64")
-    parser.add_argument("--count", type=int, default=4000)
-    parser.add_argument("--gcc", action="store_true", help="also time gcc + objcopy on the same config")
-    args = parser.parse_args()
-    platform = load_platform(args.platform, TEMPLATES)
-    allocation = sample_allocation(args.platform)
+def run(options: Options) -> SuiteResult:
+    """Measure plan + write, read, and (when gcc and objcopy exist) the toolchain build."""
+    result = SuiteResult("cellgen")
+    platform = load_platform(PLATFORM, TEMPLATES)
+    allocation = sample_allocation()
     profile = platform.profile
 
     def generate() -> bytes:
         return write_cell(plan_cell(platform, allocation, None, allocation.container_id), profile)
 
     data = generate()
-    gen = per_call(generate, args.count)
-    read = per_call(lambda: read_cell(data), args.count)
-    print(f"platform {platform.name} profile {profile.name}: {len(data)}-byte .cell")
-    print(f"plan + write: {gen * 1e6:.1f} us per config (best of {ROUNDS} x {args.count})")
-    print(f"read:         {read * 1e6:.1f} us per config")
-    if args.gcc and shutil.which("gcc") and shutil.which("objcopy"):
-        config = plan_cell(platform, allocation, None, allocation.container_id)
-        seconds = gcc_objcopy_seconds(cell_to_c(config, profile), data)
-        print(f"gcc+objcopy:  {seconds * 1e3:.1f} ms per config ({seconds / gen:.0f}x plan + write)")
+    count, rounds = options.count(2000, 50), options.count(7, 3)
+    result.info["cell"] = f"platform {platform.name}, profile {profile.name}, {len(data)} bytes"
+    generated = result.add(Series("plan + write_cell", per_call(generate, count, rounds).samples))
+    result.add(Series("read_cell", per_call(lambda: read_cell(data), count, rounds).samples))
+
+    missing = [tool for tool in ("gcc", "objcopy") if shutil.which(tool) is None]
+    if missing:
+        result.info["gcc + objcopy"] = f"not measured: {', '.join(missing)} not installed"
+        return result
+    source = cell_to_c(plan_cell(platform, allocation, None, allocation.container_id), profile)
+    with tempfile.TemporaryDirectory(prefix="rphi-bench-") as tmp:
+        built = gcc_objcopy(source, Path(tmp))
+        result.checks.append(Check("gcc + objcopy bytes == write_cell bytes", built == data,
+                                   f"{len(built)} vs {len(data)} bytes"))
+        samples = [timed(lambda: gcc_objcopy(source, Path(tmp))) for _ in range(options.count(5, 1))]
+    toolchain = result.add(Series("gcc -c + objcopy (runPHI)", tuple(samples)))
+    result.budgets.append(Budget("speed-up over gcc + objcopy", toolchain.median / generated.median,
+                                 SPEEDUP_BUDGET, ">=", "x"))
+    return result
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(standalone("cellgen", run))
