@@ -1,120 +1,241 @@
-"""Console pump throughput and guest-byte -> sink latency, through real file descriptors.
+"""console: guest -> containerd-pipe latency and throughput, idle monitor CPU and RSS.
 
-    python -m tools.bench.console [--megabytes 50] [--samples 2000]
+    python -m tools.bench.console [--quick]      (or: python -m tools.bench console)
 
-The "board UART" is a real pty (the guest writes the master, runphi's
-``open_uart`` opens the slave, exactly like the simulator's UARTs); the sink is
-a real pipe read by a stand-in for the shim. Reported:
+Two layers, both over real file descriptors:
 
-* throughput: MB/s moved guest -> pipe while the reader keeps up, with the
-  pty line discipline in the path (a 115200-baud UART carries 0.0115 MB/s);
-* latency: time from the guest's ``write()`` of one byte to the shim's
-  ``read()`` returning it, p50/p99/max over ``--samples`` round trips, the
-  pump otherwise idle (the interactive case: a keystroke echo, a log line);
-* CPU of the idle pump: process CPU seconds consumed while the pump waits
-  one second with nothing to do.
+* **monitor** (budgets): a real ZIC on the simulator, its monitor's stdin and
+  stdout are pipes this process holds, like the shim's fifos.
+  - latency: an ``echo`` guest; one byte written to the monitor's stdin comes
+    back on its stdout (stdin -> UART -> guest -> UART -> stdout). The round
+    trip crosses the console path twice plus the simulator's relay, so its p99
+    is an upper bound of the guest -> pipe latency. Budget p99 <= 5 ms.
+  - throughput: a ``flood`` guest, MB/s from the first to the last byte read
+    from the monitor's stdout. Budget >= 20 MB/s (a 115200-baud UART carries
+    0.0115 MB/s).
+  - idle: a guest that prints once and waits; the monitor's own CPU time over
+    a window (budget <= 0.5 %), the CPU of the tools it runs (its 2 s
+    hypervisor probe; on a board that tool is a small C program) reported
+    apart, and its resident memory (budget <= 24 MiB).
+* **pump** (reference): ``ConsolePump`` alone in this process, a real pty as
+  the board UART and a real pipe as the sink: what the console code costs
+  without the simulator in the path.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import resource
+import sys
 import time
 
-import trio
+from .harness import Budget, Options, Series, SuiteResult, standalone
+from .zic import ExitWatch, Node, guest_script, sim_node
 
-from runphi.console.pump import ConsolePump, FdSource
-from runphi.console.uart import UartSettings, open_uart
-
-
-def cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-async def throughput(pump_source_fd: int, guest, sink_fd: int, reader, total: int) -> float:
-    """MB/s for ``total`` bytes from guest write to shim read."""
-    block = os.urandom(1 << 16)
-    received = 0
-
-    async def shim() -> None:
-        nonlocal received
-        while received < total:
-            received += len(await reader.receive_some(1 << 16))
-
-    async def guest_prints() -> None:
-        left = total
-        while left:
-            chunk = block[: min(left, len(block))]
-            await guest.send_all(chunk)
-            left -= len(chunk)
-
-    start = time.perf_counter()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(shim)
-        nursery.start_soon(guest_prints)
-    return total / (time.perf_counter() - start) / 1e6
+LATENCY_P99_BUDGET_S = 0.005
+THROUGHPUT_BUDGET_MBPS = 20.0
+IDLE_CPU_BUDGET = 0.005
+RSS_BUDGET_MIB = 24.0
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
-async def latency_samples(guest, reader, samples: int) -> list[float]:
-    """One-byte round trips guest write -> pump -> pipe -> shim read, pump otherwise idle.
-
-    The "shim" reads in the same trio loop as the pump, so each sample also
-    includes one extra wake-up: the numbers are an upper bound for the pump.
-    """
-    result = []
-    for i in range(samples):
-        byte = bytes([i & 0xFF])
-        start = time.perf_counter()
-        await guest.send_all(byte)
-        assert await reader.receive_some(1) == byte
-        result.append(time.perf_counter() - start)
-    return result
+# ---- pump alone (reference) -----------------------------------------------------------------
 
 
-def percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+async def _pump_bench(megabytes: int, samples: int) -> tuple[float, list[float], float]:
+    """(MB/s, one-byte latencies in s, idle CPU share) of ConsolePump between a pty and a pipe."""
+    import trio
 
+    from runphi.console.pump import ConsolePump, FdSource
+    from runphi.console.uart import UartSettings, open_uart
 
-async def bench(megabytes: int, samples: int) -> None:
     master, slave = os.openpty()
     device = open_uart(os.ttyname(slave), UartSettings(), container_id="bench")
     sink_r, sink_w = os.pipe()
     guest = trio.lowlevel.FdStream(os.dup(master))
     reader = trio.lowlevel.FdStream(os.dup(sink_r))
     pump = ConsolePump(FdSource(device.fd), sink_w)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(pump.run)
-        mbps = await throughput(device.fd, guest, sink_w, reader, megabytes * 1_000_000)
-        print(f"throughput: {mbps:.1f} MB/s over {megabytes} MB "
-              f"({mbps / 0.0115:.0f}x a 115200-baud UART)")
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(pump.run)
+            total, block, received = megabytes * 1_000_000, os.urandom(1 << 16), 0
 
-        waits = await latency_samples(guest, reader, samples)
-        ms = [w * 1e3 for w in waits]
-        print(f"latency guest write -> shim read: p50 {percentile(ms, 0.5):.3f} ms, "
-              f"p99 {percentile(ms, 0.99):.3f} ms, max {max(ms):.3f} ms over {samples} bytes")
+            async def shim() -> None:
+                nonlocal received
+                while received < total:
+                    received += len(await reader.receive_some(1 << 16))
 
-        before = cpu_seconds()
-        await trio.sleep(1.0)
-        print(f"idle pump CPU: {(cpu_seconds() - before) * 1e3:.2f} ms per second")
-        print(f"dropped bytes: {pump.stats.dropped_bytes}")
-        await pump.finish(quiet=0.05)
-    await guest.aclose()
-    await reader.aclose()
-    for fd in (master, slave, sink_r, sink_w):
-        os.close(fd)
-    device.close()
+            start = time.perf_counter()
+            async with trio.open_nursery() as flow:
+                flow.start_soon(shim)
+                left = total
+                while left:
+                    chunk = block[: min(left, len(block))]
+                    await guest.send_all(chunk)
+                    left -= len(chunk)
+            mbps = total / (time.perf_counter() - start) / 1e6
+
+            latencies = []
+            for i in range(samples):
+                byte = bytes([i & 0xFF])
+                start = time.perf_counter()
+                await guest.send_all(byte)
+                if await reader.receive_some(1) != byte:
+                    raise RuntimeError("pump delivered a different byte")
+                latencies.append(time.perf_counter() - start)
+
+            usage = resource.getrusage(resource.RUSAGE_SELF)
+            before, wall = usage.ru_utime + usage.ru_stime, time.perf_counter()
+            await trio.sleep(0.5)
+            usage = resource.getrusage(resource.RUSAGE_SELF)
+            idle = (usage.ru_utime + usage.ru_stime - before) / (time.perf_counter() - wall)
+            await pump.finish(quiet=0.05)
+    finally:
+        await guest.aclose()
+        await reader.aclose()
+        for fd in (master, slave, sink_r, sink_w):
+            os.close(fd)
+        device.close()
+    return mbps, latencies, idle
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--megabytes", type=int, default=50)
-    parser.add_argument("--samples", type=int, default=2000)
-    args = parser.parse_args()
-    trio.run(bench, args.megabytes, args.samples)
+# ---- through the real monitor ---------------------------------------------------------------
+
+
+class MonitorConsole:
+    """A started ZIC whose monitor's stdin/stdout are pipes held here."""
+
+    def __init__(self, node: Node, cid: str, guest: bytes) -> None:
+        self.node, self.cid = node, cid
+        stdin_r, self.stdin_w = os.pipe()
+        self.stdout_r, stdout_w = os.pipe()
+        try:
+            self.pid = node.create(cid, node.bundle(cid, guest), stdin=stdin_r, stdout=stdout_w)
+        finally:
+            os.close(stdin_r)
+            os.close(stdout_w)
+        self.watch = ExitWatch(self.pid)
+        node.run("start", cid)
+
+    def read_exactly(self, size: int, timeout: float = 30.0) -> bytes:
+        """Read ``size`` bytes of guest output (fails after ``timeout``)."""
+        import select
+
+        data, deadline = bytearray(), time.monotonic() + timeout
+        while len(data) < size:
+            ready, _, _ = select.select([self.stdout_r], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                raise TimeoutError(f"{self.cid}: {len(data)} of {size} console bytes after {timeout} s")
+            chunk = os.read(self.stdout_r, min(1 << 20, size - len(data)))
+            if not chunk:
+                raise EOFError(f"{self.cid}: console closed after {len(data)} of {size} bytes")
+            data += chunk
+        return bytes(data)
+
+    def close(self) -> None:
+        """Delete the container (force) and reap its monitor."""
+        self.node.run("delete", "--force", self.cid, check=False)
+        try:
+            self.watch.wait(15.0)
+        finally:
+            self.node.monitors.pop(self.cid, None)
+            os.close(self.stdin_w)
+            os.close(self.stdout_r)
+
+
+def echo_latencies(node: Node, samples: int) -> list[float]:
+    """Round trips of one byte stdin -> guest echo -> stdout through the monitor."""
+    zic = MonitorConsole(node, "bench-echo", guest_script("print ready\\n", "echo"))
+    try:
+        zic.read_exactly(len(b"ready\r\n"))
+        result = []
+        for i in range(samples + 5):
+            byte = b"abcdefghijklmnopqrstuvwxyz"[i % 26:i % 26 + 1]
+            start = time.perf_counter()
+            os.write(zic.stdin_w, byte)
+            if zic.read_exactly(1, timeout=10.0) != byte:
+                raise RuntimeError("the echo guest returned a different byte")
+            if i >= 5:  # warm-up
+                result.append(time.perf_counter() - start)
+        return result
+    finally:
+        zic.close()
+
+
+def flood_mbps(node: Node, total: int) -> float:
+    """MB/s of a flooding guest through the monitor, first byte to last byte."""
+    zic = MonitorConsole(node, "bench-flood", guest_script(f"flood {total}", "halt"))
+    try:
+        zic.read_exactly(1)
+        start = time.perf_counter()
+        zic.read_exactly(total - 1, timeout=120.0)
+        return (total - 1) / (time.perf_counter() - start) / 1e6
+    finally:
+        zic.close()
+
+
+def _cpu_seconds(pid: int) -> tuple[float, float]:
+    """(own utime+stime, reaped children's cutime+cstime) of ``pid`` in seconds."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    own = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    children = (int(fields[13]) + int(fields[14])) / CLOCK_TICKS
+    return own, children
+
+
+def _rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for process {pid}")
+
+
+def idle_monitor(node: Node, window: float) -> tuple[float, float, float]:
+    """(own CPU share, children's CPU share, RSS MiB) of the monitor of an idle ZIC over ``window`` s."""
+    zic = MonitorConsole(node, "bench-idle", guest_script("print ready\\n", "halt"))
+    try:
+        zic.read_exactly(len(b"ready\r\n"))
+        own0, children0 = _cpu_seconds(zic.pid)
+        start = time.perf_counter()
+        time.sleep(window)  # the measurement window itself, not a synchronisation
+        own1, children1 = _cpu_seconds(zic.pid)
+        elapsed = time.perf_counter() - start
+        return (own1 - own0) / elapsed, (children1 - children0) / elapsed, _rss_mib(zic.pid)
+    finally:
+        zic.close()
+
+
+def run(options: Options) -> SuiteResult:
+    import trio
+
+    result = SuiteResult("console")
+    mbps, latencies, idle = trio.run(_pump_bench, options.count(50, 2), options.count(2000, 50))
+    result.add(Series("pump only: byte latency", tuple(latencies)))
+    result.info["pump only"] = (f"{mbps:.1f} MB/s, latency p99 {Series('', tuple(latencies)).percentile(0.99) * 1e3:.3f} ms, "
+                                f"idle CPU {idle * 100:.2f} %")
+
+    with sim_node() as node:
+        round_trips = result.add(Series("monitor: echo round trip", tuple(echo_latencies(node, options.count(500, 20)))))
+        total = options.count(50, 2) * 1_000_000
+        flows = [flood_mbps(node, total) for _ in range(options.count(3, 1))]
+        result.add(Series("monitor: flood throughput", tuple(flows), unit="MB/s"))
+        own, children, rss = idle_monitor(node, options.count(10, 1))
+    p99 = round_trips.percentile(0.99)
+    result.info["monitor echo round trip"] = (f"p50 {round_trips.percentile(0.5) * 1e3:.3f} ms, "
+                                              f"p99 {p99 * 1e3:.3f} ms")
+    result.info["idle monitor"] = (f"own CPU {own * 100:.3f} %, its tools' CPU {children * 100:.3f} % "
+                                   f"(hypervisor probe; the simulator's tool is Python), RSS {rss:.1f} MiB")
+    result.budgets += [
+        Budget("guest->pipe p99 (echo round trip, upper bound)", p99 * 1e3, LATENCY_P99_BUDGET_S * 1e3, "<=", "ms"),
+        Budget("throughput through the monitor", Series("", tuple(flows)).median, THROUGHPUT_BUDGET_MBPS, ">=",
+               "MB/s"),
+        Budget("idle monitor CPU (own)", own * 100, IDLE_CPU_BUDGET * 100, "<=", "%",
+               f"over {options.count(10, 1)} s"),
+        Budget("monitor RSS", rss, RSS_BUDGET_MIB, "<=", "MiB"),
+    ]
+    return result
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(standalone("console", run))

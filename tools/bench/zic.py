@@ -1,0 +1,230 @@
+"""Driving real ZICs for the benchmarks: a simulated board, bundles, the real ``runphi`` CLI.
+
+The benchmark process plays containerd's shim: it becomes a child subreaper,
+so the monitor that ``runphi create`` double-forks is re-parented to it and
+its exit is observed exactly (a pidfd becomes readable; no polling).
+
+Time spent inside the hypervisor's tool is measured by pointing runphi at a
+tiny compiled wrapper (``tool_wrapper``) that times each call of the real tool
+and appends the seconds to a log: on a board the real ``jailhouse`` is a small
+C program, while the simulator's is a Python script, so the suites report that
+share separately from runphi's own.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import select
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from tools.jailhouse_sim.testing import SimBoard
+
+from .harness import Skip
+
+PR_SET_CHILD_SUBREAPER = 36
+SCRIPT_MAGIC = "#!jailhouse-sim-inmate"
+PLATFORM = "sim-qemu-arm64"
+
+WRAPPER_C = r"""
+#include <fcntl.h>
+#include <stdio.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+#include <sys/wait.h>
+
+/* Run REAL with our arguments; append the seconds it took to LOG (one O_APPEND write). */
+int main(int argc, char **argv) {
+    struct timespec a, b;
+    int status = 0;
+    (void)argc;
+    clock_gettime(CLOCK_MONOTONIC, &a);
+    pid_t pid = fork();
+    if (pid == 0) {
+        argv[0] = REAL;
+        execv(REAL, argv);
+        _exit(127);
+    }
+    if (pid < 0 || waitpid(pid, &status, 0) < 0)
+        return 126;
+    clock_gettime(CLOCK_MONOTONIC, &b);
+    char line[64];
+    int n = snprintf(line, sizeof line, "%.9f\n", (b.tv_sec - a.tv_sec) + (b.tv_nsec - a.tv_nsec) / 1e9);
+    int fd = open(LOG, O_WRONLY | O_APPEND | O_CREAT, 0644);
+    if (fd >= 0) {
+        (void)!write(fd, line, (size_t)n);
+        close(fd);
+    }
+    return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+}
+"""
+
+
+def runphi_binary() -> Path:
+    """The ``runphi`` console script installed next to this interpreter."""
+    path = Path(sys.executable).parent / "runphi"
+    if not path.exists():
+        raise Skip(f"{path} is missing: install runphi into this environment (pip install -e .)")
+    return path
+
+
+def become_subreaper() -> None:
+    """Adopt orphaned descendants (the double-forked monitors), as containerd's shim does."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+
+
+def guest_script(*lines: str) -> bytes:
+    """A script-engine guest image (language in tools/jailhouse_sim/README.md)."""
+    return (SCRIPT_MAGIC + "\n" + "\n".join(lines) + "\n").encode()
+
+
+def write_bundle(path: Path, guest: bytes, *, memory_mib: int = 16) -> Path:
+    """A ZIC bundle: config.json + rootfs/boot/{config.json, boot.bin}."""
+    boot = path / "rootfs" / "boot"
+    boot.mkdir(parents=True, exist_ok=True)
+    (boot / "config.json").write_text(json.dumps({
+        "os_var": "baremetal", "inmate": "/boot/boot.bin", "starting_vaddress": "0x70000000",
+        "memory": memory_mib}))
+    (boot / "boot.bin").write_bytes(guest)
+    (path / "config.json").write_text(json.dumps({
+        "ociVersion": "1.0.2", "root": {"path": "rootfs"},
+        "process": {"terminal": False, "args": ["/boot/boot.bin"], "cwd": "/"},
+        "annotations": {"org.runphi.runtime": "runphi"}}))
+    return path
+
+
+def build_tool_wrapper(real: Path, work: Path) -> tuple[Path, Path]:
+    """Compile the timing wrapper around ``real``; return (wrapper, its log file)."""
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise Skip("no C compiler (cc/gcc) to build the tool-timing wrapper")
+    source, wrapper, log = work / "tool-wrapper.c", work / "jailhouse", work / "tool-seconds.log"
+    source.write_text(WRAPPER_C)
+    subprocess.run([compiler, "-O2", f'-DREAL="{real}"', f'-DLOG="{log}"', "-o", str(wrapper), str(source)],
+                   check=True, stdin=subprocess.DEVNULL)
+    return wrapper, log
+
+
+class ExitWatch:
+    """Waits for one adopted process (a monitor) to exit, on its pidfd."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.fd = os.pidfd_open(pid)
+
+    def wait(self, timeout: float) -> tuple[int, float]:
+        """(exit status as the shim computes it, perf_counter when the exit became visible)."""
+        try:
+            ready, _, _ = select.select([self.fd], [], [], timeout)
+            if not ready:
+                raise TimeoutError(f"monitor {self.pid} did not exit within {timeout} s")
+            seen = time.perf_counter()
+            _, status = os.waitpid(self.pid, 0)
+        finally:
+            os.close(self.fd)
+        return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status), seen
+
+
+class Node:
+    """The runphi CLI bound to one simulated board, state root and node state dir."""
+
+    def __init__(self, sim: SimBoard, base: Path) -> None:
+        self.sim = sim
+        self.base = base
+        self.root = base / "root"
+        self.runphi = runphi_binary()
+        self.wrapper, self.tool_log = build_tool_wrapper(sim.jailhouse_path, base)
+        config = base / "runphi.toml"
+        config.write_text('backend = "jailhouse"\n')
+        self.env = {**os.environ,
+                    "RUNPHI_CONFIG": str(config), "RUNPHI_BACKEND": "jailhouse",
+                    "RUNPHI_JAILHOUSE": str(self.wrapper), "RUNPHI_SYSFS": str(sim.sysfs_path("")),
+                    "RUNPHI_PLATFORM": PLATFORM, "RUNPHI_STATE_DIR": str(base / "node")}
+        self.monitors: dict[str, int] = {}
+        self._bundles = base / "bundles"
+
+    def bundle(self, name: str, guest: bytes) -> Path:
+        return write_bundle(self._bundles / name, guest)
+
+    def argv(self, *args: str) -> list[str]:
+        return [str(self.runphi), "--root", str(self.root), *args]
+
+    def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[bytes]:
+        """``runphi --root R ARGS`` to completion; output through temp files (a monitor
+        forked by the verb could hold a pipe open forever)."""
+        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+            proc = subprocess.run(self.argv(*args), stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                  env=self.env, timeout=120)
+            out.seek(0)
+            err.seek(0)
+            done = subprocess.CompletedProcess(proc.args, proc.returncode, out.read(), err.read())
+        if check and done.returncode != 0:
+            raise RuntimeError(f"runphi {' '.join(args)} exited {done.returncode}: "
+                               f"{done.stderr.decode(errors='replace').strip()}")
+        return done
+
+    def create(self, cid: str, bundle: Path, *, stdin: int | None = None, stdout: int | None = None) -> int:
+        """``runphi create``; the monitor inherits ``stdin``/``stdout`` (fds). Returns the monitor pid."""
+        pid_file = self.base / f"{cid}.pid"
+        with tempfile.TemporaryFile() as err:
+            proc = subprocess.run(self.argv("create", "--bundle", str(bundle), "--pid-file", str(pid_file), cid),
+                                  stdin=subprocess.DEVNULL if stdin is None else stdin,
+                                  stdout=subprocess.DEVNULL if stdout is None else stdout,
+                                  stderr=err, env=self.env, timeout=120)
+            err.seek(0)
+            if proc.returncode != 0:
+                raise RuntimeError(f"runphi create {cid} exited {proc.returncode}: "
+                                   f"{err.read().decode(errors='replace').strip()}")
+        pid = int(pid_file.read_text())
+        self.monitors[cid] = pid
+        return pid
+
+    def tool_seconds(self) -> float:
+        """Seconds spent inside the hypervisor tool since the last call (and reset the log)."""
+        try:
+            text = self.tool_log.read_text()
+        except FileNotFoundError:
+            return 0.0
+        self.tool_log.unlink()
+        return sum(float(line) for line in text.split())
+
+    def cleanup(self) -> None:
+        """Delete every container left (force), reap their monitors."""
+        if self.root.is_dir():
+            for entry in self.root.iterdir():
+                if entry.is_dir():
+                    self.run("delete", "--force", entry.name, check=False)
+        for pid in self.monitors.values():
+            try:
+                ExitWatch(pid).wait(10.0)
+            except (ProcessLookupError, ChildProcessError, TimeoutError):
+                pass  # already reaped by a suite, or stuck: the board teardown ends it
+        self.monitors.clear()
+
+
+@contextmanager
+def sim_node(engine: str = "script") -> Iterator[Node]:
+    """A running simulated board and a runphi node bound to it, torn down afterwards."""
+    runphi_binary()
+    become_subreaper()
+    base = Path(tempfile.mkdtemp(prefix="rphi-bench-"))
+    try:
+        with SimBoard.running(base / "sim", engine=engine) as sim:
+            node = Node(sim, base)
+            try:
+                yield node
+            finally:
+                node.cleanup()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
