@@ -110,6 +110,13 @@ def install_client(layout: SimLayout, rcpus: int) -> None:
     os.replace(tmp, target)
 
 
+def install_cell_linux(root: Path, board: str) -> None:
+    """Write the ``jailhouse cell linux`` helper and its ``linux-loader.bin`` under ``root``."""
+    from .cell_linux import install
+
+    install(root, board)
+
+
 def install_system_config(layout: SimLayout, board) -> Path:
     from .cellfile import minimal_system_config
 
@@ -218,6 +225,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     cleanup_leftovers(layout)
     layout.run.mkdir(parents=True, exist_ok=True)
     install_client(layout, board.rcpus)
+    install_cell_linux(layout.root, args.board)
     install_system_config(layout, board)
     read_fd, write_fd = os.pipe()
     with open(layout.daemon_log, "ab") as log:

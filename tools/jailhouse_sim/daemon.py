@@ -26,6 +26,7 @@ from .engines import load_engine
 from .engines.script import guest_image, is_script
 from .hypervisor import GUEST_STATES, Cell, CellRef, HvError, Hypervisor
 from .layout import SimLayout
+from .linux_boot import linux_boot_of
 from .sysfs import SysfsTree
 from .uart import PtyUart
 
@@ -136,6 +137,7 @@ class GuestSupervisor:
             images=tuple(cell.images),
             ram=ram,
             uart_guest_address=guest_address,
+            linux=linux_boot_of(cell.images, cell.config.cpu_reset_address),
             extra=extra,
         )
         return spec, pty

@@ -324,9 +324,16 @@ def cmd_cell_simple(argv, op, name):
 
 def call_extension(argv):
     if len(argv) >= 3 and (argv[1], argv[2]) in EXTENSIONS:
-        # The simulator ships no helper scripts: this is what execvp reports then.
-        sys.stderr.write("execvp: No such file or directory\n")
-        raise Exit(1)
+        # As the real tool: the helper jailhouse-<cmd>-<sub> is looked up first next to this
+        # tool (the simulator ships only jailhouse-cell-linux there), then on PATH.
+        here = os.path.dirname(os.path.abspath(sys.argv[0]))
+        os.environ["PATH"] = here + os.pathsep + os.environ.get("PATH", "")
+        sys.stdout.flush()
+        try:
+            os.execvp("jailhouse-%s-%s" % (argv[1], argv[2]), argv[2:])
+        except OSError as e:
+            sys.stderr.write("execvp: %s\n" % os.strerror(e.errno))
+            raise Exit(1)
 
 
 def cmd_cell(argv):

@@ -27,8 +27,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cli import (child_env, cleanup_leftovers, daemon_pid, install_client, install_system_config, query_status,
-                  request)
+from .cli import (child_env, cleanup_leftovers, daemon_pid, install_cell_linux, install_client, install_system_config,
+                  query_status, request)
 from .layout import SimLayout
 
 READY_TIMEOUT_S = 30.0
@@ -79,6 +79,7 @@ class SimBoard:
         cleanup_leftovers(layout)
         layout.run.mkdir(parents=True, exist_ok=True)
         install_client(layout, board_config.rcpus)
+        install_cell_linux(layout.root, board)
         install_system_config(layout, board_config)
         read_fd, write_fd = os.pipe()
         argv = [sys.executable, "-m", "tools.jailhouse_sim.cli", "serve", "--root", str(layout.root),

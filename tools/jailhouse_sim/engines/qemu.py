@@ -439,10 +439,10 @@ class QemuEngine:
         On cancellation QEMU is killed and reaped before the cancellation propagates.
         Raises QemuEngineError if QEMU cannot be started at all."""
         if spec.linux is not None:
-            raise QemuEngineError(
-                f'cell "{spec.cell_name}": the qemu engine boots raw images (`cell load`) only; '
-                "it cannot boot a `cell linux` kernel: start this simulator with another engine for Linux cells"
-            )
+            from .qemu_linux import run_linux_guest
+
+            await run_linux_guest(self, spec, host)
+            return
         uart_ours, uart_theirs = socket.socketpair()
         qmp_ours, qmp_theirs = socket.socketpair()
         stderr_read, stderr_write = os.pipe()

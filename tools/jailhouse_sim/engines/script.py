@@ -15,7 +15,7 @@ import math
 import msgspec
 import trio
 
-from ..engine import GuestHost, GuestSpec, LoadedImage
+from ..engine import GuestHost, GuestSpec, LinuxBoot, LoadedImage
 
 MAGIC = b"#!jailhouse-sim-inmate"
 DEFAULT_FLOOD_PATTERN = b"0123456789abcdef"
@@ -266,6 +266,9 @@ class ScriptEngine:
     name = "script"
 
     async def run(self, spec: GuestSpec, host: GuestHost) -> None:
+        if spec.linux is not None:
+            await self.run_linux(spec.linux, host)
+            return
         image = guest_image(spec)
         if image is not None and is_script(image.data):
             await self.run_script(image, spec, host)
@@ -289,4 +292,13 @@ class ScriptEngine:
             digest = hashlib.sha256(image.data).hexdigest()[:12]
             banner = f"[jailhouse-sim] opaque guest at 0x{image.address:x}: {len(image.data)} bytes, sha256 {digest}\r\n"
             await host.uart_write(banner.encode())
+        await trio.sleep_forever()
+
+    async def run_linux(self, linux: LinuxBoot, host: GuestHost) -> None:
+        """A `cell linux` boot without a CPU to run it: one banner line naming what would boot, then idle."""
+        digest = hashlib.sha256(linux.kernel).hexdigest()[:12]
+        initrd = f"initrd {len(linux.initrd)} bytes" if linux.initrd is not None else "no initrd"
+        banner = (f"[jailhouse-sim] linux guest: kernel {len(linux.kernel)} bytes, sha256 {digest}; "
+                  f'{initrd}; cmdline "{linux.cmdline}"\r\n')
+        await host.uart_write(banner.encode())
         await trio.sleep_forever()

@@ -359,16 +359,6 @@ async def test_qmp_client_commands_errors_and_events_against_real_qemu():
         ours.close()
 
 
-async def test_linux_boot_specs_are_refused_not_ignored():
-    from tools.jailhouse_sim.engine import LinuxBoot
-    from tools.jailhouse_sim.engines.qemu import QemuEngineError
-
-    spec = dataclasses.replace(inmate_spec("hello"), linux=LinuxBoot(b"kernel", None, "console=ttyAMA0"))
-    with pytest.raises(QemuEngineError, match=r'cell "inmate": the qemu engine boots raw images \(`cell load`\) only'):
-        await QemuEngine().run(spec, RecordingHost())
-    assert qemu_children(os.getpid()) == []
-
-
 HOSTING_SCRIPT = textwrap.dedent(
     """
     import sys, trio
