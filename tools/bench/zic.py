@@ -25,6 +25,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 from tools.jailhouse_sim.testing import SimBoard
 
@@ -42,7 +43,7 @@ WRAPPER_C = r"""
 #include <unistd.h>
 #include <sys/wait.h>
 
-/* Run REAL with our arguments; append the seconds it took to LOG (one O_APPEND write). */
+/* Run REAL with our arguments; append "<seconds> <caller pid>" to LOG (one O_APPEND write). */
 int main(int argc, char **argv) {
     struct timespec a, b;
     int status = 0;
@@ -58,7 +59,8 @@ int main(int argc, char **argv) {
         return 126;
     clock_gettime(CLOCK_MONOTONIC, &b);
     char line[64];
-    int n = snprintf(line, sizeof line, "%.9f\n", (b.tv_sec - a.tv_sec) + (b.tv_nsec - a.tv_nsec) / 1e9);
+    int n = snprintf(line, sizeof line, "%.9f %d\n", (b.tv_sec - a.tv_sec) + (b.tv_nsec - a.tv_nsec) / 1e9,
+                     (int)getppid());
     int fd = open(LOG, O_WRONLY | O_APPEND | O_CREAT, 0644);
     if (fd >= 0) {
         (void)!write(fd, line, (size_t)n);
@@ -114,6 +116,14 @@ def build_tool_wrapper(real: Path, work: Path) -> tuple[Path, Path]:
     subprocess.run([compiler, "-O2", f'-DREAL="{real}"', f'-DLOG="{log}"', "-o", str(wrapper), str(source)],
                    check=True, stdin=subprocess.DEVNULL)
     return wrapper, log
+
+
+class Created(NamedTuple):
+    """One ``runphi create``: the monitor's pid, wall seconds, seconds inside the hypervisor tool."""
+
+    monitor: int
+    wall: float
+    tool: float
 
 
 class ExitWatch:
@@ -176,28 +186,42 @@ class Node:
 
     def create(self, cid: str, bundle: Path, *, stdin: int | None = None, stdout: int | None = None) -> int:
         """``runphi create``; the monitor inherits ``stdin``/``stdout`` (fds). Returns the monitor pid."""
+        return self.create_timed(cid, bundle, stdin=stdin, stdout=stdout).monitor
+
+    def create_timed(self, cid: str, bundle: Path, *, stdin: int | None = None,
+                     stdout: int | None = None) -> Created:
+        """``runphi create`` with its wall time and the time its own hypervisor tool calls took."""
         pid_file = self.base / f"{cid}.pid"
+        self.tool_seconds()  # start from an empty log
         with tempfile.TemporaryFile() as err:
-            proc = subprocess.run(self.argv("create", "--bundle", str(bundle), "--pid-file", str(pid_file), cid),
-                                  stdin=subprocess.DEVNULL if stdin is None else stdin,
-                                  stdout=subprocess.DEVNULL if stdout is None else stdout,
-                                  stderr=err, env=self.env, timeout=120)
+            start = time.perf_counter()
+            proc = subprocess.Popen(self.argv("create", "--bundle", str(bundle), "--pid-file", str(pid_file), cid),
+                                    stdin=subprocess.DEVNULL if stdin is None else stdin,
+                                    stdout=subprocess.DEVNULL if stdout is None else stdout,
+                                    stderr=err, env=self.env)
+            status = proc.wait(timeout=120)
+            wall = time.perf_counter() - start
             err.seek(0)
-            if proc.returncode != 0:
-                raise RuntimeError(f"runphi create {cid} exited {proc.returncode}: "
+            if status != 0:
+                raise RuntimeError(f"runphi create {cid} exited {status}: "
                                    f"{err.read().decode(errors='replace').strip()}")
         pid = int(pid_file.read_text())
         self.monitors[cid] = pid
-        return pid
+        return Created(pid, wall, self.tool_seconds(caller=proc.pid))
 
-    def tool_seconds(self) -> float:
-        """Seconds spent inside the hypervisor tool since the last call (and reset the log)."""
+    def tool_seconds(self, caller: int | None = None) -> float:
+        """Seconds spent inside the hypervisor tool since the last call (and reset the log).
+
+        With ``caller``, only the calls that process made (monitors probe the
+        hypervisor in the background and would otherwise be counted too).
+        """
         try:
             text = self.tool_log.read_text()
         except FileNotFoundError:
             return 0.0
         self.tool_log.unlink()
-        return sum(float(line) for line in text.split())
+        calls = (line.split() for line in text.splitlines() if line.strip())
+        return sum(float(seconds) for seconds, pid in calls if caller is None or int(pid) == caller)
 
     def cleanup(self) -> None:
         """Delete every container left (force), reap their monitors."""
