@@ -47,12 +47,8 @@ def node(runphi_bin):
 @pytest.fixture
 def kubelet(node: Node):
     """The node, with every pod the test ran deleted afterwards and the node checked clean."""
-    try:
+    with node.pods_deleted_and_checked():
         yield node
-    finally:
-        node.teardown_pods()
-    left = node.wait_clean()
-    assert left.clean(), f"left behind after the pods were removed: {left}"
 
 
 class _Record(msgspec.Struct):

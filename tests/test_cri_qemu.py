@@ -40,12 +40,8 @@ def node(runphi_bin):
 @pytest.fixture
 def kubelet(node: Node):
     """The node, with every pod the test ran deleted afterwards and the node checked clean."""
-    try:
+    with node.pods_deleted_and_checked():
         yield node
-    finally:
-        node.teardown_pods()
-    left = node.wait_clean()
-    assert left.clean(), f"left behind after the pods were removed: {left}"
 
 
 def test_hello_inmate_completes_and_kubectl_logs_shows_its_console(kubelet: Node):

@@ -177,10 +177,18 @@ class Node:
             self.client.stop_pod(pod.id)
             self.client.remove_pod(pod.id)
 
-    # ---- observation ---------------------------------------------------------------------
+    @contextmanager
+    def pods_deleted_and_checked(self) -> Iterator[Node]:
+        """Yield the node; afterwards delete every pod it ran and assert nothing is left
+        (cells, ledger entries, runphi records, shims, monitors, netns)."""
+        try:
+            yield self
+        finally:
+            self.teardown_pods()
+        left = self.wait_clean()
+        assert left.clean(), f"left behind after the pods were removed: {left}"
 
-    def log_path(self, pod: Pod, container_id: str) -> Path:
-        return Path(self.client.status(container_id).log_path)
+    # ---- observation ---------------------------------------------------------------------
 
     def log_lines(self, path: Path) -> list[LogLine]:
         return parse_cri_log(path.read_text(errors="replace")) if path.exists() else []
