@@ -151,3 +151,58 @@ def make_record(state_root: Path):
         yield factory
     finally:
         factory.close()
+
+
+def _missing_qemu_inmates() -> str | None:
+    """Why the QEMU-engine inmates cannot run here, or None when they can."""
+    from tools.inmates.build import missing_tools
+
+    if shutil.which("qemu-system-aarch64") is None:
+        return "qemu-system-aarch64 not found (apt-get install qemu-system-arm)"
+    return missing_tools()
+
+
+@pytest.fixture(scope="session")
+def built_inmates() -> Path:
+    """Directory of the built aarch64 test inmates (``<program>.bin``); skips without QEMU or gcc."""
+    from tools.inmates.build import ensure_built
+
+    reason = _missing_qemu_inmates()
+    if reason:
+        pytest.skip(f"QEMU inmates: {reason}")
+    return ensure_built()
+
+
+@pytest.fixture(scope="module")
+def zic_node(runphi_bin: Path, built_inmates: Path):
+    """A simulated board (QEMU engine) and a private containerd whose runphi drives it.
+
+    One per test module; tests use their own container ids and remove what they
+    start. Teardown removes every container, stops containerd and the board.
+    """
+    from tests.containerd import ZicNode
+
+    reason = missing_requirements()
+    if reason:
+        pytest.skip(f"real containerd test: {reason}")
+    node = ZicNode(short_tempdir("rphi-zic-"), runphi_bin)
+    node.start()
+    try:
+        yield node
+    finally:
+        try:
+            node.stop()
+        finally:
+            shutil.rmtree(node.base, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def zic_events(zic_node):
+    """``ctr events`` of the ``zic_node`` containerd, recorded for the whole module."""
+    from tests.containerd import EventLog
+
+    events = EventLog(zic_node.containerd, zic_node.base / "events.log")
+    try:
+        yield events
+    finally:
+        events.close()

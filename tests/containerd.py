@@ -181,3 +181,171 @@ disabled_plugins = [
 def short_tempdir(prefix: str = "rphi-") -> Path:
     """A temporary directory with a short path (unix sockets live in it)."""
     return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+
+
+# ---- ZICs end to end: a simulated board under a private containerd -------------------------
+
+#: The simulator board runphi's template of the same name describes.
+SIM_PLATFORM = "sim-qemu-arm64"
+#: Image platform of every ZIC image mkzic builds for the simulator (the host may be x86).
+ZIC_IMAGE_PLATFORM = "linux/arm64"
+
+
+def simulator_env(sim_root: Path, base: Path) -> dict[str, str]:
+    """Environment pointing runphi at the simulated board rooted at ``sim_root``.
+
+    containerd passes its environment to the shim, and the shim to runphi, so these
+    reach every ``runphi create``. ``RUNPHI_CONFIG`` names a private file so a
+    host's ``/etc/runphi/runphi.toml`` cannot change what is tested.
+    """
+    config = base / "runphi.toml"
+    config.write_text('backend = "jailhouse"\n')
+    return {
+        "RUNPHI_CONFIG": str(config),
+        "RUNPHI_BACKEND": "jailhouse",
+        "RUNPHI_JAILHOUSE": str(sim_root / "bin" / "jailhouse"),
+        "RUNPHI_SYSFS": str(sim_root / "sys" / "devices" / "jailhouse"),
+        "RUNPHI_PLATFORM": SIM_PLATFORM,
+        "RUNPHI_STATE_DIR": str(base / "node"),
+    }
+
+
+class ZicNode:
+    """A simulated Jailhouse board plus a private containerd whose runphi drives it.
+
+    Everything lives under ``base``: ``sim/`` (the board), ``ctd/`` (containerd),
+    ``node/`` (runphi's state dir with the resource ledger). :meth:`stop` removes
+    every task and container, then stops containerd and the board (which ends
+    its QEMU guests).
+    """
+
+    def __init__(self, base: Path, runphi: Path, engine: str = "qemu") -> None:
+        self.base = base
+        self.runphi = runphi
+        self.engine = engine
+        self.sim_root = base / "sim"
+        self.env = simulator_env(self.sim_root, base)
+        self.containerd = PrivateContainerd(base / "ctd", runphi, env=self.env)
+        self.sim = None
+
+    def start(self) -> ZicNode:
+        """Bring up the board, then containerd; on failure nothing stays running."""
+        from tools.jailhouse_sim.testing import SimBoard
+
+        self.sim = SimBoard.start(self.sim_root, board=SIM_PLATFORM, engine=self.engine)
+        try:
+            self.containerd.start()
+        except BaseException:
+            self.sim.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        """Remove all containers, stop containerd, stop the board. Idempotent."""
+        try:
+            if self.containerd.process is not None and self.containerd.process.poll() is None:
+                self.containerd.remove_leftovers()
+        finally:
+            self.containerd.stop()
+            if self.sim is not None:
+                self.sim.stop()
+
+    def zic_flags(self) -> list[str]:
+        """``ctr run`` flags that make runphi the shim's runtime binary."""
+        return self.containerd.runtime_flags(self.runphi)
+
+    def cells(self) -> dict[str, str]:
+        """The board's non-root cells: name → state, read from its sysfs."""
+        cells = {}
+        cells_dir = self.sim_root / "sys" / "devices" / "jailhouse" / "cells"
+        for entry in cells_dir.iterdir():
+            if entry.name == "0":
+                continue
+            try:
+                cells[(entry / "name").read_text().strip()] = (entry / "state").read_text().strip()
+            except FileNotFoundError:  # destroyed while we looked
+                continue
+        return cells
+
+    def cell_cpus(self, name: str) -> str:
+        """``cpus_assigned_list`` of the cell called ``name``."""
+        cells_dir = self.sim_root / "sys" / "devices" / "jailhouse" / "cells"
+        for entry in cells_dir.iterdir():
+            if entry.name != "0" and (entry / "name").read_text().strip() == name:
+                return (entry / "cpus_assigned_list").read_text().strip()
+        raise KeyError(f"no cell {name!r} on the board")
+
+    def ledger(self) -> dict[str, dict]:
+        """runphi's resource ledger: container id → allocation (empty when none)."""
+        import json
+
+        path = self.base / "node" / "jailhouse-ledger.json"
+        if not path.exists():
+            return {}
+        return json.loads(path.read_text())["allocations"]
+
+
+class EventLog:
+    """``ctr events`` of one containerd, written to a file and searched there.
+
+    The file is the observed thing: :meth:`exit_status` polls it against a
+    deadline for the ``/tasks/exit`` line of a container.
+    """
+
+    def __init__(self, containerd: PrivateContainerd, path: Path) -> None:
+        self.path = path
+        self._file = open(path, "wb")
+        self.process = subprocess.Popen(containerd.ctr_argv("events"), stdin=subprocess.DEVNULL,
+                                        stdout=self._file, stderr=self._file, env=containerd.env)
+        self._wait_subscribed(containerd)
+
+    def _wait_subscribed(self, containerd: PrivateContainerd, timeout: float = 30.0) -> None:
+        """Return once ``ctr events`` receives events: a probe namespace's create shows up."""
+        deadline = time.monotonic() + timeout
+        attempt = 0
+        while True:
+            attempt += 1
+            probe = f"events-probe-{attempt}"
+            containerd.ctr("namespaces", "create", probe, check=True, timeout=30)
+            containerd.ctr("namespaces", "remove", probe, check=True, timeout=30)
+            if b'/namespaces/create {"name":"events-probe-' in self.path.read_bytes():
+                return
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                self.close()
+                raise RuntimeError(f"ctr events did not start: {self.path.read_text(errors='replace')}")
+
+    def topics(self, container_id: str) -> list[tuple[str, dict]]:
+        """Every (topic, payload) so far that concerns ``container_id``, in order."""
+        import json
+
+        found = []
+        for line in self.path.read_text(errors="replace").splitlines():
+            parts = line.split(" ", 6)
+            if len(parts) < 7 or not parts[5].startswith("/"):
+                continue
+            try:
+                payload = json.loads(parts[6])
+            except ValueError:  # the last line, still being written
+                continue
+            if container_id in (payload.get("container_id"), payload.get("id")):
+                found.append((parts[5], payload))
+        return found
+
+    def exit_status(self, container_id: str, timeout: float = 60.0) -> int:
+        """The ``exit_status`` of the container's ``/tasks/exit`` event (0 is omitted by ctr)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for topic, payload in self.topics(container_id):
+                if topic == "/tasks/exit":
+                    return int(payload.get("exit_status", 0))
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no /tasks/exit event for {container_id} within {timeout} s:\n"
+                                     + self.path.read_text(errors="replace")[-3000:])
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        """Stop ``ctr events``."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+        self._file.close()
