@@ -112,16 +112,23 @@ def monitor_alive(record: ContainerRecord) -> bool:
     return process_start_time(record.monitor_pid) == record.monitor_start_time
 
 
-def live_status(record: ContainerRecord) -> ContainerStatus:
-    """The status right now: the stored one, or ``stopped`` if its process is gone."""
+def live_status(record: ContainerRecord, cell_state: str | None = None) -> ContainerStatus:
+    """The status right now: the stored one, or ``stopped`` if its process is gone.
+
+    ``cell_state`` (the hypervisor's view, when the caller read it) turns a
+    ``created`` container whose cell already runs into ``running``: a ``start``
+    that died between starting the cell and recording it.
+    """
     if record.status == "stopped" or not monitor_alive(record):
         return "stopped"
+    if record.status == "created" and cell_state in ("running", "running/locked"):
+        return "running"
     return record.status
 
 
-def oci_state(record: ContainerRecord, owner: str = "") -> State:
+def oci_state(record: ContainerRecord, owner: str = "", cell_state: str | None = None) -> State:
     """The OCI state document of ``record`` with its live status (pid 0 when stopped)."""
-    status = live_status(record)
+    status = live_status(record, cell_state)
     return State(
         oci_version=record.oci_version,
         id=record.id,

@@ -141,3 +141,13 @@ def test_run_detached_leaves_it_running(zic):
     assert zic.status("rund") == "running"
     zic.run("kill", "rund", "TERM", check=True)
     assert wait_exit(pid) == 143
+
+
+def test_state_reads_the_cell_when_start_died_half_way(zic):
+    pid = make(zic, "created")
+    # `jailhouse cell start` happened, but the start verb never recorded it.
+    assert zic.board.jailhouse("cell", "start", "t1").returncode == 0
+    state = zic.state("t1")
+    assert state["status"] == "running" and state["pid"] == pid
+    zic.run("kill", "t1", "TERM", check=True)
+    assert wait_exit(pid) == 143
