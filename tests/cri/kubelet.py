@@ -37,6 +37,8 @@ ZIC_GUESTS = {
     "crash": script_guest("print about to crash\\n", "fault"),
 }
 ZIC_TAG = "cri"
+#: The platform of a ZIC image: the board's (the guests are aarch64).
+ZIC_ARCHITECTURE = "arm64"
 
 # `<RFC3339Nano time> <stream> <P|F> <text>`: the CRI log line format kubectl logs reads.
 CRI_LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?(?:Z|[+-]\d\d:\d\d)) "
@@ -119,9 +121,8 @@ class Node:
             raise
 
     def _import_images(self, guests: dict[str, bytes]) -> None:
-        """The pause/sidecar image and the ZIC images, labelled for this machine's platform:
-        the node's containerd resolves images for its own platform only (on a board that
-        is arm64, the ZIC's real architecture)."""
+        """The pause/sidecar image for this machine's platform (its busybox runs here), the
+        ZIC images as mkzic makes them for a board (``linux/arm64``, whatever the host is)."""
         arch = host_architecture()
         images = self.base / "images"
         images.mkdir()
@@ -130,8 +131,8 @@ class Node:
         self.daemon.import_image(busybox, arch)
         for name, guest in guests.items():
             archive = images / f"{name}.tar"
-            archive.write_bytes(zic_image_archive(f"{name}:{ZIC_TAG}", guest, images, arch))
-            self.daemon.import_image(archive, arch)
+            archive.write_bytes(zic_image_archive(f"{name}:{ZIC_TAG}", guest, images, ZIC_ARCHITECTURE))
+            self.daemon.import_image(archive, ZIC_ARCHITECTURE)
 
     def stop(self) -> None:
         """Remove every pod, stop containerd and the board, delete the directory.
