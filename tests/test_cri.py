@@ -183,6 +183,8 @@ def test_two_zics_and_a_busybox_sidecar_share_a_pod(kubelet: Node):
     kubelet.wait_log(pod.log_directory / "sidecar" / "0.log", "sidecar up")
     assert len(kubelet.cells()) == 2
     assert runphi_record(kubelet, sidecar) is None and kubelet.runc_state(sidecar).exists()
+    assert [p.id for p in kubelet.client.pods()] == [pod.id]
+    assert sorted(c.id for c in kubelet.client.containers()) == sorted((*zics, sidecar))
     running = kubelet.leftovers()
     assert sorted(running.ledger) == sorted(zics) and sorted(running.records) == sorted(zics)
     assert running.processes, "no shim or monitor seen for a running pod: the leak check is blind"

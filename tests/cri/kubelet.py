@@ -181,11 +181,13 @@ class Node:
     @contextmanager
     def pods_deleted_and_checked(self) -> Iterator[Node]:
         """Yield the node; afterwards delete every pod it ran and assert nothing is left
-        (cells, ledger entries, runphi records, shims, monitors, netns)."""
+        (CRI pods and containers, cells, ledger entries, runphi records, shims,
+        monitors, netns)."""
         try:
             yield self
         finally:
             self.teardown_pods()
+        assert self.client.pods() == [] and self.client.containers() == [], "the CRI still lists them"
         left = self.wait_clean()
         assert left.clean(), f"left behind after the pods were removed: {left}"
 
