@@ -149,7 +149,7 @@ class ExitWatch:
 class Node:
     """The runphi CLI bound to one simulated board, state root and node state dir."""
 
-    def __init__(self, sim: SimBoard, base: Path) -> None:
+    def __init__(self, sim: SimBoard, base: Path, platform: str = PLATFORM) -> None:
         self.sim = sim
         self.base = base
         self.root = base / "root"
@@ -160,7 +160,7 @@ class Node:
         self.env = {**os.environ,
                     "RUNPHI_CONFIG": str(config), "RUNPHI_BACKEND": "jailhouse",
                     "RUNPHI_JAILHOUSE": str(self.wrapper), "RUNPHI_SYSFS": str(sim.sysfs_path("")),
-                    "RUNPHI_PLATFORM": PLATFORM, "RUNPHI_STATE_DIR": str(base / "node")}
+                    "RUNPHI_PLATFORM": platform, "RUNPHI_STATE_DIR": str(base / "node")}
         self.monitors: dict[str, int] = {}
         self._bundles = base / "bundles"
 
@@ -238,14 +238,20 @@ class Node:
 
 
 @contextmanager
-def sim_node(engine: str = "script") -> Iterator[Node]:
-    """A running simulated board and a runphi node bound to it, torn down afterwards."""
+def sim_node(engine: str = "script", *, board: str = PLATFORM, platform: str = PLATFORM,
+             base: Path | None = None) -> Iterator[Node]:
+    """A running simulated board and a runphi node bound to it, torn down afterwards.
+
+    ``board`` (simulator board name or file) and ``platform`` (runphi template
+    name or file) must describe the same machine. ``base`` (removed afterwards)
+    defaults to a fresh temporary directory.
+    """
     runphi_binary()
     become_subreaper()
-    base = Path(tempfile.mkdtemp(prefix="rphi-bench-"))
+    base = base or Path(tempfile.mkdtemp(prefix="rphi-bench-"))
     try:
-        with SimBoard.running(base / "sim", engine=engine) as sim:
-            node = Node(sim, base)
+        with SimBoard.running(base / "sim", board=board, engine=engine) as sim:
+            node = Node(sim, base, platform)
             try:
                 yield node
             finally:
