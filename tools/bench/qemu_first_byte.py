@@ -1,6 +1,6 @@
-"""Launch-to-first-byte of the ``hello`` inmate under the simulator's QEMU engine.
+"""qemu: launch-to-first-byte of the ``hello`` inmate under the simulator's QEMU engine.
 
-    python -m tools.bench.qemu_first_byte [--runs N]
+    python -m tools.bench.qemu_first_byte [--quick]      (or: python -m tools.bench qemu)
 
 Measures, in one run on this machine:
 
@@ -10,13 +10,12 @@ Measures, in one run on this machine:
 * floor: the same guest under a bare ``qemu-system-aarch64 -serial stdio``
   launched with subprocess, to its first byte on stdout (what QEMU alone costs).
 
-Prints min / median / max in milliseconds. No budget is asserted here.
+The two alternate run by run. No budget: the engine's overhead over QEMU
+itself is reported as a ratio.
 """
 
 from __future__ import annotations
 
-import argparse
-import statistics
 import subprocess
 import sys
 import time
@@ -26,6 +25,8 @@ import trio
 from tools.inmates import build as inmates
 from tools.jailhouse_sim.engine import GuestSpec, LoadedImage, RamRegion
 from tools.jailhouse_sim.engines.qemu import DEFAULT_BINARY, QemuEngine
+
+from .harness import Options, Series, Skip, SuiteResult, ratio, standalone
 
 RUN_TIMEOUT = 30  # seconds; a hello that takes longer is broken, not slow
 
@@ -50,7 +51,7 @@ class TimingHost:
             self.shut_down = time.perf_counter()
 
     def park_cpu(self, cpu: int, reason: str) -> None:
-        raise SystemExit(f"qemu_first_byte: hello crashed: {reason}")
+        raise RuntimeError(f"hello crashed: {reason}")
 
     def hv_print(self, line: str) -> None:
         pass
@@ -78,7 +79,7 @@ async def engine_run(image: bytes) -> tuple[float, float]:
     with trio.fail_after(RUN_TIMEOUT):
         await QemuEngine().run(hello_spec(image), host)
     if host.first_byte is None or host.shut_down is None:
-        raise SystemExit("qemu_first_byte: hello printed nothing or did not power off")
+        raise RuntimeError("hello printed nothing or did not power off")
     return host.first_byte - start, host.shut_down - start
 
 
@@ -97,38 +98,38 @@ def bare_qemu_first_byte(image_path: str) -> float:
         elapsed = time.perf_counter() - start
         qemu.communicate(timeout=RUN_TIMEOUT)
     if not first or qemu.returncode != 0:
-        raise SystemExit(f"qemu_first_byte: bare QEMU failed (status {qemu.returncode})")
+        raise RuntimeError(f"bare QEMU failed (status {qemu.returncode})")
     return elapsed
 
 
-def summary(label: str, samples: list[float]) -> str:
-    ms = sorted(s * 1000 for s in samples)
-    return f"{label:<34} min {ms[0]:7.1f}  median {statistics.median(ms):7.1f}  max {ms[-1]:7.1f} ms"
+def run(options: Options) -> SuiteResult:
+    import shutil
 
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tools.bench.qemu_first_byte", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=int, default=10, help="measurements per series (default %(default)s)")
-    args = parser.parse_args(argv)
+    if shutil.which(DEFAULT_BINARY) is None:
+        raise Skip(f"{DEFAULT_BINARY} is not installed")
     reason = inmates.missing_tools()
     if reason:
-        print(f"qemu_first_byte: cannot build the inmates: {reason}", file=sys.stderr)
-        return 1
+        raise Skip(f"cannot build the inmates: {reason}")
     image_path = inmates.image_path("hello")
     image = image_path.read_bytes()
-
     engine_first, engine_off, bare = [], [], []
-    for _ in range(args.runs):
+    runs = options.count(10, 1)
+    for i in range(runs + 1):
         first, off = trio.run(engine_run, image)
+        bare_first = bare_qemu_first_byte(str(image_path))
+        if i == 0:
+            continue  # warm-up
         engine_first.append(first)
         engine_off.append(off)
-        bare.append(bare_qemu_first_byte(str(image_path)))
-    print(f"hello inmate, {args.runs} runs each, QEMU {DEFAULT_BINARY}")
-    print(summary("engine: launch -> first UART byte", engine_first))
-    print(summary("engine: launch -> shut down", engine_off))
-    print(summary("bare QEMU: launch -> first byte", bare))
-    return 0
+        bare.append(bare_first)
+    result = SuiteResult("qemu")
+    result.info["guest"] = f"hello inmate under {DEFAULT_BINARY}"
+    engine = result.add(Series("engine: launch -> first UART byte", tuple(engine_first)))
+    result.add(Series("engine: launch -> shut down", tuple(engine_off)))
+    reference = result.add(Series("bare QEMU: launch -> first byte", tuple(bare)))
+    result.info["engine / bare QEMU (first byte)"] = f"{ratio(engine, reference):.2f}x"
+    return result
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(standalone("qemu", run))
