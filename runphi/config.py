@@ -16,6 +16,7 @@ then: plain containers go to runc, ZICs are refused with a clear error)::
     shutdown_timeout_ms = 10000    # graceful shutdown (kill TERM) before the cell is destroyed
     probe_interval_ms = 2000       # how often a monitor checks the hypervisor still answers
     linux_loader = ""              # linux-loader.bin; "" = <prefix>/libexec/jailhouse/ next to the tool
+    firmware_dir = "/lib/firmware" # where RPU images are linked for `cell load -r` (Omnivisor)
 
     [log]
     level = "info"                 # error | warn | info | debug | trace
@@ -55,6 +56,7 @@ class JailhouseConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     shutdown_timeout_ms: int = 10000
     probe_interval_ms: int = 2000
     linux_loader: str = ""
+    firmware_dir: str = "/lib/firmware"
 
     def templates_path(self) -> Path:
         """The platform templates directory (configured, else the shipped one)."""

@@ -108,8 +108,9 @@ def test_a_second_create_with_the_same_id_fails_and_keeps_the_first(zic):
     assert zic.board.cell_state("dupz") == "shut down"
 
 
-@pytest.mark.parametrize(("boot", "words"), [({"rpu_req": True}, "RPU guests")])
-def test_guests_this_build_cannot_boot_are_refused_up_front(zic, boot, words):
+@pytest.mark.parametrize(("boot", "words"), [({"rpu_req": True, "os_var": "linux"}, "cannot run on an RPU"),
+                                             ({"rpu_req": True}, "has none")])
+def test_guests_this_board_cannot_run_are_refused(zic, boot, words):
     bundle = zic.bundle("b", guest_script("tick 50 x"), boot=boot)
     result = zic.run("create", "--bundle", str(bundle), "--pid-file", str(zic.base / "p"), "unsup")
     assert result.returncode == 1

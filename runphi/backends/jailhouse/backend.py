@@ -29,7 +29,7 @@ import msgspec
 
 from runphi.backends.base import (LINUX_CMDLINE_ANNOTATION, SHUTDOWN_TIMEOUT_ANNOTATION, BackendError,
                                   CellNotFound, CellStatistics, ResourceBusy)
-from runphi.backends.jailhouse.driver import JailhouseDriver, LoadImage
+from runphi.backends.jailhouse.driver import JailhouseDriver, LoadImage, RpuImage
 from runphi.container import CellRecord, identify_process
 from runphi.errors import RunphiError
 
@@ -133,6 +133,7 @@ class JailhouseBackend:
             self.driver.destroy(cell_name, timeout)
         except CellNotFound:
             pass
+        self.firmware_link(cell_name).unlink(missing_ok=True)
         self.release_cell_resources(cell_name)
 
     def release_cell_resources(self, cell_name: str) -> None:
@@ -194,6 +195,8 @@ class JailhouseBackend:
         undo.push(f"destroy cell {name}", lambda: self.driver.destroy(name, UNDO_TIMEOUT))
         if linux is not None:
             self._load_images(name, linux.images, cid)
+        elif boot.rpu_req:
+            self._load_rpu(name, boot, allocation, undo, cid)
         else:
             self._load(name, boot, cell_config.cpu_reset_address, cid)
 
@@ -234,21 +237,38 @@ class JailhouseBackend:
     @staticmethod
     def _refuse_unsupported(boot: BootDescription, cid: str) -> None:
         """Refuse, before touching anything, the guests this build cannot boot yet."""
-        if boot.rpu_req:
-            # The Omnivisor tool loads RPU images by firmware name from /lib/firmware;
-            # runphi does not place them there yet.
-            raise BackendError(f"cannot create ZIC {cid}: RPU guests (rpu_req) are not supported by this "
-                               "runphi build yet; run the inmate on APU CPUs (remove rpu_req)",
-                               container_id=cid)
+        if boot.rpu_req and boot.is_linux:
+            raise BackendError(f"cannot create ZIC {cid}: a Linux guest cannot run on an RPU "
+                               "(remove rpu_req or use a bare-metal/RTOS image)", container_id=cid)
 
     def _load(self, name: str, boot: BootDescription, reset_address: int, cid: str) -> None:
         """`cell load` of the inmate at `starting_vaddress`, else at the cell's reset address."""
         address = boot.starting_vaddress if boot.starting_vaddress is not None else reset_address
         self._load_images(name, [LoadImage(file=str(boot.inmate), address=address)], cid)
 
-    def _load_images(self, name: str, images: list[LoadImage], cid: str) -> None:
+    def firmware_link(self, cell_name: str) -> Path:
+        """Where a cell's RPU image is linked for the Omnivisor tool (a name unique per cell)."""
+        import hashlib
+
+        return Path(self.jh.firmware_dir) / f"runphi-{hashlib.sha256(cell_name.encode()).hexdigest()[:12]}.elf"
+
+    def _load_rpu(self, name: str, boot: BootDescription, allocation: Allocation, undo: UndoStack,
+                  cid: str) -> None:
+        """`cell load CELL -r IMAGE RCPU`: the image is linked into the firmware directory first."""
+        link = self.firmware_link(name)
         try:
-            self.driver.load(name, images)
+            link.unlink(missing_ok=True)
+            link.symlink_to(boot.inmate)
+        except OSError as exc:
+            raise BackendError(f"cannot create ZIC {cid}: cannot link its RPU image into "
+                               f"{self.jh.firmware_dir}: {exc.strerror} (check [jailhouse] firmware_dir)",
+                               container_id=cid) from None
+        undo.push("remove the RPU image link", lambda: link.unlink(missing_ok=True))
+        self._load_images(name, [], cid, [RpuImage(firmware=link.name, rcpu=min(allocation.rpus))])
+
+    def _load_images(self, name: str, images: list[LoadImage], cid: str, rpus: list[RpuImage] = ()) -> None:
+        try:
+            self.driver.load(name, images, rpus)
         except BackendError as exc:
             raise type(exc)(f"cannot create ZIC {cid}: {exc}", container_id=cid) from None
 
