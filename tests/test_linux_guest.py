@@ -215,3 +215,30 @@ def test_cli_bad_input_is_one_line_and_exit_1(args, message) -> None:
     assert done.returncode == 1
     assert done.stdout == ""
     assert len(done.stderr.splitlines()) == 1 and message in done.stderr, done.stderr
+
+
+def test_cli_zic_builds_a_linux_zic_bundle_and_archive(tmp_path: Path) -> None:
+    _seed_cache(tmp_path / "cache")
+    bundle, archive = tmp_path / "bundle", tmp_path / "linux.tar"
+    done = _cli("zic", "--cache", str(tmp_path / "cache"), "--bundle", str(bundle), "--archive", str(archive),
+                "--name", "linux-demo:1", "--memory", "96", "--cmdline", "console=ttyAMA0 quiet")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == f"bundle {bundle}"
+    assert lines[1].startswith("image docker.io/library/linux-demo:1 sha256:") and lines[1].endswith(str(archive))
+    boot = bundle / "rootfs" / "boot"
+    assert msgspec.json.decode((boot / "config.json").read_bytes()) == {
+        "os_var": "linux", "inmate": "/boot/vmlinuz-6.1.0-test", "initrd": "/boot/initrd.cpio.gz",
+        "dtb": "/boot/inmate-qemu-arm64.dtb", "memory": 96, "vcpus": 1}
+    assert (boot / "vmlinuz-6.1.0-test").read_bytes() == b"KERNEL"
+    assert (boot / "inmate-qemu-arm64.dtb").read_bytes()[:4] == b"\xd0\x0d\xfe\xed"
+    config = msgspec.json.decode((bundle / "config.json").read_bytes())
+    assert config["annotations"]["org.runphi.linux.cmdline"] == "console=ttyAMA0 quiet"
+    assert archive.stat().st_size > 0
+
+
+def test_cli_zic_without_an_output_is_one_line(tmp_path: Path) -> None:
+    _seed_cache(tmp_path)
+    done = _cli("zic", "--cache", str(tmp_path))
+    assert (done.returncode, done.stdout) == (1, "")
+    assert done.stderr == "linux_guest: zic needs an output: pass --bundle DIR and/or --archive FILE\n"

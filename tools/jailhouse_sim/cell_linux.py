@@ -35,7 +35,9 @@ from .cellfile import MEM_COMM_REGION, MEM_DMA, MEM_EXECUTE, MEM_IO, MEM_READ, M
 LOADER_MAGIC = b"jailhouse-sim linux-loader\n"
 """First bytes of the simulator's ``linux-loader.bin``."""
 LOADER_PATH = Path("inmates", "tools", "arm64", "linux-loader.bin")
-"""Where the loader lives under the simulator root (the real in-tree location)."""
+"""Where the helper takes the loader from under the simulator root (the real in-tree location)."""
+INSTALLED_LOADER_PATH = Path("libexec", "jailhouse", "linux-loader.bin")
+"""The installed location (``<prefix>/libexec/jailhouse``), where runphi looks by default."""
 INMATE_DTB_PATH = Path("configs", "arm64", "dts", "inmate-qemu-arm64.dtb")
 """A guest device tree for ``-d`` (Jailhouse's in-tree name; see :func:`fdt.inmate_tree`)."""
 
@@ -291,8 +293,8 @@ def main(root: str, board: str, argv: list[str] | None = None) -> int:
 
 
 def install(root: Path, board: str) -> Path:
-    """Write ``bin/jailhouse-cell-linux``, the stand-in ``linux-loader.bin`` and a guest DTB
-    (:data:`INMATE_DTB_PATH`) under ``root``."""
+    """Write ``bin/jailhouse-cell-linux``, the stand-in ``linux-loader.bin`` (in-tree and
+    installed locations) and a guest DTB (:data:`INMATE_DTB_PATH`) under ``root``."""
     repo = Path(__file__).resolve().parent.parent.parent
     script = root / "bin" / "jailhouse-cell-linux"
     script.parent.mkdir(parents=True, exist_ok=True)
@@ -303,9 +305,10 @@ def install(root: Path, board: str) -> Path:
     tmp.write_text(text)
     tmp.chmod(0o755)
     os.replace(tmp, script)
-    loader = root / LOADER_PATH
-    loader.parent.mkdir(parents=True, exist_ok=True)
-    loader.write_bytes(loader_image())
+    for path in (LOADER_PATH, INSTALLED_LOADER_PATH):
+        loader = root / path
+        loader.parent.mkdir(parents=True, exist_ok=True)
+        loader.write_bytes(loader_image())
     dtb = root / INMATE_DTB_PATH
     dtb.parent.mkdir(parents=True, exist_ok=True)
     dtb.write_bytes(fdt.serialize(fdt.inmate_tree()))

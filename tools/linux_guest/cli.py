@@ -6,6 +6,8 @@
 * ``build``: ``fetch``, then build the initramfs. Prints ``kernel <path>`` and ``initrd <path>``.
 * ``run``: ``build``, then boot the guest under QEMU with the serial console on this terminal
   (Ctrl-A x quits QEMU; ``poweroff`` in the guest ends it).
+* ``zic``: ``build``, then make a Linux ZIC of it with mkzic: ``--bundle DIR`` (OCI bundle)
+  and/or ``--archive FILE [--name NAME]`` (OCI image archive); prints mkzic's lines.
 
 The cache is ``--cache DIR``, else ``$RUNPHI_CACHE``, else ``$XDG_CACHE_HOME/runphi``,
 else ``~/.cache/runphi``. Errors: one ``linux_guest: ...`` line on stderr, exit 1.
@@ -52,6 +54,17 @@ def _parser() -> argparse.ArgumentParser:
     run = verbs.add_parser("run", parents=[common], help="build, then boot it under QEMU here")
     run.add_argument("--memory", type=_memory, default=96, help="guest RAM in MiB (default 96)")
     run.add_argument("--append", default="console=ttyAMA0", help="kernel command line")
+    zic = verbs.add_parser("zic", parents=[common], help="build, then make a Linux ZIC with mkzic")
+    zic.add_argument("--bundle", type=Path, help="write an OCI runtime bundle here (must not exist)")
+    zic.add_argument("--archive", type=Path, help="write an OCI image archive here")
+    zic.add_argument("--name", default="linux-guest:latest", help="image name (default %(default)s)")
+    zic.add_argument("--memory", type=_memory, default=128, help="guest RAM in MiB (default 128)")
+    zic.add_argument("--vcpus", type=int, default=1, help="guest CPUs (default 1)")
+    zic.add_argument("--dtb", type=Path, help="guest device tree (default: the simulator board's)")
+    zic.add_argument("--cmdline", help="kernel command line (bundle annotation org.runphi.linux.cmdline)")
+    zic.add_argument("--terminal", action="store_true", help="bundle: process.terminal true")
+    zic.add_argument("--annotation", action="append", default=[], metavar="KEY=VALUE",
+                     help="bundle annotation (repeatable)")
     return parser
 
 
@@ -66,11 +79,25 @@ def _run_verb(args: argparse.Namespace) -> int:
         print(f"kernel {guest.kernel}")
         print(f"initrd {guest.initrd}")
         return 0
+    if args.verb == "zic":
+        return _make_zic(args, guest)
     argv = qemu_argv(guest, args.memory, args.append, monitor=True)
     if shutil.which(argv[0]) is None:
         raise LinuxGuestError(f"{argv[0]} not found", "install qemu-system-arm")
     sys.stdout.flush()
     os.execvp(argv[0], argv)
+
+
+def _make_zic(args: argparse.Namespace, guest) -> int:
+    from tools.linux_guest.zic import default_dtb, mkzic_argv
+    from tools.mkzic.cli import main as mkzic
+
+    if args.bundle is None and args.archive is None:
+        raise LinuxGuestError("zic needs an output", "pass --bundle DIR and/or --archive FILE")
+    dtb = args.dtb or default_dtb(args.cache or default_cache_dir())
+    return mkzic(mkzic_argv(guest, dtb, memory_mib=args.memory, vcpus=args.vcpus, bundle=args.bundle,
+                            archive=args.archive, name=args.name, terminal=args.terminal,
+                            cmdline=args.cmdline, annotations=args.annotation))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -227,7 +227,8 @@ def test_without_the_driver_it_cannot_open_the_device(sim, linux_cell, files):
 
 
 def test_the_simulator_root_ships_loader_and_a_guest_dtb(sim):
-    assert (sim.layout.root / "inmates/tools/arm64/linux-loader.bin").read_bytes().startswith(LOADER_MAGIC)
+    for loader in ("inmates/tools/arm64/linux-loader.bin", "libexec/jailhouse/linux-loader.bin"):
+        assert (sim.layout.root / loader).read_bytes().startswith(LOADER_MAGIC)
     tree = fdt.parse((sim.layout.root / INMATE_DTB_PATH).read_bytes())
     assert tree.cells("#address-cells") == 2 and tree.find("/chosen") is not None
 
