@@ -312,8 +312,9 @@ async def _stop_cell(setup: MonitorSetup, driver) -> None:
             if await _tool(setup, "shutdown", jh.shutdown_argv(setup.tool, setup.cell_name)):
                 return
             await trio.sleep(setup.poll_interval)  # the cell refused: ask again
-    # Forced: the guest would not stop. Destroying it always stops it (or the
-    # watcher reports the failure to go away by keeping us alive).
+    # Forced: the guest did not stop in time, so the cell is destroyed. If even
+    # that is refused, keep asking; the watcher keeps the monitor (and so the
+    # container) alive while the cell runs, and `kill KILL` remains.
     while not await _tool(setup, "destroy", jh.destroy_argv(setup.tool, setup.cell_name)):
         if driver.cell_state(setup.cell_name) is None:
             return
