@@ -224,6 +224,7 @@ class ZicNode:
         self.runphi = runphi
         self.engine = engine
         self.sim_root = base / "sim"
+        base.mkdir(parents=True, exist_ok=True)
         self.env = simulator_env(self.sim_root, base)
         self.containerd = PrivateContainerd(base / "ctd", runphi, env=self.env)
         self.sim = None
