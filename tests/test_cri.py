@@ -15,19 +15,31 @@ monitor or netns.
 
 from __future__ import annotations
 
+import shutil
 import time
+from pathlib import Path
 
+import grpc
 import msgspec
 import pytest
 
 from tests.containerd import missing_requirements
 from tests.cri.client import CONTAINER_EXITED, CONTAINER_RUNNING
 from tests.cri.kubelet import Node, zic_image
+from tests.cri.manifests import load_pod, load_runtime_class
 from tests.cri.node import PAUSE_IMAGE
 
 pytestmark = pytest.mark.containerd
 
 MiB = 1 << 20
+KUBERNETES = Path(__file__).resolve().parent.parent / "target" / "kubernetes"
+#: The example manifests' image names → the images this node imported.
+MANIFEST_IMAGES = {"docker.io/library/hello:latest": zic_image("hello"),
+                   "docker.io/library/ticker:latest": zic_image("ticker"),
+                   "docker.io/library/busybox:latest": PAUSE_IMAGE}
+FORWARD_BUG = ("runphi.forward.is_zic lets org.runphi.runtime=runphi override "
+               "io.kubernetes.cri.container-type=sandbox: the pause container is taken for a ZIC "
+               "and RunPodSandbox fails with 'no boot description in the image'")
 HELLO, TICKER, LOCKED, CRASH = (zic_image(n) for n in ("hello", "ticker", "locked", "crash"))
 
 
@@ -232,9 +244,7 @@ def test_pod_annotation_selects_the_shutdown_deadline(kubelet: Node):
     assert kubelet.cells() == []
 
 
-@pytest.mark.xfail(strict=True, reason="runphi.forward.is_zic lets org.runphi.runtime=runphi override "
-                   "io.kubernetes.cri.container-type=sandbox: the pause container is taken for a ZIC "
-                   "and RunPodSandbox fails with 'no boot description in the image'")
+@pytest.mark.xfail(strict=True, raises=grpc.RpcError, reason=FORWARD_BUG)
 def test_pod_annotation_runtime_runphi_leaves_the_pause_container_to_runc(kubelet: Node):
     """A pod-wide ``org.runphi.runtime=runphi`` (pod annotations reach every container,
     the sandbox's too) must not make the pause container a ZIC: it is recognised by
@@ -251,8 +261,6 @@ def test_a_zic_that_does_not_fit_fails_start_container_with_one_clear_line(kubel
     runs the runtime's ``create`` in StartContainer, so that call fails, carrying
     runphi's one-line reason (what ``kubectl describe`` shows), and nothing of the
     refused container is left on the board."""
-    import grpc
-
     pod = kubelet.run_pod("full")
     holder = kubelet.run_container(pod, "holder", TICKER)
     kubelet.client.wait_state(holder, CONTAINER_RUNNING)
@@ -265,3 +273,50 @@ def test_a_zic_that_does_not_fit_fails_start_container_with_one_clear_line(kubel
     assert len(kubelet.cells()) == 1
     assert kubelet.leftovers().ledger == [holder]
     assert runphi_record(kubelet, greedy) is None
+
+
+@pytest.fixture
+def manifests(kubelet: Node):
+    """The node with the example manifests' image names tagged; skips without kubectl
+    (it decodes the YAML offline, as ``kubectl apply`` would)."""
+    if shutil.which("kubectl") is None:
+        pytest.skip("kubectl is not installed (Debian: apt-get install kubernetes-client)")
+    for name, imported in MANIFEST_IMAGES.items():
+        kubelet.tag_image(imported, name)
+    return kubelet
+
+
+@pytest.mark.xfail(strict=True, raises=grpc.RpcError,
+                   reason=FORWARD_BUG + " (zic-pod.yaml carries that annotation)")
+def test_example_zic_pod_manifest_runs_as_documented(manifests: Node):
+    """target/kubernetes/zic-pod.yaml as a kubelet would run it: the hello ZIC completes
+    and its console is the container log."""
+    pod, containers = manifests.run_manifest(load_pod(KUBERNETES / "zic-pod.yaml"),
+                                             load_runtime_class(KUBERNETES / "runtimeclass.yaml"))
+    status = manifests.client.wait_state(containers["hello"], CONTAINER_EXITED)
+    assert (status.exit_code, status.reason) == (0, "Completed")
+    manifests.wait_log(pod.log_directory / "hello" / "0.log", "Hello from a ZIC")
+
+
+def test_example_sidecar_pod_manifest_runs_and_deletes_as_documented(manifests: Node):
+    """target/kubernetes/zic-pod-sidecar.yaml as a kubelet would run it: two cells sized by
+    the limits, the sidecar under runc; ``kubectl delete pod`` (StopContainer with the
+    grace period) ends both ZICs gracefully with 143."""
+    from runphi.backends.jailhouse.allocator import LEDGER_NAME, Ledger
+
+    manifest = load_pod(KUBERNETES / "zic-pod-sidecar.yaml")
+    pod, containers = manifests.run_manifest(manifest, load_runtime_class(KUBERNETES / "runtimeclass.yaml"))
+    for container in containers.values():
+        manifests.client.wait_state(container, CONTAINER_RUNNING)
+    manifests.wait_log(pod.log_directory / "ticker-a" / "0.log", "tick 1")
+    manifests.wait_log(pod.log_directory / "sidecar" / "0.log", "sidecar up")
+    ledger = msgspec.json.decode((manifests.node_dir / LEDGER_NAME).read_bytes(), type=Ledger)
+    sizes = {name: (len(ledger.allocations[containers[name]].cpus),
+                    ledger.allocations[containers[name]].main_ram_size) for name in ("ticker-a", "ticker-b")}
+    assert sizes == {"ticker-a": (1, 64 * MiB), "ticker-b": (1, 32 * MiB)}
+    assert runphi_record(manifests, containers["sidecar"]) is None
+    for container in containers.values():
+        manifests.client.stop(container, timeout=manifest.spec.termination_grace_period_seconds)
+    codes = {name: manifests.client.status(cid).exit_code for name, cid in containers.items()}
+    assert codes["ticker-a"] == codes["ticker-b"] == 143
+    assert manifests.cells() == []

@@ -3,14 +3,13 @@ RuntimeClass handler name, pod shapes that the tests run (no containerd needed).
 
 from __future__ import annotations
 
-import json
 import shutil
-import subprocess
 import tomllib
 from pathlib import Path
 
 import pytest
 
+from tests.cri.manifests import load_pod, load_runtime_class
 from tests.cri.node import CriContainerd
 
 REPO = Path(__file__).resolve().parent.parent
@@ -58,35 +57,20 @@ def test_the_tested_node_sets_what_an_offline_board_needs(tmp_path: Path):
     assert cri["restrict_oom_score_adj"] is True and cri["disable_apparmor"] is True
 
 
-def kubectl_json(manifest: Path) -> dict:
-    """The manifest as kubectl decodes it, offline."""
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        pytest.skip("kubectl is not installed (Debian: apt-get install kubernetes-client)")
-    # `annotate --local` decodes and re-encodes without a cluster; drop the marker it adds.
-    done = subprocess.run([kubectl, "annotate", "--local", "-o", "json", "-f", str(manifest), "decoded=yes"],
-                          capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=60)
-    assert done.returncode == 0, done.stderr
-    decoded = json.loads(done.stdout)
-    del decoded["metadata"]["annotations"]["decoded"]
-    return decoded
-
-
 def test_the_sidecar_pod_is_the_tested_shape():
     """Two ZIC containers and a busybox sidecar under RuntimeClass runphi, options as pod
     annotations (the only annotations a kubelet passes on), no forced runtime."""
-    pod = kubectl_json(KUBERNETES / "zic-pod-sidecar.yaml")
-    runtime_class = kubectl_json(KUBERNETES / "runtimeclass.yaml")
-    assert runtime_class["handler"] == "runphi" and "runphi" in runtimes(
-        tomllib.loads((KUBERNETES / "containerd-cri.toml").read_text()))
-    spec = pod["spec"]
-    assert spec["runtimeClassName"] == runtime_class["metadata"]["name"]
-    names = [c["name"] for c in spec["containers"]]
-    assert names == ["ticker-a", "ticker-b", "sidecar"]
-    annotations = pod["metadata"]["annotations"]
+    if shutil.which("kubectl") is None:
+        pytest.skip("kubectl is not installed (Debian: apt-get install kubernetes-client)")
+    pod = load_pod(KUBERNETES / "zic-pod-sidecar.yaml")
+    runtime_class = load_runtime_class(KUBERNETES / "runtimeclass.yaml")
+    assert runtime_class.handler in runtimes(tomllib.loads((KUBERNETES / "containerd-cri.toml").read_text()))
+    assert pod.spec.runtime_class_name == runtime_class.metadata.name
+    assert [c.name for c in pod.spec.containers] == ["ticker-a", "ticker-b", "sidecar"]
+    annotations = pod.metadata.annotations
     assert all(key.startswith("org.runphi.") for key in annotations)
     assert "org.runphi.runtime" not in annotations
-    grace_ms = spec["terminationGracePeriodSeconds"] * 1000
+    grace_ms = pod.spec.termination_grace_period_seconds * 1000
     assert int(annotations["org.runphi.shutdown-timeout-ms"]) < grace_ms
-    for container in spec["containers"][:2]:
-        assert container["resources"]["limits"] == container["resources"]["requests"]
+    for container in pod.spec.containers[:2]:
+        assert container.resources.limits == container.resources.requests

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from tests.containerd import short_tempdir
 from tests.cri.client import CriClient, compile_proto
+from tests.cri.manifests import PodManifest, RuntimeClass, linux_resources
 from tests.cri.node import (PAUSE_IMAGE, SIM_PLATFORM, CriContainerd, Leftovers, busybox_image_archive,
                             cells_on, host_architecture, ledger_entries, netns_entries, processes_with_env,
                             runphi_records, script_guest, zic_image_archive)
@@ -152,12 +153,12 @@ class Node:
 
     # ---- pods ----------------------------------------------------------------------------
 
-    def run_pod(self, name: str, annotations: dict[str, str] | None = None) -> Pod:
-        """RunPodSandbox with the runphi handler (host network), remembered for teardown."""
+    def run_pod(self, name: str, annotations: dict[str, str] | None = None, handler: str = "runphi") -> Pod:
+        """RunPodSandbox with ``handler`` (host network), remembered for teardown."""
         uid = f"uid-{name}-{next(self._uids)}"
         log_directory = self.base / "pods" / f"default_{name}_{uid}"
         config = self.client.pod_config(name, uid, log_directory, annotations=annotations)
-        pod = Pod(id=self.client.run_pod(config, handler="runphi"), config=config, log_directory=log_directory)
+        pod = Pod(id=self.client.run_pod(config, handler=handler), config=config, log_directory=log_directory)
         self.pods.append(pod)
         return pod
 
@@ -170,6 +171,23 @@ class Node:
         container_id = self.create(pod, name, image, **kwargs)
         self.client.start(container_id)
         return container_id
+
+    def run_manifest(self, manifest: PodManifest, runtime_class: RuntimeClass) -> tuple[Pod, dict[str, str]]:
+        """Run a pod manifest the way a kubelet does (see :mod:`tests.cri.manifests`);
+        returns the pod and its container ids by container name."""
+        assert manifest.spec.runtime_class_name == runtime_class.metadata.name
+        pod = self.run_pod(manifest.metadata.name, annotations=manifest.metadata.annotations,
+                           handler=runtime_class.handler)
+        containers = {}
+        for container in manifest.spec.containers:
+            containers[container.name] = self.run_container(
+                pod, container.name, container.image, command=container.command, args=container.args,
+                resources=linux_resources(self.client, container.resources))
+        return pod, containers
+
+    def tag_image(self, source: str, target: str) -> None:
+        """Give an imported image another name (what the example manifests call it)."""
+        self.daemon.ctr_k8s("image", "tag", "--force", source, target)
 
     def teardown_pods(self) -> None:
         """StopPodSandbox + RemovePodSandbox for every pod this node ran (kubelet pod deletion)."""

@@ -99,11 +99,16 @@ disabled_plugins = [
             directory.mkdir(parents=True, exist_ok=True)
         super().start(timeout)
 
+    def ctr_k8s(self, *args: str) -> None:
+        """Run ``ctr`` against the CRI namespace; raises with ctr's stderr when it fails."""
+        done = subprocess.run(["ctr", "--address", str(self.address), "--namespace", CRI_NAMESPACE, *args],
+                              capture_output=True, text=True, timeout=120, env=self.env, stdin=subprocess.DEVNULL)
+        if done.returncode != 0:
+            raise RuntimeError(f"ctr {' '.join(args)} exited {done.returncode}: {done.stderr.strip()}")
+
     def import_image(self, archive: Path, architecture: str) -> None:
         """``ctr image import`` into the CRI namespace, unpacked for ``architecture``."""
-        subprocess.run(["ctr", "--address", str(self.address), "--namespace", CRI_NAMESPACE, "image", "import",
-                        "--platform", f"linux/{architecture}", str(archive)],
-                       check=True, capture_output=True, timeout=120, env=self.env, stdin=subprocess.DEVNULL)
+        self.ctr_k8s("image", "import", "--platform", f"linux/{architecture}", str(archive))
 
 
 def _tar_entry(name: str, kind: bytes, mode: int, size: int = 0, link: str = "") -> tarfile.TarInfo:
