@@ -97,3 +97,21 @@ def test_tty_session_with_the_echo_inmate_round_trips_a_line(qemu_board, inmates
         os.close(master)
         reap_all(z.monitors)
         z.run("delete", "--force", "echo1")
+
+
+@pytest.mark.parametrize(("signal_name", "code"), [("TERM", 143), ("KILL", 137)])
+def test_killing_the_qemu_ticker(qemu_board, inmates, tmp_path, signal_name, code):
+    from tests.test_lifecycle_harness import wait_exit, wait_for
+
+    z = Zic(qemu_board, tmp_path)
+    pid = z.create("tick1", z.bundle("ticker", (inmates / "ticker.bin").read_bytes()))
+    try:
+        z.run("start", "tick1", check=True)
+        wait_for(lambda: "tick 1" in z.run("logs", "tick1").stdout, timeout=60, what="first tick")
+        z.run("kill", "tick1", signal_name, check=True)
+        assert wait_exit(pid, timeout=60) == code
+        assert qemu_board.cell_state("tick1") in ("shut down", None)
+    finally:
+        reap_all(z.monitors)
+        z.run("delete", "--force", "tick1")
+    assert qemu_board.cells() == {}
