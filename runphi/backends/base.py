@@ -78,13 +78,18 @@ class ConsoleSource(msgspec.Struct, frozen=True):
 
 
 class Backend(Protocol):
-    """What a partitioning backend does for one container.
+    """What a partitioning backend does for the verbs.
 
-    Every method either completes or raises a :class:`BackendError` whose message
-    names the cause in user terms; none leaves a half-done step behind except the
-    ones the caller undoes in reverse order (``create_cell`` → ``destroy_cell``,
-    ``reserve`` → ``release``).
+    Every method either completes or raises a :class:`~runphi.errors.RunphiError`
+    (a :class:`BackendError` for hypervisor failures) whose message names the
+    cause in user terms. ``launch`` is all or nothing: on failure it has undone
+    its own steps in reverse order.
     """
+
+    def launch(self, request):  # (runphi.verbs.create.LaunchRequest) -> runphi.verbs.create.Launched
+        """Bring one ZIC to `created`: resources, cell created and loaded, console
+        opened (pty master sent), monitor forked. Returns the cell record and the
+        monitor's pid and start time."""
 
     def cell_state(self, cell_name: str) -> str | None:
         """The cell's current hypervisor state, or None when no such cell exists.
@@ -95,6 +100,9 @@ class Backend(Protocol):
     def cell_statistics(self, cell_name: str) -> CellStatistics:
         """The cell's exit counters (raises :class:`CellNotFound` when it is gone)."""
 
+    def failed_cpus(self, cell_name: str) -> frozenset[int]:
+        """The cell's CPUs parked on a fatal trap (empty when none or no such cell)."""
+
     def start_cell(self, cell_name: str) -> None:
         """Start (or restart) the cell from its reset address."""
 
@@ -102,4 +110,7 @@ class Backend(Protocol):
         """Stop the cell's CPUs; the cell stays, `shut down`."""
 
     def destroy_cell(self, cell_name: str, timeout: float | None = None) -> None:
-        """Remove the cell and give its resources back to the root cell."""
+        """Remove the cell (if it still exists) and release everything its container held.
+
+        Idempotent: calling it for a cell that is already gone only releases.
+        """
