@@ -151,3 +151,11 @@ def test_state_reads_the_cell_when_start_died_half_way(zic):
     assert state["status"] == "running" and state["pid"] == pid
     zic.run("kill", "t1", "TERM", check=True)
     assert wait_exit(pid) == 143
+
+
+def test_other_signals_are_refused_and_change_nothing(zic):
+    pid = make(zic, "running")
+    result = zic.run("kill", "t1", "USR1")
+    assert result.returncode == 1 and "not supported" in result.stderr
+    assert zic.status("t1") == "running" and zic.state("t1")["pid"] == pid
+    assert zic.board.cell_state("t1") == "running"
