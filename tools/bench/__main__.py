@@ -34,15 +34,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"suites to run (default: all): {', '.join(SUITES)}")
     parser.add_argument("--quick", action="store_true", help="tiny counts: a smoke run of each suite")
     parser.add_argument("--json", metavar="FILE", help="also write the full report as JSON to FILE")
-    args = parser.parse_args(argv)
-    unknown = [name for name in args.suites if name not in SUITES]
-    if unknown:
-        parser.error(f"unknown suite {unknown[0]!r}: choose from {', '.join(SUITES)}")
-    return args
+    return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    unknown = [name for name in args.suites if name not in SUITES]
+    if unknown:
+        print(f"tools.bench: unknown suite {unknown[0]!r}: choose from {', '.join(SUITES)}", file=sys.stderr)
+        return 1
     options = Options(quick=args.quick)
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     results = []

@@ -60,13 +60,13 @@ def run(options: Options) -> SuiteResult:
                 return elapsed
 
             zic, runc, tool = [], [], []
-            for i in range(runs + 1):
+            for i in range(options.warmup + runs):
                 node.tool_seconds()
                 zic_time = ctr_run(f"bench-e2e-zic-{i}", str(node.runphi), zic_rootfs, "/boot/boot.bin")
                 tool_time = node.tool_seconds()
                 runc_time = ctr_run(f"bench-e2e-runc-{i}", "runc", busybox, "echo", "hello from runc")
-                if i == 0:
-                    continue  # warm-up
+                if i < options.warmup:
+                    continue
                 zic.append(zic_time)
                 tool.append(tool_time)
                 runc.append(runc_time)

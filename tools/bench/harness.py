@@ -280,6 +280,11 @@ class Options(msgspec.Struct, frozen=True):
 
     quick: bool = False
 
+    @property
+    def warmup(self) -> int:
+        """Discarded warm-up rounds before the measured ones (none in the smoke run)."""
+        return 0 if self.quick else 1
+
     def count(self, full: int, quick: int) -> int:
         """``full`` normally, ``quick`` for the smoke run."""
         return quick if self.quick else full

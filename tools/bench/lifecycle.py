@@ -105,9 +105,9 @@ def _cell_name(node: Node, cid: str) -> str:
 
 
 def measure_guest(result: SuiteResult, node: Node, label: str, *, printing: bytes, ending: bytes,
-                  failing: bytes | None, runs: int, expect_exit: int = 0) -> list[float]:
+                  failing: bytes | None, runs: int, warmup: int, expect_exit: int = 0) -> list[float]:
     """Series for one kind of guest; returns the detection latencies measured."""
-    killed = [one_lifecycle(node, f"{label}-k{i}", printing, stop="kill") for i in range(runs + 1)][1:]
+    killed = [one_lifecycle(node, f"{label}-k{i}", printing, stop="kill") for i in range(warmup + runs)][warmup:]
     ended = [one_lifecycle(node, f"{label}-e{i}", ending, stop="self") for i in range(runs)]
     result.add(Series(f"{label}: create -> first byte", tuple(s.create_to_byte for s in killed)))
     result.add(Series(f"{label}: start -> first byte", tuple(s.start_to_byte for s in killed)))
@@ -138,7 +138,7 @@ def run(options: Options) -> SuiteResult:
             printing=guest_script("print up\\n", "halt"),
             ending=guest_script("print up\\n", "sleep 100", "shutdown"),
             failing=guest_script("print up\\n", "sleep 100", "fault"),
-            runs=runs)
+            runs=runs, warmup=options.warmup)
     qemu = _qemu_guest()
     if isinstance(qemu, str):
         result.info["qemu guests"] = f"not measured: {qemu}"
@@ -147,7 +147,7 @@ def run(options: Options) -> SuiteResult:
             # The hello inmate prints and powers itself off; the kill series needs a guest that
             # stays up: the ticker inmate.
             detections += measure_guest(result, node, "qemu", printing=qemu[1], ending=qemu[0], failing=None,
-                                        runs=options.count(5, 1))
+                                        runs=options.count(5, 1), warmup=options.warmup)
     result.budgets.append(Budget("exit/failure detection (worst sample)", max(detections) * 1e3,
                                  DETECTION_BUDGET_S * 1e3, "<=", "ms",
                                  "sysfs state mtime -> monitor exit; monitor polls sysfs"))

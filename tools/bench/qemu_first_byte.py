@@ -114,11 +114,11 @@ def run(options: Options) -> SuiteResult:
     image = image_path.read_bytes()
     engine_first, engine_off, bare = [], [], []
     runs = options.count(10, 1)
-    for i in range(runs + 1):
+    for i in range(options.warmup + runs):
         first, off = trio.run(engine_run, image)
         bare_first = bare_qemu_first_byte(str(image_path))
-        if i == 0:
-            continue  # warm-up
+        if i < options.warmup:
+            continue
         engine_first.append(first)
         engine_off.append(off)
         bare.append(bare_first)

@@ -149,14 +149,14 @@ def import_audit(node: Node) -> list[Check]:
 # ---- timings ---------------------------------------------------------------------------------
 
 
-def cycle_timings(node: Node, cycles: int) -> dict[str, list[float]]:
-    """``cycles`` full create/start/kill/delete rounds (one warm-up), each verb timed."""
+def cycle_timings(node: Node, cycles: int, warmup: int) -> dict[str, list[float]]:
+    """``cycles`` full create/start/kill/delete rounds after ``warmup`` ones, each verb timed."""
     import time
 
     bundle = node.bundle("bench-cycle", guest_script("print cycle\\n", "halt"))
     timings: dict[str, list[float]] = {"create (wall)": [], "create (own)": [], "start": [], "kill": [],
                                        "delete": []}
-    for i in range(cycles + 1):
+    for i in range(warmup + cycles):
         cid = f"bench-cycle-{i}"
         created = node.create_timed(cid, bundle)
         watch = ExitWatch(created.monitor)
@@ -170,7 +170,7 @@ def cycle_timings(node: Node, cycles: int) -> dict[str, list[float]]:
         before_delete = time.perf_counter()
         node.run("delete", cid)
         deleted = time.perf_counter()
-        if i == 0:
+        if i < warmup:
             continue
         timings["create (wall)"].append(created.wall)
         timings["create (own)"].append(created.wall - created.tool)
@@ -202,11 +202,11 @@ def run(options: Options) -> SuiteResult:
                 candidates["runc state"] = quiet([*runc, "state", "bench-runc"])
             else:
                 result.info["runc state"] = f"not measured: {why_not_runc}"
-            series = interleaved(candidates, runs, warmup=2)
+            series = interleaved(candidates, runs, warmup=2 * options.warmup)
         floor = series[f'python -c "{FLOOR}" (floor)']
         for s in series.values():
             result.add(s)
-        for name, samples in cycle_timings(node, options.count(8, 1)).items():
+        for name, samples in cycle_timings(node, options.count(8, 1), options.warmup).items():
             result.add(Series(f"runphi {name}", tuple(samples)))
     by_name = {s.name: s for s in result.series}
     for s in result.series:

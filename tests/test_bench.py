@@ -1,0 +1,159 @@
+"""Smoke runs of every benchmark suite with tiny counts, so the benchmarks cannot rot.
+
+Budgets are not asserted here (timings belong to ``python -m tools.bench``, not to
+tests); what is asserted is that each suite runs to the end on real processes,
+measures something, and that its correctness checks hold (identical bytes from
+gcc, exit statuses, import audit, ledger consistency).
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import subprocess
+import sys
+
+import msgspec
+import pytest
+
+from tests.containerd import missing_requirements
+from tools.bench import __main__ as bench
+from tools.bench.harness import Budget, Options, Report, Series, SuiteResult, interleaved, run_suite
+
+QUICK = Options(quick=True)
+
+
+def smoke(name: str) -> SuiteResult:
+    """Run suite ``name`` in its quick form and check what every suite must deliver."""
+    module = __import__(f"tools.bench.{bench.SUITES[name]}", fromlist=["run"])
+    result = run_suite(name, module.run, QUICK)
+    assert not result.error, result.error
+    assert not result.skipped, result.skipped
+    assert result.series, f"{name} measured nothing"
+    for series in result.series:
+        assert series.samples and all(math.isfinite(v) and v >= 0 for v in series.samples), series
+    failed = [f"{c.name}: {c.detail}" for c in result.checks if not c.ok]
+    assert not failed, failed
+    for budget in result.budgets:
+        assert math.isfinite(budget.value) and budget.value > 0, budget
+    return result
+
+
+def qemu_missing() -> str | None:
+    from tools.inmates import build as inmates
+    from tools.jailhouse_sim.engines.qemu import DEFAULT_BINARY
+
+    if shutil.which(DEFAULT_BINARY) is None:
+        return f"{DEFAULT_BINARY} is not installed"
+    return inmates.missing_tools()
+
+
+# ---- harness ---------------------------------------------------------------------------------
+
+
+def test_budget_verdicts_follow_the_comparison():
+    assert Budget("b", 1.0, 1.25, "<=").passed
+    assert not Budget("b", 1.3, 1.25, "<=").passed
+    assert Budget("b", 150.0, 100.0, ">=").passed
+    assert not Budget("b", 99.0, 100.0, ">=").passed
+
+
+def test_series_summary_and_percentile():
+    series = Series("s", (3.0, 1.0, 2.0, 10.0))
+    assert (series.min, series.median, series.max) == (1.0, 2.5, 10.0)
+    assert series.percentile(0.5) == 3.0
+    assert series.percentile(0.99) == 10.0
+
+
+def test_interleaved_alternates_candidates_and_drops_warmup():
+    order: list[str] = []
+    result = interleaved({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, runs=2, warmup=1)
+    assert order == ["a", "b"] * 3
+    assert [len(s.samples) for s in result.values()] == [2, 2]
+
+
+def test_a_failing_suite_is_reported_not_raised():
+    def broken(options: Options) -> SuiteResult:
+        raise RuntimeError("no such thing")
+
+    result = run_suite("broken", broken, QUICK)
+    assert result.error == "RuntimeError: no such thing"
+    assert not result.passed
+
+
+def test_unknown_suite_is_one_line_and_exit_1():
+    done = subprocess.run([sys.executable, "-m", "tools.bench", "nonsense"], capture_output=True, text=True)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        f"tools.bench: unknown suite 'nonsense': choose from {', '.join(bench.SUITES)}"]
+
+
+def test_cli_prints_verdicts_and_writes_the_json_report(tmp_path):
+    report_path = tmp_path / "bench.json"
+    done = subprocess.run([sys.executable, "-m", "tools.bench", "cellgen", "--quick", "--json", str(report_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode in (0, 1), done.stderr
+    report = msgspec.json.decode(report_path.read_bytes(), type=Report)
+    assert [s.name for s in report.suites] == ["cellgen"]
+    assert report.quick and report.machine.cpus >= 1
+    (budget,) = report.budgets
+    assert budget.name == "speed-up over gcc + objcopy"
+    assert ("PASS" if budget.passed else "FAIL") + "] speed-up over gcc + objcopy" in done.stdout
+    assert report.passed == (done.returncode == 0)
+
+
+# ---- suites ----------------------------------------------------------------------------------
+
+
+def test_cellgen_suite_matches_gcc_bytes():
+    result = smoke("cellgen")
+    if shutil.which("gcc") and shutil.which("objcopy"):
+        assert [c.name for c in result.checks] == ["gcc + objcopy bytes == write_cell bytes"]
+        assert [b.name for b in result.budgets] == ["speed-up over gcc + objcopy"]
+
+
+def test_console_suite_through_the_real_monitor():
+    result = smoke("console")
+    assert {b.name for b in result.budgets} == {
+        "guest->pipe p99 (echo round trip, upper bound)", "throughput through the monitor",
+        "idle monitor CPU (own)", "monitor RSS"}
+
+
+def test_verbs_suite_and_import_audit():
+    result = smoke("verbs")
+    audited = {c.name for c in result.checks}
+    assert {"imports of runphi state", "imports of runphi create", "imports of runphi delete"} <= audited
+    names = {s.name for s in result.series}
+    assert {"runphi state", "runphi create (own)", "python -c pass"} <= names
+
+
+@pytest.mark.qemu
+def test_lifecycle_suite_script_and_qemu_guests():
+    reason = qemu_missing()
+    if reason:
+        pytest.skip(reason)
+    result = smoke("lifecycle")
+    assert any(s.name.startswith("qemu:") for s in result.series)
+    assert any(s.name == "script: cell failed -> monitor exit" for s in result.series)
+
+
+@pytest.mark.qemu
+def test_qemu_suite():
+    reason = qemu_missing()
+    if reason:
+        pytest.skip(reason)
+    smoke("qemu")
+
+
+@pytest.mark.containerd
+def test_e2e_suite_with_a_private_containerd():
+    reason = missing_requirements()
+    if reason:
+        pytest.skip(f"real containerd test: {reason}")
+    result = smoke("e2e")
+    assert len(result.budgets) == 2
+
+
+def test_scale_suite_leaves_nothing_behind():
+    result = smoke("scale")
+    assert len(result.checks) == 3
