@@ -360,15 +360,16 @@ class JailhouseBackend:
             shutdown_timeout=grace, probe_interval=self.jh.probe_interval_ms / 1000,
             start_fd=start_fd, console_fd=fds.console, terminal_fd=fds.terminal,
             log_path=self.log[0], log_format=self.log[1], log_level=self.log[2])
+        keep = [fd for fd in (start_fd, fds.console, fds.terminal) if fd >= 0]
         if fds.terminal >= 0:
             # Terminal mode: never keep create's fds 0/1/2 (the shim's buffer pipe).
             null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
-            undo.push("close /dev/null", lambda: _close(null))
-            stdio = (null, null, null)
+            try:
+                pid = spawn_monitor(setup, (null, null, null), keep)
+            finally:
+                os.close(null)
         else:
-            stdio = (0, 1, 2)
-        keep = [fd for fd in (start_fd, fds.console, fds.terminal) if fd >= 0]
-        pid = spawn_monitor(setup, stdio, keep)
+            pid = spawn_monitor(setup, (0, 1, 2), keep)
         undo.push("kill the monitor", lambda: _kill(pid))
         try:
             return identify_process(pid)
