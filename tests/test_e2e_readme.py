@@ -1,0 +1,104 @@
+"""The README's shell blocks do what the README says.
+
+Each ``sh`` block is taken from README.md as written and run; the only edits
+are the ones that keep a test private: its ``/tmp/rphi-*`` paths go to a fresh
+temporary directory, and the containerd commands talk to the test's private
+containerd (``ctr`` gains ``--address``/``--namespace``, runphi's installed path
+and ``/run/runphi`` become the test's).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from tests.conftest import REPO_ROOT
+from tests.containerd import NAMESPACE, ZIC_IMAGE_PLATFORM, short_tempdir
+
+pytestmark = pytest.mark.qemu
+
+README = REPO_ROOT / "README.md"
+HELLO_CONSOLE = ("Hello from runphi inmate hello\n"
+                 "hello: running at EL1 on the cell's first CPU\n"
+                 "hello: timer frequency 62500000 Hz\n"
+                 "hello: done, powering off\n")
+
+
+def sh_block(section: str, index: int = 0) -> str:
+    """The ``index``-th ```sh block under the README heading ``section``."""
+    text = README.read_text()
+    start = text.index(f"\n{section}\n")
+    following = re.search(r"\n#{1,3} ", text[start + 1:])
+    body = text[start: start + 1 + following.start()] if following else text[start:]
+    return re.findall(r"```sh\n(.*?)```", body, re.S)[index]
+
+
+def clean_env() -> dict[str, str]:
+    """This environment without runphi's variables (the README sets its own)."""
+    return {key: value for key, value in os.environ.items() if not key.startswith("RUNPHI_")}
+
+
+def test_by_hand_block_runs_hello_on_the_simulator(built_inmates):
+    block = sh_block("## Try it by hand on the simulator")
+    private = short_tempdir("rphi-readme-")
+    script = block.replace("/tmp/rphi-", f"{private}/")
+    try:
+        result = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=REPO_ROOT, env=clean_env(),
+                                capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert HELLO_CONSOLE in result.stdout.replace("\r\n", "\n")
+        assert "jailhouse-sim: stopped" in result.stdout
+    finally:
+        subprocess.run([str(REPO_ROOT / ".venv/bin/jailhouse-sim"), "down", "--root", f"{private}/board"],
+                       capture_output=True, timeout=60, stdin=subprocess.DEVNULL)
+        shutil.rmtree(private, ignore_errors=True)
+
+
+@pytest.mark.containerd
+def test_containerd_blocks_build_import_run_kill_and_remove(zic_node, zic_events, built_inmates, tmp_path):
+    build = sh_block("## Using runphi with containerd", 0)
+    usage = sh_block("## Using runphi with containerd", 1)
+    # The build block runs "from a checkout" and writes the archives where it runs.
+    (tmp_path / ".venv").symlink_to(REPO_ROOT / ".venv")
+    (tmp_path / "tools").symlink_to(REPO_ROOT / "tools")
+    built = subprocess.run(["bash", "-euo", "pipefail", "-c", build], cwd=tmp_path, env=clean_env(),
+                           capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert built.returncode == 0, built.stderr
+    assert sorted(p.name for p in tmp_path.glob("*.tar")) == ["echo.tar", "hello.tar", "ticker.tar"]
+
+    ctd = zic_node.containerd
+    prelude = (f'ctr() {{ command ctr --address {ctd.address} --namespace {NAMESPACE} "$@"; }}\n')
+    if platform.machine() not in ("aarch64", "arm64"):
+        usage = usage.replace("ctr image import ", f"ctr image import --platform {ZIC_IMAGE_PLATFORM} ")
+    usage = usage.replace("/usr/local/bin/runphi", str(zic_node.runphi)).replace("/run/runphi",
+                                                                                str(ctd.runtime_root))
+    [assignment, *commands] = [line for line in usage.splitlines() if line.strip()]
+    outputs = {}
+    try:
+        for command in commands:
+            if " -t " in command:
+                continue  # needs a terminal: tests/test_e2e_zic.py drives `ctr run -t` through a pty
+            done = subprocess.run(["bash", "-euo", "pipefail", "-c", f"{prelude}{assignment}\n{command}"],
+                                  cwd=tmp_path, env=ctd.env, capture_output=True, text=True, timeout=180,
+                                  stdin=subprocess.DEVNULL)
+            assert done.returncode == 0, (command, done.stdout, done.stderr)
+            outputs[command.split("#")[0].strip()] = done.stdout
+            if command.startswith("ctr task kill t1"):
+                # What a person at the keyboard waits for before the next line.
+                assert zic_events.exit_status("t1") == 143
+    finally:
+        ctd.ctr("task", "rm", "--force", "t1")
+        ctd.ctr("containers", "rm", "t1")
+        for guest in ("hello", "ticker", "echo"):
+            ctd.ctr("images", "rm", "--sync", f"docker.io/library/{guest}:latest")
+    [hello_out] = [out for command, out in outputs.items() if command.endswith("hello1")]
+    assert hello_out.replace("\r\n", "\n") == HELLO_CONSOLE
+    [listing] = [out for command, out in outputs.items() if command == "ctr task ls"]
+    assert [row.split()[2] for row in listing.splitlines()[1:] if row.split()[0] == "t1"] == ["STOPPED"]
+    assert zic_events.exit_status("hello1") == 0
+    assert "t1" not in zic_node.cells() and zic_node.ledger() == {}
