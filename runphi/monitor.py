@@ -468,6 +468,7 @@ def spawn_monitor(setup: MonitorSetup, stdio: tuple[int, int, int], keep: list[i
 def _become_monitor(setup: MonitorSetup, stdio: tuple[int, int, int], keep: list[int]) -> None:
     try:
         os.setsid()
+        os.chdir("/")  # pin no directory (the bundle, its rootfs mount) while we live
         for target, fd in enumerate(stdio):
             if fd != target:
                 os.dup2(fd, target)

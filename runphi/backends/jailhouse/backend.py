@@ -356,7 +356,8 @@ class JailhouseBackend:
 
         setup = MonitorSetup(
             container_id=request.container_id, container_dir=request.container_dir, cell_name=name,
-            tool=self.jh.tool, sysfs=self.jh.sysfs, poll_interval=self.jh.poll_interval_ms / 1000,
+            tool=os.path.abspath(self.jh.tool) if "/" in self.jh.tool else self.jh.tool,
+            sysfs=os.path.abspath(self.jh.sysfs), poll_interval=self.jh.poll_interval_ms / 1000,
             shutdown_timeout=grace, probe_interval=self.jh.probe_interval_ms / 1000,
             start_fd=start_fd, console_fd=fds.console, terminal_fd=fds.terminal,
             log_path=self.log[0], log_format=self.log[1], log_level=self.log[2])
@@ -416,5 +417,6 @@ def _kill(pid: int) -> None:
 
 def open_backend(ctx) -> JailhouseBackend:
     """The backend for a verb: runphi.toml's `[jailhouse]`, warnings to the verb's log."""
-    log = (ctx.options.log or "", ctx.options.log_format, ctx.log_level)
+    log_path = os.path.abspath(ctx.options.log) if ctx.options.log else ""  # the monitor runs in /
+    log = (log_path, ctx.options.log_format, ctx.log_level)
     return JailhouseBackend(ctx.config, warn=lambda message: ctx.log.warn(message), log=log)
