@@ -83,3 +83,24 @@ class BackendNotConfigured(RunphiError):
 
 class RuncNotFound(RunphiError):
     """A plain container must go to runc, and no runc binary can be found."""
+
+
+def for_container(error: RunphiError, what: str, container_id: str) -> RunphiError:
+    """``error`` of the same class, its line prefixed with ``what`` and naming the container.
+
+    For errors raised by code that does not know which container it works for
+    (the bundle and image readers): ``for_container(exc, "cannot create ZIC", id)``
+    reads ``cannot create ZIC <id>: <reason>``. Classes whose text is a fixed
+    contract with the shim (``container does not exist``) are returned unchanged.
+    """
+    if isinstance(error, (ContainerNotFound, ContainerNotRunning, ContainerExists)):
+        return error
+    wrapped = type(error).__new__(type(error))
+    RunphiError.__init__(wrapped, f"{what} {container_id}: {error.message}", container_id=container_id)
+    return wrapped
+
+
+#: Everything msgspec's decoders raise on hostile bytes: DecodeError (a ValueError),
+#: UnicodeDecodeError (invalid UTF-8, also a ValueError) and RecursionError (absurd
+#: nesting). Catch this at every edge that decodes a file, never DecodeError alone.
+MALFORMED_INPUT = (ValueError, RecursionError)

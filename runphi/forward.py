@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, NoReturn
 
 import msgspec
 
-from runphi.errors import BundleError, ContainerNotFound, RuncNotFound, RunphiError
-from runphi.oci import RUNTIME_ANNOTATION, State, load_routing_keys
+from runphi.errors import MALFORMED_INPUT, BundleError, ContainerNotFound, RuncNotFound, RunphiError
+from runphi.oci import RUNTIME_ANNOTATION, State, config_present, load_routing_keys
 
 if TYPE_CHECKING:
     import argparse
@@ -59,13 +59,15 @@ def has_boot_description(rootfs: Path) -> bool:
 def is_zic(bundle: Path) -> bool:
     """Whether the bundle is a partitioned container (runphi's) rather than runc's.
 
-    An unreadable config.json counts as plain: runc then reports its own error.
-    Raises :class:`BundleError` for an invalid ``org.runphi.runtime`` value.
+    A bundle without config.json counts as plain: runc then reports its own error.
+    Raises :class:`BundleError` for a config.json that exists but cannot be
+    decided on (not a regular file, too large, not JSON, ``root``/``annotations``
+    of the wrong type — runc would fail on those too, less clearly or with a
+    panic) and for an invalid ``org.runphi.runtime`` value.
     """
-    try:
-        root, annotations = load_routing_keys(bundle)
-    except BundleError:
-        return False  # runc will report what is wrong with this bundle
+    if not config_present(bundle):
+        return False  # runc will report the missing config.json itself
+    root, annotations = load_routing_keys(bundle)
     wanted = annotations.get(RUNTIME_ANNOTATION)
     if wanted is not None:
         if wanted not in ("runphi", "runc"):
@@ -137,5 +139,5 @@ def runc_states(ctx: Context, own_ids: set[str]) -> list[State]:
         raise RunphiError(f"`runc list` failed with exit status {result.returncode}")
     try:
         return msgspec.json.decode(result.stdout or b"null", type=list[State] | None) or []
-    except msgspec.DecodeError as exc:
+    except MALFORMED_INPUT as exc:
         raise RunphiError(f"cannot parse `runc list --format json` output: {exc}") from None

@@ -18,12 +18,17 @@ from typing import Any, Protocol
 
 import msgspec
 
-from runphi.errors import BundleError
+from runphi.errors import MALFORMED_INPUT, BundleError
 
 DESCRIPTION_PATHS = ("/boot/config.json", "/boot/configuration.json")
 DEFAULT_INMATE = "/boot/boot.bin"
 MAX_SYMLINKS = 40
 NO_NET = ("", "no", "none", "false", "off")
+#: A boot description is a few hundred bytes; anything bigger than this is refused unread.
+MAX_DESCRIPTION_SIZE = 1 << 20
+#: Sanity bounds on what an image may ask for (the allocator then checks the board).
+MAX_MEMORY_MIB = 1 << 20
+MAX_VCPUS = 4096
 
 OS_LINUX = "linux"
 KNOWN_OS = ("zephyr", "baremetal", "freertos", OS_LINUX)
@@ -188,22 +193,23 @@ def parse_boot_description(data: bytes, rootfs: Path, source: Path, log: DebugLo
     try:
         raw = msgspec.json.decode(data, type=_RawDescription)
         keys = msgspec.json.decode(data, type=dict[str, msgspec.Raw])
-    except msgspec.DecodeError as exc:
+    except MALFORMED_INPUT as exc:
         raise BootDescriptionError(f"boot description {where} in the image is invalid: {exc}") from None
     ignored = tuple(sorted(k for k in keys if k not in _KNOWN_KEYS))
     noisy = [k for k in ignored if k not in _IGNORED_QUIETLY]
     if noisy and log is not None:
         log.debug("boot description: ignoring keys runphi does not use", file=where, keys=",".join(noisy))
-    for name, value in (("memory", raw.memory), ("vcpus", raw.vcpus)):
-        if value is not None and value <= 0:
-            raise BootDescriptionError(f"{name} = {value} in {where} must be a positive number")
+    for name, value, limit in (("memory", raw.memory, MAX_MEMORY_MIB), ("vcpus", raw.vcpus, MAX_VCPUS)):
+        if value is not None and not 0 < value <= limit:
+            raise BootDescriptionError(f"{name} = {value} in {where} must be a positive number "
+                                       f"no greater than {limit}")
     linux = raw.os_var.lower() == OS_LINUX
     kernel_field = raw.kernel if raw.kernel else (raw.inmate if linux else None)
     inmate = raw.kernel if (linux and raw.kernel) else raw.inmate
     initrd = raw.initrd or raw.ramdisk or raw.cpio
     pins = frozenset(p.pcpu for p in raw.vcpu_pinning) if raw.vcpu_pinning else None
-    if pins is not None and any(p < 0 for p in pins):
-        raise BootDescriptionError(f"vcpu_pinning in {where} names a negative pcpu")
+    if pins is not None and any(not 0 <= p < MAX_VCPUS for p in pins):
+        raise BootDescriptionError(f"vcpu_pinning in {where} names a pcpu outside 0..{MAX_VCPUS - 1}")
     return BootDescription(
         source=source,
         os_var=raw.os_var,
@@ -234,11 +240,30 @@ def load_boot_description(rootfs: Path, log: DebugLog | None = None) -> BootDesc
             f"no boot description in the image ({' or '.join(DESCRIPTION_PATHS)} under {rootfs}); "
             "a ZIC image needs one"
         )
+    return parse_boot_description(_read_description(source), rootfs, source, log)
+
+
+def _read_description(source: Path) -> bytes:
+    """The description's bytes: a regular file (checked on the open fd) of bounded size."""
     try:
-        fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW)
-        with os.fdopen(fd, "rb") as f:
-            data = f.read()
+        fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         reason = "it is a symlink" if exc.errno == errno.ELOOP else exc.strerror
         raise BootDescriptionError(f"cannot read boot description {source}: {reason}") from None
-    return parse_boot_description(data, rootfs, source, log)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise BootDescriptionError(f"cannot read boot description {source}: not a regular file")
+        if info.st_size > MAX_DESCRIPTION_SIZE:
+            raise BootDescriptionError(f"boot description {source} is too large ({info.st_size} bytes, "
+                                       f"at most {MAX_DESCRIPTION_SIZE} accepted)")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(MAX_DESCRIPTION_SIZE + 1)
+    except OSError as exc:
+        raise BootDescriptionError(f"cannot read boot description {source}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_DESCRIPTION_SIZE:
+        raise BootDescriptionError(f"boot description {source} is too large (more than "
+                                   f"{MAX_DESCRIPTION_SIZE} bytes)")
+    return data

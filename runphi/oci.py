@@ -14,12 +14,14 @@ Lean: verb processes import this module, so msgspec and the stdlib only.
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 from typing import Literal
 
 import msgspec
 
-from runphi.errors import BundleError
+from runphi.errors import MALFORMED_INPUT, BundleError
 
 #: Statuses of the state document. runc adds ``paused``; ZICs never pause.
 Status = Literal["creating", "created", "running", "stopped", "paused"]
@@ -162,14 +164,44 @@ _config_decoder = msgspec.json.Decoder(Config)
 _routing_decoder = msgspec.json.Decoder(_RoutingConfig)
 
 
+#: No real config.json comes near this; anything bigger is refused before it is read.
+MAX_CONFIG_SIZE = 16 << 20
+
+
 def _read_config_bytes(bundle: Path) -> bytes:
+    """The bytes of ``<bundle>/config.json``: a regular file of at most MAX_CONFIG_SIZE.
+
+    Opened non-blocking and checked with fstat before reading, so a FIFO or a
+    device planted there can neither hang the verb nor feed it endless bytes.
+    """
     path = Path(bundle) / "config.json"
     try:
-        return path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         raise BundleError(f"cannot read {path}: no such file (is {bundle} an OCI bundle?)") from None
     except OSError as exc:
         raise BundleError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise BundleError(f"cannot read {path}: not a regular file")
+        if info.st_size > MAX_CONFIG_SIZE:
+            raise BundleError(f"cannot read {path}: too large ({info.st_size} bytes, at most "
+                              f"{MAX_CONFIG_SIZE} accepted)")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(MAX_CONFIG_SIZE + 1)
+    except OSError as exc:
+        raise BundleError(f"cannot read {path}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_CONFIG_SIZE:
+        raise BundleError(f"cannot read {path}: too large (more than {MAX_CONFIG_SIZE} bytes)")
+    return data
+
+
+def config_present(bundle: Path) -> bool:
+    """Whether ``<bundle>/config.json`` exists at all (a dangling link counts as present)."""
+    return os.path.lexists(Path(bundle) / "config.json")
 
 
 def load_config(bundle: Path) -> Config:
@@ -178,10 +210,15 @@ def load_config(bundle: Path) -> Config:
     Raises :class:`BundleError` naming the file and, for a type mismatch, the
     JSON path of the offending key.
     """
+    return read_config(bundle)[1]
+
+
+def read_config(bundle: Path) -> tuple[bytes, Config]:
+    """``load_config`` that also returns the file's exact bytes (for a faithful copy)."""
     data = _read_config_bytes(bundle)
     try:
-        return _config_decoder.decode(data)
-    except msgspec.DecodeError as exc:
+        return data, _config_decoder.decode(data)
+    except MALFORMED_INPUT as exc:
         raise BundleError(f"invalid {Path(bundle) / 'config.json'}: {exc}") from None
 
 
@@ -190,7 +227,7 @@ def load_routing_keys(bundle: Path) -> tuple[Root | None, dict[str, str]]:
     data = _read_config_bytes(bundle)
     try:
         cfg = _routing_decoder.decode(data)
-    except msgspec.DecodeError as exc:
+    except MALFORMED_INPUT as exc:
         raise BundleError(f"invalid {Path(bundle) / 'config.json'}: {exc}") from None
     return cfg.root, cfg.annotations
 

@@ -36,7 +36,7 @@ from typing import Iterator
 import msgspec
 
 from runphi.container import ContainerRecord
-from runphi.errors import ContainerExists, ContainerNotFound, StateError
+from runphi.errors import MALFORMED_INPUT, ContainerExists, ContainerNotFound, StateError
 
 RECORD_NAME = "runphi.json"
 LOCK_NAME = "runphi.lock"
@@ -165,7 +165,7 @@ class Store:
             raise ContainerNotFound(container_id) from None
         try:
             return _decoder.decode(data)
-        except msgspec.DecodeError as exc:
+        except MALFORMED_INPUT as exc:
             raise StateError(f"record of container {container_id} ({path}) is unreadable: {exc}; "
                              f"remove it with `runphi delete --force {container_id}`",
                              container_id=container_id) from None

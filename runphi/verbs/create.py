@@ -25,10 +25,10 @@ from pathlib import Path
 import msgspec
 
 from runphi.container import CellRecord, ContainerRecord, current_process_identity, transition
-from runphi.errors import BackendNotConfigured, BundleError, ContainerExists
+from runphi.errors import BackendNotConfigured, BundleError, ContainerExists, RunphiError, for_container
 from runphi.forward import exec_runc, is_zic
 from runphi.log import rfc3339_nano
-from runphi.oci import Config, load_config
+from runphi.oci import Config, read_config
 from runphi.store import atomic_write
 from runphi.verbs._common import (CONFIG_COPY_NAME, START_FIFO_NAME, state_json, stop_monitor,
                                   write_pid_file)
@@ -59,9 +59,17 @@ class Launched(msgspec.Struct, frozen=True, kw_only=True):
 def run(args, ctx) -> int:
     """Create the container (see the module docstring for the two paths)."""
     bundle = Path(args.bundle).absolute()
-    if not is_zic(bundle):
+    if not decide_zic(bundle, args.container_id):
         exec_runc(ctx)
     return create_zic(args, ctx, bundle)
+
+
+def decide_zic(bundle: Path, container_id: str) -> bool:
+    """``is_zic`` with its refusals naming the container."""
+    try:
+        return is_zic(bundle)
+    except BundleError as exc:
+        raise for_container(exc, "cannot create container", container_id) from None
 
 
 def create_zic(args, ctx, bundle: Path) -> int:
@@ -69,8 +77,10 @@ def create_zic(args, ctx, bundle: Path) -> int:
     container_id = args.container_id
     if ctx.store.taken(container_id):
         raise ContainerExists(container_id)
-    config_bytes = (bundle / "config.json").read_bytes()
-    config = load_config(bundle)
+    try:
+        config_bytes, config = read_config(bundle)
+    except BundleError as exc:
+        raise for_container(exc, "cannot create ZIC", container_id) from None
     _check_terminal(config, args.console_socket, container_id)
     try:
         backend = ctx.backend(container_id)
@@ -87,10 +97,16 @@ def create_zic(args, ctx, bundle: Path) -> int:
     with ctx.store.creating(record):
         atomic_write(directory / CONFIG_COPY_NAME, config_bytes)
         os.mkfifo(directory / START_FIFO_NAME, 0o600)
-        launched = backend.launch(LaunchRequest(
-            container_id=container_id, bundle=str(bundle), rootfs=record.rootfs,
-            container_dir=str(directory), config=config,
-            console_socket=args.console_socket or "", start_fifo=str(directory / START_FIFO_NAME)))
+        try:
+            launched = backend.launch(LaunchRequest(
+                container_id=container_id, bundle=str(bundle), rootfs=record.rootfs,
+                container_dir=str(directory), config=config,
+                console_socket=args.console_socket or "", start_fifo=str(directory / START_FIFO_NAME)))
+        except RunphiError as exc:
+            # The image readers do not know the container: name it here, once.
+            if exc.container_id is None:
+                raise for_container(exc, "cannot create ZIC", container_id) from None
+            raise
         record = msgspec.structs.replace(record, cell=launched.cell, monitor_pid=launched.monitor_pid,
                                          monitor_start_time=launched.monitor_start_time)
         try:

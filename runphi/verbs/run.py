@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 from runphi.errors import RunphiError
-from runphi.forward import exec_runc, is_zic
+from runphi.forward import exec_runc
 from runphi.verbs import create, delete, start
 
 _PR_SET_CHILD_SUBREAPER = 36
@@ -37,7 +37,7 @@ def _exit_status(wait_status: int) -> int:
 def run(args, ctx) -> int:
     """Create and start; in the foreground wait for the container and return its status."""
     bundle = Path(args.bundle).absolute()
-    if not is_zic(bundle):
+    if not create.decide_zic(bundle, args.container_id):
         exec_runc(ctx)
     if not args.detach:
         _become_subreaper()

@@ -28,6 +28,7 @@ import msgspec
 
 from runphi.backends.jailhouse.cpulist import CpuListError, format_cpu_list, parse_cpu_list
 from runphi.backends.jailhouse.errors import AllocationError
+from runphi.errors import MALFORMED_INPUT
 from runphi.backends.jailhouse.platform import MiB, PAGE_SIZE, Platform
 
 if TYPE_CHECKING:
@@ -210,7 +211,7 @@ class Allocator:
             raise AllocationError(f"cannot read the resource ledger {self.ledger_path}: {exc.strerror}") from None
         try:
             ledger = msgspec.json.decode(data, type=Ledger)
-        except msgspec.DecodeError as exc:
+        except MALFORMED_INPUT as exc:
             raise AllocationError(
                 f"resource ledger {self.ledger_path} is corrupt ({exc}); rebuild it from the running cells"
             ) from None

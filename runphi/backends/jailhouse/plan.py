@@ -138,3 +138,20 @@ def _ram_regions(platform: Platform, allocation: Allocation) -> list[cc.MemoryRe
         flags=LOW_RAM_FLAGS,
     )  # fmt: skip
     return [low, main]
+
+
+def check_image_fits(config: cc.CellConfig, address: int, size: int, what: str) -> None:
+    """Raise CellConfigError unless [address, address + size) lies in one loadable region.
+
+    Checked before `cell load` so an oversized image is refused with its size
+    instead of being streamed into the hypervisor (which would fail late, or hang).
+    """
+    for region in config.memory_regions:
+        if region.flags & cc.MEM_LOADABLE and region.virt_start <= address \
+                and address + size <= region.virt_start + region.size:
+            return
+    room = [r for r in config.memory_regions
+            if r.flags & cc.MEM_LOADABLE and r.virt_start <= address < r.virt_start + r.size]
+    where = (f"only {room[0].virt_start + room[0].size - address} bytes of cell RAM follow {address:#x}"
+             if room else f"no cell RAM is mapped at {address:#x}")
+    raise CellConfigError(f"{what} is {size} bytes, larger than the room it is loaded into: {where}")
