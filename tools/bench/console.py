@@ -12,7 +12,8 @@ Two layers, both over real file descriptors:
     is an upper bound of the guest -> pipe latency. Budget p99 <= 5 ms.
   - throughput: a ``flood`` guest, MB/s from the first to the last byte read
     from the monitor's stdout. Budget >= 20 MB/s (a 115200-baud UART carries
-    0.0115 MB/s).
+    0.0115 MB/s). Reference: the same flood read straight from the board
+    UART's pty with no runphi in the path (what the simulator itself delivers).
   - idle: a guest that prints once and waits; the monitor's own CPU time over
     a window (budget <= 0.5 %), the CPU of the tools it runs (its 2 s
     hypervisor probe; on a board that tool is a small C program) reported
@@ -174,6 +175,51 @@ def flood_mbps(node: Node, total: int) -> float:
         zic.close()
 
 
+def simulator_ceiling_mbps(node: Node, total: int) -> float:
+    """MB/s of the same flood read straight from the board UART's pty: no runphi in the path.
+
+    The cell is made by hand with the simulator's ``jailhouse`` tool (config
+    from runphi's own planner), so this is what the simulator itself delivers;
+    the monitor's figure cannot exceed it.
+    """
+    import select
+
+    from runphi.backends.jailhouse.allocator import Allocation, Segment
+    from runphi.backends.jailhouse.cellconfig import write_cell
+    from runphi.backends.jailhouse.plan import plan_cell
+    from runphi.backends.jailhouse.platform import MiB, load_platform
+    from runphi.console.uart import UartSettings, open_uart
+
+    from .cellgen import TEMPLATES
+
+    platform = load_platform("sim-qemu-arm64", TEMPLATES)
+    allocation = Allocation(container_id="bench-raw", cpus=frozenset({1}), ram=Segment(0x50000000, 16 * MiB + 0x10000),
+                            main_ram_size=16 * MiB, uart_slot=0)
+    config = plan_cell(platform, allocation, None, allocation.container_id)
+    cell, image = node.base / "raw.cell", node.base / "raw.bin"
+    cell.write_bytes(write_cell(config, platform.profile))
+    image.write_bytes(guest_script(f"flood {total}", "halt"))
+    sim = node.sim
+    sim.jailhouse("cell", "create", cell).check()
+    try:
+        sim.jailhouse("cell", "load", "bench-raw", image, "-a", "0x70000000").check()
+        device = open_uart(str(sim.uart(1)), UartSettings(), container_id="bench-raw")
+        try:
+            sim.jailhouse("cell", "start", "bench-raw").check()
+            received, first, deadline = 0, 0.0, time.monotonic() + 120
+            while received < total:
+                ready, _, _ = select.select([device.fd], [], [], max(0.0, deadline - time.monotonic()))
+                if not ready:
+                    raise TimeoutError(f"the simulator delivered {received} of {total} bytes")
+                received += len(os.read(device.fd, 1 << 20))
+                first = first or time.perf_counter()
+            return total / (time.perf_counter() - first) / 1e6
+        finally:
+            device.close()
+    finally:
+        sim.jailhouse("cell", "destroy", "bench-raw")
+
+
 def _cpu_seconds(pid: int) -> tuple[float, float]:
     """(own utime+stime, reaped children's cutime+cstime) of ``pid`` in seconds."""
     with open(f"/proc/{pid}/stat") as stat:
@@ -220,6 +266,8 @@ def run(options: Options) -> SuiteResult:
         total = options.count(50, 2) * 1_000_000
         flows = [flood_mbps(node, total) for _ in range(options.count(3, 1))]
         result.add(Series("monitor: flood throughput", tuple(flows), unit="MB/s"))
+        ceiling = [simulator_ceiling_mbps(node, total) for _ in range(options.count(3, 1))]
+        result.add(Series("simulator alone: flood from the pty", tuple(ceiling), unit="MB/s"))
         own, children, rss = idle_monitor(node, options.count(10, 1))
     p99 = round_trips.percentile(0.99)
     result.info["monitor echo round trip"] = (f"p50 {round_trips.percentile(0.5) * 1e3:.3f} ms, "

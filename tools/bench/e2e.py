@@ -7,7 +7,9 @@ A private containerd (the test suite's fixture class) whose runc shim runs
 powers off) and plain ``runc`` for busybox. The two runs alternate. The ZIC's
 time inside the simulator's ``jailhouse`` tool is measured by the timing
 wrapper runphi is pointed at and reported apart: on a board that tool is a
-small C program, here a Python script. Budgets (DESIGN §12): ZIC <= 3x runc
+small C program, here a Python script. runphi itself is called through the
+same kind of wrapper, so the report breaks the ZIC's time down by the verbs
+the shim ran. Budgets (DESIGN §12): ZIC <= 3x runc
 overall, runphi's own share (ZIC minus tool time) <= 1.5x runc.
 """
 
@@ -17,7 +19,7 @@ import sys
 import time
 
 from .harness import Budget, Check, Options, Series, SuiteResult, Skip, standalone
-from .zic import guest_script, runphi_binary, sim_node
+from .zic import build_tool_wrapper, guest_script, runphi_binary, sim_node, take_calls
 
 OVERALL_BUDGET = 3.0
 OWN_SHARE_BUDGET = 1.5
@@ -45,6 +47,8 @@ def run(options: Options) -> SuiteResult:
         try:
             zic_rootfs = node.bundle("e2e-zic", guest_script("print hello from a ZIC\\n", "shutdown")) / "rootfs"
             busybox = helpers.make_busybox_rootfs(node.base / "busybox")
+            (node.base / "shim-view").mkdir()
+            runphi, runphi_log = build_tool_wrapper(runphi_binary(), node.base / "shim-view", "runphi")
 
             def ctr_run(cid: str, binary: str, rootfs, *args: str) -> float:
                 start = time.perf_counter()
@@ -59,16 +63,20 @@ def run(options: Options) -> SuiteResult:
                     raise RuntimeError(f"ctr run {cid} printed {done.stdout[:200]!r}, not {expected!r}")
                 return elapsed
 
-            zic, runc, tool = [], [], []
+            zic, runc, tool, verbs = [], [], [], {}
             for i in range(options.warmup + runs):
                 node.tool_seconds()
-                zic_time = ctr_run(f"bench-e2e-zic-{i}", str(node.runphi), zic_rootfs, "/boot/boot.bin")
+                take_calls(runphi_log)
+                zic_time = ctr_run(f"bench-e2e-zic-{i}", str(runphi), zic_rootfs, "/boot/boot.bin")
                 tool_time = node.tool_seconds()
+                by_verb = _verb_seconds(take_calls(runphi_log))
                 runc_time = ctr_run(f"bench-e2e-runc-{i}", "runc", busybox, "echo", "hello from runc")
                 if i < options.warmup:
                     continue
                 zic.append(zic_time)
                 tool.append(tool_time)
+                for verb, seconds in by_verb.items():
+                    verbs.setdefault(verb, []).append(seconds)
                 runc.append(runc_time)
             leftovers = daemon.ctr("containers", "list", "--quiet").stdout.split()
             result.checks.append(Check("nothing left in containerd after --rm", not leftovers,
@@ -83,6 +91,8 @@ def run(options: Options) -> SuiteResult:
     zic_series = result.add(Series("ctr run --rm ZIC (runphi, script guest)", tuple(zic)))
     result.add(Series("  of which in the simulator's jailhouse tool", tuple(tool)))
     own = result.add(Series("  runphi's own share (ZIC minus tool)", tuple(z - t for z, t in zip(zic, tool))))
+    for verb, samples in verbs.items():
+        result.add(Series(f"  shim ran runphi {verb} (incl. tool)", tuple(samples)))
     runc_series = result.add(Series("ctr run --rm busybox echo (runc)", tuple(runc)))
     result.budgets += [
         Budget("ZIC / runc, overall", zic_series.median / runc_series.median, OVERALL_BUDGET, "<=", "x"),
@@ -90,6 +100,18 @@ def run(options: Options) -> SuiteResult:
                "simulator tool time excluded"),
     ]
     return result
+
+
+def _verb_seconds(calls) -> dict[str, float]:
+    """Seconds per runphi verb (several calls of one verb add up) from the wrapper's log."""
+    totals: dict[str, float] = {}
+    for call in calls:
+        verb = next((a for a in call.args if a in RUNPHI_VERBS), "other")
+        totals[verb] = totals.get(verb, 0.0) + call.seconds
+    return totals
+
+
+RUNPHI_VERBS = ("create", "start", "state", "kill", "delete", "features", "list", "ps", "events", "--version")
 
 
 if __name__ == "__main__":

@@ -43,11 +43,10 @@ WRAPPER_C = r"""
 #include <unistd.h>
 #include <sys/wait.h>
 
-/* Run REAL with our arguments; append "<seconds> <caller pid>" to LOG (one O_APPEND write). */
+/* Run REAL with our arguments; append "<seconds> <caller pid> <args>" to LOG (one O_APPEND write). */
 int main(int argc, char **argv) {
     struct timespec a, b;
     int status = 0;
-    (void)argc;
     clock_gettime(CLOCK_MONOTONIC, &a);
     pid_t pid = fork();
     if (pid == 0) {
@@ -58,12 +57,17 @@ int main(int argc, char **argv) {
     if (pid < 0 || waitpid(pid, &status, 0) < 0)
         return 126;
     clock_gettime(CLOCK_MONOTONIC, &b);
-    char line[64];
-    int n = snprintf(line, sizeof line, "%.9f %d\n", (b.tv_sec - a.tv_sec) + (b.tv_nsec - a.tv_nsec) / 1e9,
-                     (int)getppid());
+    char line[512];
+    size_t n = (size_t)snprintf(line, sizeof line, "%.9f %d", (b.tv_sec - a.tv_sec) + (b.tv_nsec - a.tv_nsec) / 1e9,
+                                (int)getppid());
+    for (int i = 1; i < argc && n < sizeof line - 2; i++)
+        n += (size_t)snprintf(line + n, sizeof line - 1 - n, " %s", argv[i]);
+    if (n > sizeof line - 2)
+        n = sizeof line - 2;
+    line[n++] = '\n';
     int fd = open(LOG, O_WRONLY | O_APPEND | O_CREAT, 0644);
     if (fd >= 0) {
-        (void)!write(fd, line, (size_t)n);
+        (void)!write(fd, line, n);
         close(fd);
     }
     return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
@@ -106,12 +110,20 @@ def write_bundle(path: Path, guest: bytes, *, memory_mib: int = 16) -> Path:
     return path
 
 
-def build_tool_wrapper(real: Path, work: Path) -> tuple[Path, Path]:
-    """Compile the timing wrapper around ``real``; return (wrapper, its log file)."""
+class Call(NamedTuple):
+    """One call through a timing wrapper."""
+
+    seconds: float
+    caller: int
+    args: tuple[str, ...]
+
+
+def build_tool_wrapper(real: Path, work: Path, name: str = "jailhouse") -> tuple[Path, Path]:
+    """Compile a timing wrapper around ``real`` as ``work/name``; return (wrapper, its log file)."""
     compiler = shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise Skip("no C compiler (cc/gcc) to build the tool-timing wrapper")
-    source, wrapper, log = work / "tool-wrapper.c", work / "jailhouse", work / "tool-seconds.log"
+    source, wrapper, log = work / f"{name}-wrapper.c", work / name, work / f"{name}-calls.log"
     source.write_text(WRAPPER_C)
     subprocess.run([compiler, "-O2", f'-DREAL="{real}"', f'-DLOG="{log}"', "-o", str(wrapper), str(source)],
                    check=True, stdin=subprocess.DEVNULL)
@@ -124,6 +136,20 @@ class Created(NamedTuple):
     monitor: int
     wall: float
     tool: float
+
+
+def take_calls(log: Path) -> list[Call]:
+    """The calls a timing wrapper logged since the last take (the log is emptied)."""
+    try:
+        text = log.read_text()
+    except FileNotFoundError:
+        return []
+    log.unlink()
+    calls = []
+    for line in text.splitlines():
+        seconds, caller, *args = line.split()
+        calls.append(Call(float(seconds), int(caller), tuple(args)))
+    return calls
 
 
 class ExitWatch:
@@ -184,6 +210,21 @@ class Node:
                                f"{done.stderr.decode(errors='replace').strip()}")
         return done
 
+    def run_timed(self, *args: str) -> tuple[float, float]:
+        """``runphi ARGS`` (must succeed): (wall seconds, seconds inside its own hypervisor tool calls)."""
+        self.tool_seconds()
+        with tempfile.TemporaryFile() as err:
+            start = time.perf_counter()
+            proc = subprocess.Popen(self.argv(*args), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                    stderr=err, env=self.env)
+            status = proc.wait(timeout=120)
+            wall = time.perf_counter() - start
+            if status != 0:
+                err.seek(0)
+                raise RuntimeError(f"runphi {' '.join(args)} exited {status}: "
+                                   f"{err.read().decode(errors='replace').strip()}")
+        return wall, self.tool_seconds(caller=proc.pid)
+
     def create(self, cid: str, bundle: Path, *, stdin: int | None = None, stdout: int | None = None) -> int:
         """``runphi create``; the monitor inherits ``stdin``/``stdout`` (fds). Returns the monitor pid."""
         return self.create_timed(cid, bundle, stdin=stdin, stdout=stdout).monitor
@@ -215,13 +256,7 @@ class Node:
         With ``caller``, only the calls that process made (monitors probe the
         hypervisor in the background and would otherwise be counted too).
         """
-        try:
-            text = self.tool_log.read_text()
-        except FileNotFoundError:
-            return 0.0
-        self.tool_log.unlink()
-        calls = (line.split() for line in text.splitlines() if line.strip())
-        return sum(float(seconds) for seconds, pid in calls if caller is None or int(pid) == caller)
+        return sum(call.seconds for call in take_calls(self.tool_log) if caller is None or call.caller == caller)
 
     def cleanup(self) -> None:
         """Delete every container left (force), reap their monitors."""
