@@ -1,0 +1,147 @@
+"""The Linux ZIC under the real containerd: ``ctr run -t`` gives a shell in the cell, ``ctr
+task kill`` is an orderly guest poweroff (143), and a Linux ZIC runs beside an inmate ZIC on
+CPUs and UARTs of its own. The board is the simulator with the QEMU engine; the image is
+``python -m tools.linux_guest zic`` imported into containerd.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.containerd import ZIC_IMAGE_PLATFORM
+from tests.test_e2e_zic import (GUEST_TIMEOUT, assert_nothing_left, ctr_run_zic, log_text,
+                                read_until, wait_for_text, zic_rootfs)
+from tools.linux_guest import BANNER, POWER_KEY_MESSAGE, PROMPT, SHUTDOWN_MESSAGE
+from tools.linux_guest.testing import guest_or_skip
+
+pytestmark = [pytest.mark.containerd, pytest.mark.qemu]
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+IMAGE = "docker.io/library/runphi-linux-guest:test"
+ORDERLY_POWEROFF = (POWER_KEY_MESSAGE, SHUTDOWN_MESSAGE, "The system is going down NOW!",
+                    "Requesting system poweroff", "reboot: Power down")
+
+
+@pytest.fixture(scope="module")
+def linux_image(zic_node, tmp_path_factory) -> str:
+    """The Linux ZIC imported into the node's containerd (removed after the module)."""
+    guest_or_skip()
+    archive = tmp_path_factory.mktemp("linux-image") / "linux.tar"
+    built = subprocess.run([sys.executable, "-m", "tools.linux_guest", "zic", "--archive", str(archive),
+                            "--name", IMAGE], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr
+    ctr = zic_node.containerd.ctr
+    imported = ctr("images", "import", "--platform", ZIC_IMAGE_PLATFORM, str(archive), timeout=300)
+    assert imported.returncode == 0, imported.stderr
+    try:
+        yield IMAGE
+    finally:
+        ctr("images", "rm", "--sync", IMAGE)
+
+
+def read_after(master: int, marker: bytes, seen: bytearray, start: int, timeout: float = GUEST_TIMEOUT) -> None:
+    """Read the terminal into ``seen`` until ``marker`` shows up at or after offset ``start``."""
+    deadline = time.monotonic() + timeout
+    while marker not in seen[start:]:
+        remaining = deadline - time.monotonic()
+        assert remaining > 0, f"never saw {marker!r} on the terminal; got {bytes(seen[start:])!r}"
+        ready, _, _ = select.select([master], [], [], remaining)
+        if ready:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # EIO: ctr closed the terminal
+                chunk = b""
+            assert chunk, f"terminal closed before {marker!r}; got {bytes(seen[start:])!r}"
+            seen += chunk
+
+
+def in_order(text: str, lines: tuple[str, ...]) -> bool:
+    positions = [text.find(line) for line in lines]
+    return -1 not in positions and positions == sorted(positions)
+
+
+def test_ctr_run_t_gives_a_shell_in_the_cell(zic_node, zic_events, linux_image):
+    master, slave = os.openpty()
+    argv = zic_node.containerd.ctr_argv("run", "--rm", "-t", *zic_node.zic_flags(), linux_image, "linux-tty")
+    ctr = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=zic_node.containerd.env,
+                           start_new_session=True)
+    os.close(slave)
+    seen = bytearray()
+    try:
+        read_until(master, BANNER.encode(), seen)
+        read_until(master, PROMPT.encode(), seen)
+        mark = len(seen)
+        os.write(master, b"uname -m\r")
+        read_after(master, PROMPT.encode(), seen, mark)
+        assert b"\naarch64\r" in seen[mark:], bytes(seen[mark:])
+        assert zic_node.cells() == {"linux-tty": "running"}
+        os.write(master, b"poweroff -f\r")
+        read_after(master, b"reboot: Power down", seen, mark)
+        assert ctr.wait(GUEST_TIMEOUT) == 0, bytes(seen[-2000:])
+    finally:
+        if ctr.poll() is None:
+            ctr.kill()
+            ctr.wait()
+        os.close(master)
+    assert b"uname -m\r\r\naarch64\r\r\n" in bytes(seen)  # the guest's echo and answer, through ctr's tty
+    assert zic_events.exit_status("linux-tty") == 0
+    assert_nothing_left(zic_node, "linux-tty")
+
+
+def test_ctr_task_kill_is_an_orderly_poweroff_and_exit_143(zic_node, zic_events, linux_image, tmp_path):
+    log = tmp_path / "linux-kill.log"
+    ctr = zic_node.containerd.ctr
+    started = ctr("run", "-d", "--log-uri", f"file://{log}", *zic_node.zic_flags(), linux_image, "linux-kill")
+    assert started.returncode == 0, started.stderr
+    try:
+        wait_for_text(log, PROMPT)
+        killed = ctr("task", "kill", "linux-kill")
+        assert killed.returncode == 0, killed.stderr
+        assert zic_events.exit_status("linux-kill", timeout=GUEST_TIMEOUT) == 143
+        text = log_text(log)
+        assert in_order(text[text.find(PROMPT):], ORDERLY_POWEROFF), text[-2000:]
+    finally:
+        ctr("task", "rm", "--force", "linux-kill")
+        ctr("containers", "rm", "linux-kill")
+    assert_nothing_left(zic_node, "linux-kill")
+
+
+def test_linux_and_an_inmate_zic_side_by_side(zic_node, zic_events, linux_image, built_inmates, tmp_path):
+    logs = {cid: tmp_path / f"{cid}.log" for cid in ("side-linux", "side-ticker")}
+    ctr = zic_node.containerd.ctr
+    try:
+        started = ctr("run", "-d", "--log-uri", f"file://{logs['side-linux']}", *zic_node.zic_flags(),
+                      linux_image, "side-linux")
+        assert started.returncode == 0, started.stderr
+        started = ctr_run_zic(zic_node, zic_rootfs(tmp_path, built_inmates / "ticker.bin"), "side-ticker", "-d",
+                              "--log-uri", f"file://{logs['side-ticker']}")
+        assert started.returncode == 0, started.stderr
+        wait_for_text(logs["side-linux"], PROMPT)
+        wait_for_text(logs["side-ticker"], "tick 3\r\n")
+
+        cells = zic_node.cells()
+        assert {cid: cells.get(cid) for cid in logs} == dict.fromkeys(logs, "running")
+        cpus = {cid: zic_node.cell_cpus(cid) for cid in logs}
+        assert cpus["side-linux"] != cpus["side-ticker"] and "0" not in cpus.values(), cpus
+        ledger = zic_node.ledger()
+        assert ledger["side-linux"]["uart_slot"] != ledger["side-ticker"]["uart_slot"], ledger
+        assert "tick" not in log_text(logs["side-linux"])
+        assert BANNER not in log_text(logs["side-ticker"]) and "Linux" not in log_text(logs["side-ticker"])
+
+        for cid in logs:
+            killed = ctr("task", "kill", cid)
+            assert killed.returncode == 0, killed.stderr
+        assert {cid: zic_events.exit_status(cid, timeout=GUEST_TIMEOUT) for cid in logs} == dict.fromkeys(logs, 143)
+        assert in_order(log_text(logs["side-linux"]), ORDERLY_POWEROFF)
+    finally:
+        for cid in logs:
+            ctr("task", "rm", "--force", cid)
+            ctr("containers", "rm", cid)
+    assert_nothing_left(zic_node, *logs)
