@@ -1,7 +1,9 @@
 """Which runtime owns a container, and handing plain containers to the real runc.
 
-Decision at ``create``/``run`` (DESIGN §7): the annotation ``org.runphi.runtime``
-wins (``runphi`` → ZIC, ``runc`` → plain); otherwise a bundle is a ZIC when its
+Decision at ``create``/``run`` (DESIGN §7): a Kubernetes pod sandbox (the pause
+container, ``io.kubernetes.cri.container-type=sandbox``) always goes to runc — pod
+annotations reach every container of the pod, the sandbox included; then the
+annotation ``org.runphi.runtime`` wins (``runphi`` → ZIC, ``runc`` → plain); otherwise a bundle is a ZIC when its
 rootfs holds a boot description, ``/boot/config.json`` or
 ``/boot/configuration.json``. Those paths are checked without following
 symlinks, so a rootfs cannot point the test at the host's files.
@@ -31,6 +33,7 @@ if TYPE_CHECKING:
     from runphi.context import Context
 
 BOOT_DESCRIPTIONS = ("boot/config.json", "boot/configuration.json")
+CRI_CONTAINER_TYPE = "io.kubernetes.cri.container-type"
 
 
 def _regular_file_inside(rootfs: Path, relative: str) -> bool:
@@ -68,6 +71,8 @@ def is_zic(bundle: Path) -> bool:
     if not config_present(bundle):
         return False  # runc will report the missing config.json itself
     root, annotations = load_routing_keys(bundle)
+    if annotations.get(CRI_CONTAINER_TYPE) == "sandbox":
+        return False
     wanted = annotations.get(RUNTIME_ANNOTATION)
     if wanted is not None:
         if wanted not in ("runphi", "runc"):

@@ -37,9 +37,6 @@ KUBERNETES = Path(__file__).resolve().parent.parent / "target" / "kubernetes"
 MANIFEST_IMAGES = {"docker.io/library/hello:latest": zic_image("hello"),
                    "docker.io/library/ticker:latest": zic_image("ticker"),
                    "docker.io/library/busybox:latest": PAUSE_IMAGE}
-FORWARD_BUG = ("runphi.forward.is_zic lets org.runphi.runtime=runphi override "
-               "io.kubernetes.cri.container-type=sandbox: the pause container is taken for a ZIC "
-               "and RunPodSandbox fails with 'no boot description in the image'")
 HELLO, TICKER, LOCKED, CRASH = (zic_image(n) for n in ("hello", "ticker", "locked", "crash"))
 
 
@@ -244,7 +241,6 @@ def test_pod_annotation_selects_the_shutdown_deadline(kubelet: Node):
     assert kubelet.cells() == []
 
 
-@pytest.mark.xfail(strict=True, raises=grpc.RpcError, reason=FORWARD_BUG)
 def test_pod_annotation_runtime_runphi_leaves_the_pause_container_to_runc(kubelet: Node):
     """A pod-wide ``org.runphi.runtime=runphi`` (pod annotations reach every container,
     the sandbox's too) must not make the pause container a ZIC: it is recognised by
@@ -286,8 +282,6 @@ def manifests(kubelet: Node):
     return kubelet
 
 
-@pytest.mark.xfail(strict=True, raises=grpc.RpcError,
-                   reason=FORWARD_BUG + " (zic-pod.yaml carries that annotation)")
 def test_example_zic_pod_manifest_runs_as_documented(manifests: Node):
     """target/kubernetes/zic-pod.yaml as a kubelet would run it: the hello ZIC completes
     and its console is the container log."""

@@ -60,6 +60,15 @@ def test_annotation_wins(tmp_path, value, boot, expected):
     assert is_zic(bundle) is expected
 
 
+@pytest.mark.parametrize("value", ["runphi", None])
+def test_a_pod_sandbox_always_goes_to_runc(tmp_path, value):
+    """Pod annotations reach the pause container too: it is never a ZIC."""
+    annotations = {"io.kubernetes.cri.container-type": "sandbox"}
+    if value:
+        annotations["org.runphi.runtime"] = value
+    assert not is_zic(_bundle(tmp_path, "b", boot="config.json", annotations=annotations))
+
+
 def test_bad_annotation_value_is_an_error(tmp_path):
     bundle = _bundle(tmp_path, "b", annotations={"org.runphi.runtime": "kvm"})
     with pytest.raises(BundleError, match="must be \"runphi\" or \"runc\""):
