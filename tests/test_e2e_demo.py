@@ -72,8 +72,12 @@ def test_demo_streams_the_guests_through_containerd_and_cleans_up(built_inmates)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stderr == ""
     assert guest_lines(result.stdout) == HELLO_CONSOLE + ECHO_CONSOLE
-    assert "demo: $ ctr run --rm --runc-binary runphi docker.io/library/hello:demo demo-hello" in result.stdout
-    assert "demo: $ ctr run --rm --runc-binary runphi docker.io/library/echo:demo demo-echo" in result.stdout
+    assert "demo: ctr run --rm docker.io/library/hello:demo demo-hello   (runtime binary: runphi)" in result.stdout
+    assert "demo: ctr run --rm docker.io/library/echo:demo demo-echo   (runtime binary: runphi)" in result.stdout
+    shown_in_readme = [line[4:] for line in (REPO_ROOT / "README.md").read_text().splitlines()
+                       if line.startswith(("    demo: ", "      guest | "))]
+    assert len(shown_in_readme) >= 10
+    assert [line for line in shown_in_readme if line not in result.stdout.splitlines()] == []
     [workdir] = re.findall(r"a private containerd in (/\S+)/zic-node", result.stdout)
     assert not Path(workdir).exists()  # the temporary directory is removed
     assert_nothing_left(Path(workdir))
@@ -85,7 +89,7 @@ def test_demo_without_containerd_runs_the_guests_with_runphi_run(built_inmates):
         result = run_demo("--no-containerd", "--workdir", str(workdir))
         assert result.returncode == 0, result.stdout + result.stderr
         assert guest_lines(result.stdout) == HELLO_CONSOLE + ECHO_CONSOLE
-        assert f"demo: $ runphi run --bundle {workdir}/bundles/hello demo-hello" in result.stdout
+        assert f"demo: runphi run --bundle {workdir}/bundles/hello demo-hello" in result.stdout
         assert (workdir / "sim").is_dir()  # --workdir is kept for inspection...
         assert_nothing_left(workdir)  # ...with nothing running in it
     finally:

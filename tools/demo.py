@@ -245,7 +245,7 @@ def run_under_containerd(base: Path, inmates: Path) -> None:
         narrate("imported both images; runphi is the runtime binary of containerd's runc shim")
         for short, show in (("hello", show_hello), ("echo", show_echo)):
             image = next(name for name in images if f"/{short}:" in name)
-            narrate(f"$ ctr run --rm --runc-binary runphi {image} demo-{short}")
+            narrate(f"ctr run --rm {image} demo-{short}   (runtime binary: runphi)")
             show(node.containerd.ctr_argv("run", "--rm", *node.zic_flags(), image, f"demo-{short}"),
                  node.containerd.env, base)
     finally:
@@ -265,7 +265,7 @@ def run_directly(base: Path, inmates: Path) -> None:
     env = {**os.environ, **simulator_env(base / "sim", base)}
     try:
         for name, show in (("hello", show_hello), ("echo", show_echo)):
-            narrate(f"$ runphi run --bundle {bundles[name]} demo-{name}")
+            narrate(f"runphi run --bundle {bundles[name]} demo-{name}")
             show([str(runphi_binary()), "--root", str(base / "root"), "run", "--bundle", str(bundles[name]),
                   f"demo-{name}"], env, base)
     finally:
