@@ -12,6 +12,8 @@ DEBIAN_PACKAGES=(
     qemu-system-arm gcc-aarch64-linux-gnu   # QEMU guest engine and our aarch64 test inmates
     make python3-venv python3-pip
 )
+# kubectl decodes the Kubernetes example manifests offline in the tests; any kubectl will do.
+command -v kubectl >/dev/null 2>&1 || DEBIAN_PACKAGES+=(kubernetes-client)
 VENV=${RUNPHI_VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 
