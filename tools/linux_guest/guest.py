@@ -133,22 +133,32 @@ def _release_of(image_package: str) -> str:
     return image_package.removeprefix("linux-image-").removesuffix("-unsigned")
 
 
-def _fetch_new(directory: Path, kernel_request: str) -> Fetched:
-    apt.require_apt()
-    if apt.ensure_architecture():
-        apt.update()
+class _Packages(msgspec.Struct, frozen=True):
+    """The exact package versions one fetch downloads."""
+
+    image_package: str
+    image_version: str
+    busybox_version: str
+
+
+def _resolve_packages(kernel_request: str) -> _Packages:
+    """Versions apt would download now; a metapackage is followed to its versioned image."""
     request_version, depends = _resolve(kernel_request)
     if kernel_request.startswith("linux-image-") and kernel_request[len("linux-image-"):][:1].isdigit():
         image_package, image_version = kernel_request, request_version
     else:
         image_package = apt.kernel_image_of(kernel_request, depends)
         image_version = _resolve(image_package)[0]
-    busybox_version = _resolve(BUSYBOX_PACKAGE)[0]
-    release = _release_of(image_package)
-    debs = directory / "debs"
-    kernel_deb = apt.download(image_package, image_version, debs)
-    busybox_deb = apt.download(BUSYBOX_PACKAGE, busybox_version, debs)
+    return _Packages(image_package, image_version, _resolve(BUSYBOX_PACKAGE)[0])
 
+
+def _download(packages: _Packages, debs: Path) -> tuple[Path, Path]:
+    return (apt.download(packages.image_package, packages.image_version, debs),
+            apt.download(BUSYBOX_PACKAGE, packages.busybox_version, debs))
+
+
+def _extract(directory: Path, kernel_deb: Path, busybox_deb: Path, release: str) -> list[str]:
+    """Move the kernel, its power-key modules and busybox into the cache; the module file names."""
     with tempfile.TemporaryDirectory(dir=directory, prefix=".fetch-") as tmp:
         staging = Path(tmp)
         (staging / "modules").mkdir()
@@ -161,10 +171,27 @@ def _fetch_new(directory: Path, kernel_request: str) -> Fetched:
         (directory / "modules").mkdir(exist_ok=True)
         for name in [kernel_name, "busybox", *modules]:
             os.replace(staging / name, directory / name)
-    fetched = Fetched(kernel_request=kernel_request, kernel_package=image_package,
-                      kernel_version=image_version, kernel_release=release,
-                      busybox_version=busybox_version, kernel=kernel_name, busybox="busybox",
-                      modules=modules)
+    return modules
+
+
+def _fetch_new(directory: Path, kernel_request: str) -> Fetched:
+    apt.require_apt()
+    if apt.ensure_architecture():
+        apt.update()
+    packages = _resolve_packages(kernel_request)
+    try:
+        kernel_deb, busybox_deb = _download(packages, directory / "debs")
+    except LinuxGuestError:
+        # Stale package lists name versions the mirror no longer has: refresh them once.
+        apt.update()
+        packages = _resolve_packages(kernel_request)
+        kernel_deb, busybox_deb = _download(packages, directory / "debs")
+    release = _release_of(packages.image_package)
+    modules = _extract(directory, kernel_deb, busybox_deb, release)
+    fetched = Fetched(kernel_request=kernel_request, kernel_package=packages.image_package,
+                      kernel_version=packages.image_version, kernel_release=release,
+                      busybox_version=packages.busybox_version, kernel=f"vmlinuz-{release}",
+                      busybox="busybox", modules=modules)
     _write_atomic(directory / "fetched.json", msgspec.json.format(msgspec.json.encode(fetched)))
     return fetched
 
