@@ -31,11 +31,13 @@ ECHO_CONSOLE = ["  guest | Hello from runphi inmate echo",
 
 
 def run_demo(*args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m tools.demo ARGS`` from the checkout, as ``bash setup.sh demo`` runs it."""
     return subprocess.run([sys.executable, "-m", "tools.demo", *args], cwd=REPO_ROOT, capture_output=True,
                           text=True, timeout=DEMO_TIMEOUT_S, stdin=subprocess.DEVNULL)
 
 
 def guest_lines(stdout: str) -> list[str]:
+    """The lines the demo shows as the guest's console."""
     return [line for line in stdout.splitlines() if line.startswith("  guest | ")]
 
 
@@ -55,10 +57,12 @@ def processes_mentioning(path: Path) -> list[str]:
 
 
 def mounts_under(path: Path) -> list[str]:
+    """Mount table lines that name ``path`` (a snapshot left mounted)."""
     return [line for line in Path("/proc/self/mountinfo").read_text().splitlines() if str(path) in line]
 
 
 def assert_nothing_left(path: Path) -> None:
+    """No process and no mount refers to ``path`` any more."""
     assert processes_mentioning(path) == []
     assert mounts_under(path) == []
 

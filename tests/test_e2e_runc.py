@@ -24,10 +24,12 @@ PAUSE_SCRIPT = "trap 'exit 0' TERM INT; echo paused; while :; do sleep 1; done"
 
 @pytest.fixture(scope="module")
 def plain_rootfs(zic_node: ZicNode) -> Path:
+    """A static-busybox rootfs (no /boot/config.json: not a ZIC)."""
     return make_busybox_rootfs(zic_node.base / "busybox-rootfs")
 
 
 def binaries(zic_node: ZicNode) -> dict[str, str]:
+    """The two runtime binaries compared: runc itself and runphi (which forwards to it)."""
     return {"runc": shutil.which("runc"), "runphi": str(zic_node.runphi)}
 
 

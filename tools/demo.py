@@ -128,6 +128,7 @@ class ConsoleView:
 
 @contextmanager
 def console_view(argv: list[str], env: dict[str, str], stderr_path: Path) -> Iterator[ConsoleView]:
+    """A :class:`ConsoleView` that is killed on the way out if it is still running."""
     view = ConsoleView(argv, env, stderr_path)
     try:
         yield view
@@ -215,6 +216,7 @@ def containerd_unavailable() -> str | None:
 
 
 def require_qemu() -> None:
+    """Fail with the fix when QEMU (the simulator's guest engine) is missing."""
     if shutil.which("qemu-system-aarch64") is None:
         raise DemoError("qemu-system-aarch64 is not installed (Debian: qemu-system-arm); "
                         "`bash setup.sh demo` installs it")
@@ -296,7 +298,10 @@ def work_directory(requested: str | None) -> Iterator[Path]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m tools.demo", description=__doc__.split("\n\n")[0])
+    """The demo's options (``--workdir``, ``--no-containerd``)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m tools.demo",
+        description="Boot real aarch64 guests as ZICs on runphi's Jailhouse simulator and show their console.")
     parser.add_argument("--workdir", help="put the board, containerd and images here and keep them "
                                           "(default: a temporary directory, removed at the end)")
     parser.add_argument("--no-containerd", action="store_true",
@@ -305,6 +310,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def run_demo(args: argparse.Namespace) -> None:
+    """Everything between the first and the last narration line; DemoError on failure."""
     with work_directory(args.workdir) as base:
         require_qemu()
         inmates = build_inmates()
@@ -317,6 +323,7 @@ def run_demo(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the demo; 0 on success, 1 with one error line otherwise."""
     args = parse_args(argv)
     narrate("runphi boots partitioned containers (ZICs) as Jailhouse cells; here the board is "
             "runphi's Jailhouse simulator and the guests are real aarch64 programs under QEMU")
