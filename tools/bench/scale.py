@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from .harness import Check, Options, Series, SuiteResult, standalone
-from .zic import Node, guest_script, sim_node
+from .zic import Node, guest_script, scratch_dir, sim_node
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
 SIM_BOARDS = Path(__file__).resolve().parents[1] / "jailhouse_sim" / "boards"
@@ -116,7 +116,7 @@ def one_size(node: Node, count: int, result: SuiteResult) -> dict[str, float]:
 def run(options: Options) -> SuiteResult:
     result = SuiteResult("scale")
     sizes = (2,) if options.quick else (2, 4, 8, 16)
-    base = Path(tempfile.mkdtemp(prefix="rphi-bench-"))
+    base = Path(tempfile.mkdtemp(prefix="rphi-bench-", dir=scratch_dir()))
     board, platform = wide_board(base, max(sizes) + 1)
     with sim_node(board=str(board), platform=str(platform), base=base) as node:
         for count in sizes:

@@ -75,6 +75,19 @@ int main(int argc, char **argv) {
 """
 
 
+def scratch_dir() -> str | None:
+    """Where boards and bundles go: ``$RUNPHI_BENCH_TMPDIR``, else ``/dev/shm`` when usable.
+
+    A memory-backed directory, because the simulator's sysfs stands in for the
+    kernel's (in memory): on a disk filesystem every poll of a cell's state
+    would cost several times what it costs on a board. None: the system default.
+    """
+    chosen = os.environ.get("RUNPHI_BENCH_TMPDIR")
+    if chosen:
+        return chosen
+    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+
+
 def runphi_binary() -> Path:
     """The ``runphi`` console script installed next to this interpreter."""
     path = Path(sys.executable).parent / "runphi"
@@ -283,7 +296,7 @@ def sim_node(engine: str = "script", *, board: str = PLATFORM, platform: str = P
     """
     runphi_binary()
     become_subreaper()
-    base = base or Path(tempfile.mkdtemp(prefix="rphi-bench-"))
+    base = base or Path(tempfile.mkdtemp(prefix="rphi-bench-", dir=scratch_dir()))
     try:
         with SimBoard.running(base / "sim", board=board, engine=engine) as sim:
             node = Node(sim, base, platform)
