@@ -106,3 +106,20 @@ def test_two_zics_get_their_own_cpus_uarts_and_exit_codes(zic):
     assert "i am za" in zic.run("logs", "za").stdout and "i am zb" in zic.run("logs", "zb").stdout
     zic.run("kill", "zb", "INT", check=True)
     assert wait_exit(pids["zb"]) == 130
+
+
+def test_the_monitor_holds_no_lock_log_or_bundle_fd_of_create(zic):
+    log = zic.base / "log.json"
+    bundle = zic.bundle("fds", guest_script("tick 50 x"))
+    pid_file = zic.base / "fds.pid"
+    zic.run("--log", str(log), "--log-format", "json", "create", "--bundle", str(bundle), "--pid-file",
+            str(pid_file), "fds", check=True)
+    pid = int(pid_file.read_text())
+    zic.monitors.append(pid)
+    targets = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+    assert not [t for t in targets if t.endswith(("runphi.lock", "jailhouse-ledger.lock", "log.json", "config.json"))]
+    assert str(zic.root / "fds" / "start.fifo") in targets
+    assert any("/dev/ttyAMA" in t or "/dev/pts/" in t for t in targets), targets
+    assert os.readlink(f"/proc/{pid}/cwd") == "/"
+    # A verb can take the container's lock while the monitor runs.
+    assert zic.run("kill", "fds", "TERM").returncode == 0
