@@ -13,6 +13,10 @@ per container cycle ``create``, ``start``, ``kill`` and ``delete``, each as wall
 time and as its own time (wall minus the hypervisor tool calls it made). Budgets (DESIGN §12):
 ``state`` <= 1.25x the floor, ``create``'s own time <= 2x the floor.
 
+Every Python process here (runphi and the references) runs with bytecode
+caching into a private directory, as an installed runphi runs from compiled
+bytecode (see ``zic.python_env``).
+
 Import audit: every verb also runs once under a driver that records
 ``sys.modules`` when the verb process exits (the forked monitor excluded);
 trio, trio_util, structlog, asyncio or serial there fails the suite (DESIGN §2),
@@ -182,8 +186,8 @@ def run(options: Options) -> SuiteResult:
         node.create(live, node.bundle(live, guest_script("print live\\n", "halt")))
         node.run("start", live)
         candidates = {
-            "python -c pass": quiet([python, "-c", "pass"]),
-            f'python -c "{FLOOR}" (floor)': quiet([python, "-c", FLOOR]),
+            "python -c pass": quiet([python, "-c", "pass"], node.env),
+            f'python -c "{FLOOR}" (floor)': quiet([python, "-c", FLOOR], node.env),
             "runphi state": quiet(node.argv("state", live), node.env),
             "runphi list": quiet(node.argv("list"), node.env),
         }
