@@ -139,6 +139,9 @@ async def test_runphi_run_boots_to_a_shell_and_poweroff_f_exits_0(qemu_board, li
         mark = await zic.type("uname -m\n")
         await zic.console.expect("\naarch64\r\n", mark, timeout=30)
         await zic.console.expect(PROMPT, mark, timeout=30)
+        # runphi put the console of the ZIC's UART slot on the kernel command line.
+        mark = await zic.type("cat /proc/cmdline\n")
+        await zic.console.expect("\nconsole=ttyAMA0\r\n", mark, timeout=30)
         await zic.type("poweroff -f\n")
         assert await zic.exit_status() == 0
 

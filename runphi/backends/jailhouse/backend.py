@@ -184,7 +184,8 @@ class JailhouseBackend:
                                "(left over, or used by another namespace): destroy it first",
                                container_id=cid)
         cell_config = plan_cell(platform, allocation, boot, cid)
-        linux = self._prepare_linux(boot, cell_config, request, cid) if boot.is_linux else None
+        linux = (self._prepare_linux(boot, cell_config, request, cid, self._linux_console(allocation))
+                 if boot.is_linux else None)
         if linux is not None:
             cell_config = linux.cell
         cell_file = Path(request.container_dir, f"{name}.cell")
@@ -282,9 +283,23 @@ class JailhouseBackend:
         tool = shutil.which(self.jh.tool) or self.jh.tool
         return Path(os.path.abspath(tool)).parent.parent / "libexec" / "jailhouse" / "linux-loader.bin"
 
-    def _prepare_linux(self, boot: BootDescription, cell_config, request: LaunchRequest, cid: str) -> _LinuxBoot:
-        """Place and patch a Linux guest (see runphi.backends.jailhouse.linux); nothing is loaded yet."""
-        from runphi.backends.jailhouse.linux import LinuxGuestError, patch_device_tree, place_linux
+    def _linux_console(self, allocation: Allocation) -> str | None:
+        """The guest tty of the ZIC's console UART slot (for ``console=``), or None without one."""
+        from runphi.backends.jailhouse.linux import console_device
+
+        uarts = self.platform.uarts
+        if not uarts:
+            return None
+        slot = uarts[allocation.uart_slot if allocation.uart_slot is not None else 0]
+        return console_device(slot.console().type)
+
+    def _prepare_linux(self, boot: BootDescription, cell_config, request: LaunchRequest, cid: str,
+                       console: str | None) -> _LinuxBoot:
+        """Place and patch a Linux guest (see runphi.backends.jailhouse.linux); nothing is loaded yet.
+
+        The kernel command line is the annotation's, with ``console=`` of the ZIC's UART
+        slot in front unless the annotation names a console itself."""
+        from runphi.backends.jailhouse.linux import LinuxGuestError, patch_device_tree, place_linux, with_console
 
         loader = self.linux_loader()
         if not loader.is_file():
@@ -306,7 +321,7 @@ class JailhouseBackend:
         try:
             placed = place_linux(cell_config, loader_address=0, kernel=kernel, dtb_size=len(dtb) + 0x1000,
                                  initrd_size=initrd_size)
-            cmdline = request.config.annotations.get(LINUX_CMDLINE_ANNOTATION, "")
+            cmdline = with_console(request.config.annotations.get(LINUX_CMDLINE_ANNOTATION, ""), console)
             patched = patch_device_tree(dtb, cell_config, placed, cmdline=cmdline, initrd_size=initrd_size)
             if len(patched) > len(dtb) + 0x1000:
                 raise LinuxGuestError("the patched device tree outgrew the room left for it "

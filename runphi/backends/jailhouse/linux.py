@@ -257,3 +257,33 @@ def patch_device_tree(blob: bytes, cell: cc.CellConfig, placement: LinuxPlacemen
         chosen.props["linux,initrd-start"] = struct.pack(">Q", placement.initrd)
         chosen.props["linux,initrd-end"] = struct.pack(">Q", placement.initrd + initrd_size)
     return encode_fdt(fdt)
+
+
+# ---- kernel command line ----------------------------------------------------
+
+#: The tty a Linux kernel gives the first UART of each Jailhouse console type.
+CONSOLE_DEVICES = {
+    cc.CON_TYPE_PL011: "ttyAMA0",
+    cc.CON_TYPE_8250: "ttyS0",
+    cc.CON_TYPE_XUARTPS: "ttyPS0",
+    cc.CON_TYPE_IMX: "ttymxc0",
+    cc.CON_TYPE_IMX_LPUART: "ttyLP0",
+    cc.CON_TYPE_MVEBU: "ttyMV0",
+    cc.CON_TYPE_HSCIF: "ttySC0",
+    cc.CON_TYPE_SCIFA: "ttySC0",
+}
+
+
+def console_device(console_type: int) -> str | None:
+    """The guest tty of a cell console UART of ``console_type`` (its only UART), or None."""
+    return CONSOLE_DEVICES.get(console_type)
+
+
+def with_console(cmdline: str, device: str | None) -> str:
+    """``cmdline`` with ``console=<device>`` in front unless it already names a console.
+
+    The user's own ``console=`` always wins; without a known device the line is unchanged.
+    """
+    if device is None or any(word.startswith("console=") for word in cmdline.split()):
+        return cmdline
+    return f"console={device} {cmdline}".rstrip()
