@@ -171,15 +171,25 @@ class Zic:
 
 
 def wait_exit(pid: int, timeout: float = 20.0) -> int:
-    """Reap `pid` (our adopted child) and return its status the way the shim computes it."""
-    deadline = time.monotonic() + timeout
-    while True:
-        reaped, status = os.waitpid(pid, os.WNOHANG)
-        if reaped == pid:
-            return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
-        if time.monotonic() > deadline:
+    """Reap `pid` (our adopted child) and return its status the way the shim computes it.
+
+    Waits on a pidfd (readable once the process has exited), then reaps it.
+    """
+    import select
+
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        pidfd = None  # already reaped by someone else: waitpid below says so
+    if pidfd is not None:
+        try:
+            ready, _, _ = select.select([pidfd], [], [], timeout)
+        finally:
+            os.close(pidfd)
+        if not ready:
             raise AssertionError(f"process {pid} did not exit within {timeout} s")
-        time.sleep(0.01)  # waitpid has no timeout; the adopted child's state is the thing polled
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
 
 
 def wait_for(predicate, timeout: float = 10.0, what: str = "condition"):
