@@ -37,10 +37,13 @@ import msgspec
 
 from runphi.container import ContainerRecord
 from runphi.errors import MALFORMED_INPUT, ContainerExists, ContainerNotFound, StateError
+from runphi.pausepoint import pause_point
 
 RECORD_NAME = "runphi.json"
 LOCK_NAME = "runphi.lock"
 RUNC_STATE_NAME = "state.json"
+#: Marks a directory being removed; "~" is outside the id charset, so no id collides.
+TOMBSTONE_MARK = "~removed."
 
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(ContainerRecord)
@@ -141,6 +144,7 @@ class Store:
         """
         directory = self.container_dir(record.id)
         self.root.mkdir(parents=True, exist_ok=True, mode=0o711)
+        self.sweep_tombstones()
         try:
             directory.mkdir(mode=0o711)
         except FileExistsError:
@@ -177,12 +181,30 @@ class Store:
     def remove(self, container_id: str) -> None:
         """Delete the record and the container's directory (caller holds the lock).
 
-        The record goes first, so a crash part-way leaves no half-valid record.
+        The directory is first renamed to a tombstone (``<id>~removed.<pid>``, never
+        a valid id), which takes the record away in one atomic step: a crash
+        part-way leaves either the whole container or an unreachable tombstone
+        that the next ``creating`` sweeps — never ``<id>/`` without a record,
+        which would block the id forever.
         """
         directory = self.container_dir(container_id)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(directory / RECORD_NAME)
-        self._remove_dir(directory)
+        tombstone = self.root / f"{container_id}{TOMBSTONE_MARK}{os.getpid()}"
+        try:
+            os.rename(directory, tombstone)
+        except FileNotFoundError:
+            return
+        pause_point("delete:unlinked")
+        self._remove_dir(tombstone)
+
+    def sweep_tombstones(self) -> None:
+        """Remove what crashed deletes left behind (tombstones are unreachable by id)."""
+        try:
+            entries = os.listdir(self.root)
+        except FileNotFoundError:
+            return
+        for name in entries:
+            if TOMBSTONE_MARK in name:
+                self._remove_dir(self.root / name)
 
     def _remove_dir(self, directory: Path) -> None:
         import shutil

@@ -29,6 +29,7 @@ from runphi.errors import BackendNotConfigured, BundleError, ContainerExists, Ru
 from runphi.forward import exec_runc, is_zic
 from runphi.log import rfc3339_nano
 from runphi.oci import Config, read_config
+from runphi.pausepoint import pause_point
 from runphi.store import atomic_write
 from runphi.verbs._common import (CONFIG_COPY_NAME, START_FIFO_NAME, state_json, stop_monitor,
                                   write_pid_file)
@@ -95,6 +96,7 @@ def create_zic(args, ctx, bundle: Path) -> int:
         config_digest="sha256:" + hashlib.sha256(config_bytes).hexdigest())
     directory = ctx.store.container_dir(container_id)
     with ctx.store.creating(record):
+        pause_point("create:record")
         atomic_write(directory / CONFIG_COPY_NAME, config_bytes)
         os.mkfifo(directory / START_FIFO_NAME, 0o600)
         try:
@@ -107,11 +109,14 @@ def create_zic(args, ctx, bundle: Path) -> int:
             if exc.container_id is None:
                 raise for_container(exc, "cannot create ZIC", container_id) from None
             raise
+        pause_point("create:launched")
         record = msgspec.structs.replace(record, cell=launched.cell, monitor_pid=launched.monitor_pid,
                                          monitor_start_time=launched.monitor_start_time)
         try:
             ctx.store.write(record)
+            pause_point("create:recorded")
             _run_create_hooks(config, record)
+            pause_point("create:hooks-done")
             if args.pid_file:
                 write_pid_file(args.pid_file, record.monitor_pid)
             ctx.store.write(transition(record, "created"))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from runphi.container import live_status
 from runphi.errors import IllegalTransition
+from runphi.pausepoint import pause_point
 from runphi.verbs._common import container_config, state_json, stop_monitor
 
 DESTROY_TIMEOUT = 5.0
@@ -29,9 +30,12 @@ def run(args, ctx) -> int:
                 container_id=record.id)
         poststop = _poststop_hooks(ctx, record)
         stop_monitor(record)
-        if record.cell.cell_name:
+        pause_point("delete:monitor-stopped")
+        name = record.cell.cell_name or _cell_of_crashed_create(record)
+        if name:
             # Idempotent: a cell already gone only has its resources released.
-            ctx.backend(record.id).destroy_cell(record.cell.cell_name, DESTROY_TIMEOUT)
+            ctx.backend(record.id).destroy_cell(name, DESTROY_TIMEOUT)
+        pause_point("delete:released")
         ctx.store.remove(record.id)
     if poststop:
         from runphi.hooks import run_hooks_best_effort
@@ -40,6 +44,19 @@ def run(args, ctx) -> int:
         for failure in failures:
             ctx.log.warn(str(failure), id=record.id)
     return 0
+
+
+def _cell_of_crashed_create(record) -> str:
+    """The cell name a ``create`` that died before recording its cell was working on.
+
+    Such a create may already hold a ledger entry, a cell and a monitor: they all
+    carry the name planned from the id, so destroying that name releases them.
+    """
+    if record.status != "creating":
+        return ""
+    from runphi.backends.jailhouse.plan import cell_name
+
+    return cell_name(record.id)
 
 
 def _poststop_hooks(ctx, record):

@@ -29,6 +29,7 @@ import msgspec
 from runphi.backends.jailhouse.cpulist import CpuListError, format_cpu_list, parse_cpu_list
 from runphi.backends.jailhouse.errors import AllocationError
 from runphi.errors import MALFORMED_INPUT
+from runphi.pausepoint import pause_point
 from runphi.backends.jailhouse.platform import MiB, PAGE_SIZE, Platform
 
 if TYPE_CHECKING:
@@ -281,10 +282,12 @@ class Allocator:
             allocation = self._plan(container_id, request, list(ledger.allocations.values()))
             ledger.allocations[container_id] = allocation
             self._write(ledger)
-            return allocation
+        pause_point("create:allocated")
+        return allocation
 
     def release(self, container_id: str) -> Allocation | None:
         """Give back what `container_id` holds; returns it, or None if it held nothing."""
+        pause_point("delete:cell-destroyed")
         with self._locked() as ledger:
             allocation = ledger.allocations.pop(container_id, None)
             if allocation is not None:

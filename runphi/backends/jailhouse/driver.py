@@ -25,6 +25,7 @@ from pathlib import Path
 
 import msgspec
 
+from runphi.pausepoint import pause_point
 from runphi.backends.base import (
     BackendError,
     BackendUnavailable,
@@ -206,10 +207,12 @@ class JailhouseDriver:
     def create(self, cell_file: str, name: str) -> None:
         """`cell create`; afterwards the cell exists and is `shut down`."""
         self.run("create", name, create_argv(self.tool, cell_file))
+        pause_point("create:cell-created")
 
     def load(self, name: str, images: Sequence[LoadImage], rpus: Sequence[RpuImage] = ()) -> None:
         """`cell load` of every image at its guest address (-r RPU images last)."""
         self.run("load", name, load_argv(self.tool, name, images, rpus))
+        pause_point("create:loaded")
 
     def start(self, name: str) -> None:
         self.run("start", name, start_argv(self.tool, name))
