@@ -37,7 +37,7 @@ from pathlib import Path
 
 import msgspec
 
-from runphi.backends.base import ALIVE_STATES, CRASHED_STATES, SHUT_DOWN
+from runphi.backends.base import ALIVE_STATES, CRASHED_STATES, SHUT_DOWN, CellWatch
 
 #: Signals that turn into a graceful cell shutdown (SIGKILL cannot be caught:
 #: ``kill`` handles it by stopping the cell itself, then killing the monitor).
@@ -56,8 +56,10 @@ class MonitorSetup(msgspec.Struct, frozen=True):
     container_id: str
     container_dir: str
     cell_name: str
-    tool: str
-    sysfs: str
+    #: Which backend's `watch` module makes the CellWatch, and its settings
+    #: (Jailhouse: `tool`, `sysfs`).
+    backend: str
+    backend_config: dict[str, str]
     poll_interval: float = 0.05
     shutdown_timeout: float = 10.0
     tool_timeout: float = 10.0
@@ -242,9 +244,9 @@ class _Watch:
 async def _supervise(setup: MonitorSetup, early: list[int]) -> MonitorExit:
     import trio
 
-    from runphi.backends.jailhouse.driver import JailhouseDriver
+    import importlib
 
-    driver = JailhouseDriver(setup.tool, setup.sysfs, timeout=setup.tool_timeout)
+    cell = importlib.import_module(f"runphi.backends.{setup.backend}.watch").open_cell_watch(setup)
     watch = _Watch()
     outcome: MonitorExit | None = None
     console = _console_tasks(setup)
@@ -255,12 +257,12 @@ async def _supervise(setup: MonitorSetup, early: list[int]) -> MonitorExit:
         async with trio.open_nursery() as nursery:
             if setup.start_fd >= 0:
                 nursery.start_soon(_wait_for_start, setup.start_fd, watch)
-            nursery.start_soon(_handle_signals, setup, driver, watch, early)
-            nursery.start_soon(_probe_backend, setup, watch)
+            nursery.start_soon(_handle_signals, setup, cell, watch, early)
+            nursery.start_soon(_probe_backend, setup, cell, watch)
 
             async def decide() -> None:
                 nonlocal outcome
-                outcome = await _watch_cell(setup, driver, watch)
+                outcome = await _watch_cell(setup, cell, watch)
                 nursery.cancel_scope.cancel()
 
             nursery.start_soon(decide)
@@ -285,7 +287,7 @@ async def _wait_for_start(fd: int, watch: _Watch) -> None:
             continue
 
 
-async def _handle_signals(setup: MonitorSetup, driver, watch: _Watch, early: list[int]) -> None:
+async def _handle_signals(setup: MonitorSetup, cell: CellWatch, watch: _Watch, early: list[int]) -> None:
     """Turn the first shutdown signal into a graceful cell shutdown, escalating to destroy."""
     import trio
 
@@ -295,96 +297,44 @@ async def _handle_signals(setup: MonitorSetup, driver, watch: _Watch, early: lis
                 early.append(signum)
                 break
         watch.signal_number = early[0]
-        await _stop_cell(setup, driver)
+        await _stop_cell(setup, cell)
         # Further signals change nothing: the first one decides the exit status.
         async for _ in receiver:
             pass
 
 
-async def _stop_cell(setup: MonitorSetup, driver) -> None:
-    """`cell shutdown` until it is down or the deadline passes, then `cell destroy`."""
+async def _stop_cell(setup: MonitorSetup, cell: CellWatch) -> None:
+    """Graceful shutdown until it works or the deadline passes, then destroy."""
     import trio
 
-    from runphi.backends.jailhouse import driver as jh
-
     with trio.move_on_after(setup.shutdown_timeout):
-        while True:
-            if await _tool(setup, "shutdown", jh.shutdown_argv(setup.tool, setup.cell_name)):
-                return
+        while not await cell.request_shutdown():
             await trio.sleep(setup.poll_interval)  # the cell refused: ask again
+        return
     # Forced: the guest did not stop in time, so the cell is destroyed. If even
     # that is refused, keep asking; the watcher keeps the monitor (and so the
     # container) alive while the cell runs, and `kill KILL` remains.
-    while not await _tool(setup, "destroy", jh.destroy_argv(setup.tool, setup.cell_name)):
-        if driver.cell_state(setup.cell_name) is None:
-            return
+    while not await cell.force_destroy():
         await trio.sleep(max(setup.poll_interval, 0.2))
 
 
-async def _tool(setup: MonitorSetup, op: str, argv: list[str]) -> bool:
-    """Run one tool command with the tool deadline; True on success."""
-    import subprocess
-
-    import trio
-
-    from runphi.backends.base import BackendError, CellNotFound
-    from runphi.backends.jailhouse.driver import check_result
-
-    with trio.move_on_after(setup.tool_timeout):
-        try:
-            proc = await trio.run_process(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                          capture_stderr=True, check=False)
-        except OSError:
-            return False
-        try:
-            check_result(op, setup.cell_name, proc.returncode, proc.stderr.decode(errors="replace"))
-        except CellNotFound:
-            return True  # already gone: nothing left to stop
-        except BackendError:
-            return False
-        return True
-    return False
-
-
-async def _probe_backend(setup: MonitorSetup, watch: _Watch) -> None:
-    """Every probe interval, check the hypervisor still answers its device.
-
-    sysfs alone cannot tell: files can outlive a dead management side. The
-    probe is the cheapest command that must open the device (`jailhouse
-    console`, output discarded); "opening /dev/jailhouse" on stderr means gone.
-    """
-    import subprocess
-
+async def _probe_backend(setup: MonitorSetup, cell: CellWatch, watch: _Watch) -> None:
+    """Every probe interval, check the hypervisor still answers (see CellWatch.reachable)."""
     import trio
 
     while True:
         await trio.sleep(setup.probe_interval)
-        with trio.move_on_after(setup.tool_timeout) as scope:
-            try:
-                proc = await trio.run_process([setup.tool, "console"], stdin=subprocess.DEVNULL,
-                                              stdout=subprocess.DEVNULL, capture_stderr=True, check=False)
-            except OSError:
-                watch.unreachable = True
-                continue
-        if scope.cancelled_caught:
-            watch.unreachable = True
-        elif b"opening /dev/jailhouse" in proc.stderr:
+        if not await cell.reachable():
             watch.unreachable = True
 
 
-async def _watch_cell(setup: MonitorSetup, driver, watch: _Watch) -> MonitorExit:
+async def _watch_cell(setup: MonitorSetup, cell: CellWatch, watch: _Watch) -> MonitorExit:
     """Poll the cell state until it decides the exit status."""
     import trio
 
-    from runphi.backends.base import BackendUnavailable
-
-    cell_dir = _CellLocator(driver, setup.cell_name)
     while True:
-        try:
-            available = driver.available() and not watch.unreachable
-            state = cell_dir.state() if available else None
-        except BackendUnavailable:
-            available, state = False, None
+        available, state = cell.read_state()
+        available = available and not watch.unreachable
         if state in ALIVE_STATES:
             watch.started.set()  # the cell runs, whatever the fifo says
         watch.last_state = state
@@ -394,31 +344,6 @@ async def _watch_cell(setup: MonitorSetup, driver, watch: _Watch) -> MonitorExit
             code, reason = decision
             return MonitorExit(code=code, reason=reason, signal=watch.signal_number, cell_state=state)
         await trio.sleep(setup.poll_interval)  # sysfs offers no change notification
-
-
-class _CellLocator:
-    """Reads one cell's state by its sysfs ID, re-resolving the ID if it changes hands."""
-
-    def __init__(self, driver, name: str) -> None:
-        self.driver = driver
-        self.name = name[:31]
-        self.cell_id: int | None = driver.cell_id(name)
-
-    def state(self) -> str | None:
-        if self.cell_id is not None:
-            base = self.driver.cells_dir / str(self.cell_id)
-            try:
-                if (base / "name").read_text().rstrip("\n") == self.name:
-                    return (base / "state").read_text().rstrip("\n")
-            except OSError:
-                pass
-        self.cell_id = self.driver.cell_id(self.name)
-        if self.cell_id is None:
-            return None
-        try:
-            return (self.driver.cells_dir / str(self.cell_id) / "state").read_text().rstrip("\n")
-        except OSError:
-            return None
 
 
 def _console_tasks(setup: MonitorSetup):

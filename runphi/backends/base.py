@@ -114,3 +114,23 @@ class Backend(Protocol):
 
         Idempotent: calling it for a cell that is already gone only releases.
         """
+
+
+class CellWatch(Protocol):
+    """The monitor's view of its one cell (async where the backend must be asked).
+
+    Made by ``runphi.backends.<backend>.watch.open_cell_watch(setup)`` inside the
+    monitor, after trio is imported; never used by the verbs.
+    """
+
+    def read_state(self) -> tuple[bool, str | None]:
+        """(hypervisor available, the cell's state or None when it is gone); cheap, no process."""
+
+    async def request_shutdown(self) -> bool:
+        """Ask the cell to stop (graceful); True when it is stopped or gone."""
+
+    async def force_destroy(self) -> bool:
+        """Destroy the cell; True when it is gone."""
+
+    async def reachable(self) -> bool:
+        """Whether the hypervisor's management side still answers at all."""

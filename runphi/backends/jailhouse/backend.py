@@ -371,8 +371,10 @@ class JailhouseBackend:
 
         setup = MonitorSetup(
             container_id=request.container_id, container_dir=request.container_dir, cell_name=name,
-            tool=os.path.abspath(self.jh.tool) if "/" in self.jh.tool else self.jh.tool,
-            sysfs=os.path.abspath(self.jh.sysfs), poll_interval=self.jh.poll_interval_ms / 1000,
+            backend="jailhouse",
+            backend_config={"tool": os.path.abspath(self.jh.tool) if "/" in self.jh.tool else self.jh.tool,
+                            "sysfs": os.path.abspath(self.jh.sysfs)},
+            poll_interval=self.jh.poll_interval_ms / 1000,
             shutdown_timeout=grace, probe_interval=self.jh.probe_interval_ms / 1000,
             start_fd=start_fd, console_fd=fds.console, terminal_fd=fds.terminal,
             log_path=self.log[0], log_format=self.log[1], log_level=self.log[2])
