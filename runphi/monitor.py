@@ -32,7 +32,6 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
@@ -237,7 +236,6 @@ class _Watch:
 
         self.started = trio.Event()
         self.signal_number: int | None = None
-        self.last_state: str | None = None
         self.unreachable = False
 
 
@@ -337,7 +335,6 @@ async def _watch_cell(setup: MonitorSetup, cell: CellWatch, watch: _Watch) -> Mo
         available = available and not watch.unreachable
         if state in ALIVE_STATES:
             watch.started.set()  # the cell runs, whatever the fifo says
-        watch.last_state = state
         decision = decide_exit(state, available=available, started=watch.started.is_set(),
                                signal_number=watch.signal_number)
         if decision is not None:
@@ -357,8 +354,7 @@ def _console_tasks(setup: MonitorSetup):
 
 # ---- spawning: used by create (synchronous, no trio) ------------------------
 
-def spawn_monitor(setup: MonitorSetup, stdio: tuple[int, int, int], keep: list[int],
-                  before_exec: Callable[[], None] | None = None) -> int:
+def spawn_monitor(setup: MonitorSetup, stdio: tuple[int, int, int], keep: list[int]) -> int:
     """Double-fork the monitor and return its pid once it exists.
 
     The intermediate child exits at once, so the monitor is re-parented to the
