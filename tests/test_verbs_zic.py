@@ -159,3 +159,26 @@ def test_other_signals_are_refused_and_change_nothing(zic):
     assert result.returncode == 1 and "not supported" in result.stderr
     assert zic.status("t1") == "running" and zic.state("t1")["pid"] == pid
     assert zic.board.cell_state("t1") == "running"
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_to_run_goes_to_the_zic(zic, sig, code):
+    import subprocess
+
+    from tests.test_lifecycle_harness import RUNPHI
+
+    bundle = zic.bundle("sig", guest_script("tick 50 alive"))
+    out = open(zic.base / "run.out", "wb")
+    proc = subprocess.Popen([str(RUNPHI), "--root", str(zic.root), "run", "--bundle", str(bundle), "runsig"],
+                            env=zic.env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+    out.close()
+    try:
+        wait_for(lambda: zic.board.cell_state("runsig") == "running", what="running")
+        proc.send_signal(sig)
+        assert proc.wait(timeout=30) == code
+        assert "Traceback" not in (zic.base / "run.out").read_text()
+        assert zic.board.cells() == {} and not (zic.root / "runsig").exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
