@@ -12,6 +12,14 @@ is the platform's pools minus the ledger, so released segments coalesce by
 construction; requests are placed best fit with the platform's alignment.
 A request is all or nothing: on failure nothing is recorded and the error names
 every missing resource and what is free.
+
+Crash safety: next to the ledger, every allocation is also kept as its own claim
+file (`<state_dir>/jailhouse-claims/<id>.json`, with the cell name and the
+allocating process), written before the ledger and removed after it. When the
+ledger is missing while claims exist, or is corrupt, it is rebuilt from the claims
+that reality still backs — a cell of that name exists in the hypervisor's cell
+list, or the process that allocated is still alive (a create in flight) — with one
+warning, and the verb carries on. Claims that nothing backs are dropped.
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ from __future__ import annotations
 import fcntl
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -38,6 +46,7 @@ if TYPE_CHECKING:
 
 LEDGER_NAME = "jailhouse-ledger.json"
 LOCK_NAME = "jailhouse-ledger.lock"
+CLAIMS_DIR = "jailhouse-claims"
 LEDGER_VERSION = 1
 
 
@@ -76,6 +85,16 @@ class Allocation(msgspec.Struct, frozen=True, kw_only=True):
     uart_slot: int | None = None
     ivshmem_slot: int | None = None
     rpus: frozenset[int] = frozenset()
+
+
+class Claim(msgspec.Struct, frozen=True, kw_only=True):
+    """One allocation on its own (what a ledger rebuild starts from)."""
+
+    allocation: Allocation
+    cell_name: str
+    #: The allocating process (pid, start time): alive = its create is still in flight.
+    pid: int
+    start_time: int
 
 
 class Ledger(msgspec.Struct, kw_only=True):
@@ -178,10 +197,12 @@ class Allocator:
     `cells/0/cpus_assigned_list` is the root cell's current CPU set).
     """
 
-    def __init__(self, platform: Platform, state_dir: Path, sysfs: Path) -> None:
+    def __init__(self, platform: Platform, state_dir: Path, sysfs: Path,
+                 warn: Callable[[str], None] | None = None) -> None:
         self.platform = platform
         self.state_dir = Path(state_dir)
         self.sysfs = Path(sysfs)
+        self._warn = warn or _warn_on_stderr
 
     @property
     def ledger_path(self) -> Path:
@@ -198,24 +219,39 @@ class Allocator:
         except OSError as exc:
             raise AllocationError(f"cannot open the resource ledger lock in {self.state_dir}: {exc.strerror}") from None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            # A rebuild writes: readers take the lock exclusively too when it is needed.
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive or self._needs_rebuild() else fcntl.LOCK_SH)
             yield self._read()
         finally:
             os.close(fd)  # releases the flock
 
+    @property
+    def claims_dir(self) -> Path:
+        return self.state_dir / CLAIMS_DIR
+
+    def _needs_rebuild(self) -> bool:
+        try:
+            msgspec.json.decode(self.ledger_path.read_bytes(), type=Ledger)
+        except FileNotFoundError:
+            return any(self.claims_dir.glob("*.json"))
+        except (OSError, *MALFORMED_INPUT):
+            return True
+        return False
+
     def _read(self) -> Ledger:
+        """The ledger; rebuilt from the claims (with a warning) when missing or corrupt."""
         try:
             data = self.ledger_path.read_bytes()
         except FileNotFoundError:
-            return Ledger(platform=self.platform.name)
+            if not any(self.claims_dir.glob("*.json")):
+                return Ledger(platform=self.platform.name)
+            return self._rebuild("is missing")
         except OSError as exc:
             raise AllocationError(f"cannot read the resource ledger {self.ledger_path}: {exc.strerror}") from None
         try:
             ledger = msgspec.json.decode(data, type=Ledger)
         except MALFORMED_INPUT as exc:
-            raise AllocationError(
-                f"resource ledger {self.ledger_path} is corrupt ({exc}); rebuild it from the running cells"
-            ) from None
+            return self._rebuild(f"is corrupt ({exc})")
         if ledger.allocations and ledger.platform != self.platform.name:
             raise AllocationError(
                 f"resource ledger {self.ledger_path} belongs to platform {ledger.platform!r}, not "
@@ -223,6 +259,61 @@ class Allocator:
             )
         ledger.platform = self.platform.name
         return ledger
+
+    def _rebuild(self, why: str) -> Ledger:
+        """A new ledger from the claims reality backs (caller holds the lock exclusively)."""
+        cells = self._cell_names()
+        kept: dict[str, Allocation] = {}
+        dropped: list[str] = []
+        for path in sorted(self.claims_dir.glob("*.json")):
+            claim = self._read_claim(path)
+            if claim is not None and (claim.cell_name in cells or _alive(claim.pid, claim.start_time)):
+                kept[claim.allocation.container_id] = claim.allocation
+            else:
+                dropped.append(path.stem)
+                path.unlink(missing_ok=True)
+        ledger = Ledger(platform=self.platform.name, allocations=kept)
+        self._write(ledger)
+        self._warn(f"resource ledger {self.ledger_path} {why}: rebuilt from {len(kept)} claim(s) backed by a "
+                   f"cell or a live create" + (f", dropped stale claims of {', '.join(dropped)}" if dropped else ""))
+        return ledger
+
+    def _read_claim(self, path: Path) -> Claim | None:
+        try:
+            return msgspec.json.decode(path.read_bytes(), type=Claim)
+        except (OSError, *MALFORMED_INPUT):
+            return None
+
+    def _cell_names(self) -> frozenset[str]:
+        """Names of the cells the hypervisor lists now (empty when it is not enabled)."""
+        names = set()
+        try:
+            entries = list((self.sysfs / "cells").iterdir())
+        except OSError:
+            return frozenset()
+        for entry in entries:
+            try:
+                names.add((entry / "name").read_text().rstrip("\n"))
+            except OSError:
+                continue
+        return frozenset(names)
+
+    def _write_claim(self, allocation: Allocation) -> None:
+        from runphi.backends.jailhouse.plan import cell_name
+        from runphi.container import process_start_time
+
+        pid = os.getpid()
+        claim = Claim(allocation=allocation, cell_name=cell_name(allocation.container_id), pid=pid,
+                      start_time=process_start_time(pid) or 0)
+        try:
+            self.claims_dir.mkdir(mode=0o700, exist_ok=True)
+            _atomic_write(self.claims_dir / f"{allocation.container_id}.json", msgspec.json.encode(claim))
+        except OSError as exc:
+            raise AllocationError(f"cannot write the resource claim of {allocation.container_id} in "
+                                  f"{self.claims_dir}: {exc.strerror}", container_id=allocation.container_id) from None
+
+    def _remove_claim(self, container_id: str) -> None:
+        (self.claims_dir / f"{container_id}.json").unlink(missing_ok=True)
 
     def _write(self, ledger: Ledger) -> None:
         tmp = self.ledger_path.with_name(f".{LEDGER_NAME}.{os.getpid()}.tmp")
@@ -281,6 +372,7 @@ class Allocator:
                 )
             allocation = self._plan(container_id, request, list(ledger.allocations.values()))
             ledger.allocations[container_id] = allocation
+            self._write_claim(allocation)
             self._write(ledger)
         pause_point("create:allocated")
         return allocation
@@ -292,6 +384,7 @@ class Allocator:
             allocation = ledger.allocations.pop(container_id, None)
             if allocation is not None:
                 self._write(ledger)
+            self._remove_claim(container_id)
             return allocation
 
     def preview(self, container_id: str, request: ResourceRequest, root_cpus: frozenset[int] | None = None) -> Allocation:
@@ -315,6 +408,10 @@ class Allocator:
         """Overwrite the ledger with `allocations` (for rebuilding it from reality)."""
         with self._locked() as ledger:
             ledger.allocations = {a.container_id: a for a in allocations}
+            for stale in set(p.stem for p in self.claims_dir.glob("*.json")) - set(ledger.allocations):
+                self._remove_claim(stale)
+            for allocation in allocations:
+                self._write_claim(allocation)
             self._write(ledger)
 
     # --- the decision, pure given the ledger ---
@@ -408,6 +505,30 @@ class Allocator:
                 return frozenset({rpu.id})
         missing.append(f"an RPU requested, all {len(self.platform.rpus)} RPUs are in use")
         return frozenset()
+
+
+def _alive(pid: int, start_time: int) -> bool:
+    from runphi.container import process_start_time
+
+    return pid > 0 and process_start_time(pid) == start_time
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def _warn_on_stderr(message: str) -> None:
+    import sys
+
+    sys.stderr.write(f"runphi: warning: {message}\n")
+    sys.stderr.flush()
 
 
 class _FixedRoot(Allocator):
