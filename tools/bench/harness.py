@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -158,20 +159,36 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def interleaved(candidates: dict[str, Callable[[], object]], runs: int, warmup: int = 1) -> dict[str, Series]:
+def children_cpu_seconds() -> float:
+    """User + system CPU seconds of every child process this process has waited for."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def interleaved(candidates: dict[str, Callable[[], object]], runs: int, warmup: int = 1,
+                *, child_cpu: bool = False) -> dict[str, Series]:
     """Time each candidate ``runs`` times, alternating between them round by round.
 
     Alternation spreads any drift of the machine (other load, frequency
     changes) evenly over all candidates, so their ratios stay meaningful.
     The ``warmup`` rounds are run and discarded (page cache, .pyc files).
+    With ``child_cpu`` (candidates that run and wait for a process), also a
+    ``"<name> [cpu]"`` series: the CPU time the process used, which waiting
+    for a busy machine's CPUs does not inflate.
     """
     samples: dict[str, list[float]] = {name: [] for name in candidates}
+    cpu: dict[str, list[float]] = {name: [] for name in candidates}
     for round_number in range(warmup + runs):
         for name, fn in candidates.items():
+            before = children_cpu_seconds()
             elapsed = timed(fn)
             if round_number >= warmup:
                 samples[name].append(elapsed)
-    return {name: Series(name, tuple(values)) for name, values in samples.items()}
+                cpu[name].append(children_cpu_seconds() - before)
+    result = {name: Series(name, tuple(values)) for name, values in samples.items()}
+    if child_cpu:
+        result.update({f"{name} [cpu]": Series(f"{name} [cpu]", tuple(values)) for name, values in cpu.items()})
+    return result
 
 
 def per_call(fn: Callable[[], object], count: int, rounds: int) -> Series:
