@@ -12,7 +12,10 @@ console:
    output, streamed through runphi and containerd; then ``echo``, with the demo
    typing a line into the guest and reading it back;
 4. without containerd, the same two ZICs through ``runphi run``;
-5. stops everything it started (containerd, the board and its QEMUs) and, unless
+5. with ``--linux``, a Linux ZIC (Debian's arm64 kernel + a busybox initramfs, from
+   ``tools/linux_guest``): on a terminal you get its shell (``poweroff`` ends it),
+   otherwise the demo types ``uname -m`` and ``poweroff`` into it;
+6. stops everything it started (containerd, the board and its QEMUs) and, unless
    ``--workdir`` was given, removes its directory.
 
 Exit status 0 when every guest behaved as expected; otherwise one
@@ -74,7 +77,11 @@ class ConsoleView:
         self._pending += chunk
         *lines, self._pending = self._pending.split(b"\n")
         for line in lines:
-            print(self.PREFIX + line.rstrip(b"\r").decode(errors="replace"), flush=True)
+            # busybox's shell asks the terminal for the cursor position (ESC [6n) at each
+            # prompt; shown to a real terminal, the query would be answered into our stdin.
+            # busybox init starts its lines with \r, which would overwrite the prefix.
+            shown = line.strip(b"\r").replace(b"\x1b[6n", b"")
+            print(self.PREFIX + shown.decode(errors="replace"), flush=True)
 
     def _read_chunk(self, deadline: float) -> bytes:
         """The next bytes of the console ("" at its end); DemoError after the deadline."""
@@ -162,6 +169,34 @@ def show_echo(argv: list[str], env: dict[str, str], base: Path) -> None:
     narrate("echo sent the line back and powered off on `exit`: exit status 0")
 
 
+def show_linux_scripted(argv: list[str], env: dict[str, str], base: Path) -> None:
+    """Drive the Linux ZIC's shell: ``uname -m`` must answer aarch64, ``poweroff`` must end it with 0."""
+    from tools.linux_guest import BANNER, PROMPT
+
+    with console_view(argv, env, base / "linux.stderr") as view:
+        view.expect(BANNER.encode())
+        view.expect(PROMPT.encode())
+        view.type_line(b"uname -m")
+        view.expect(b"aarch64\r\n")
+        view.type_line(b"poweroff")
+        view.expect(b"reboot: Power down")
+        status = view.finish()
+    if status != 0:
+        raise DemoError(f"the Linux guest ended with status {status}, expected 0: "
+                        f"{(base / 'linux.stderr').read_text(errors='replace').strip()}")
+    narrate("the Linux guest answered and powered off in order: exit status 0")
+
+
+def show_linux(argv: list[str], env: dict[str, str], base: Path) -> None:
+    """The interactive part: the user's terminal is the guest's console when there is one."""
+    if not sys.stdin.isatty():
+        show_linux_scripted(argv, env, base)
+        return
+    narrate("you are on the Linux guest's console now; type `poweroff` to end it")
+    status = subprocess.run(argv, env=env).returncode
+    narrate(f"the Linux guest ended: exit status {status}")
+
+
 # ---- building the ZICs ---------------------------------------------------------------------------
 
 def build_inmates() -> Path:
@@ -184,6 +219,19 @@ def assemble_zic(inmate: Path):
 
     known = BootDescription(os_var="baremetal", starting_vaddress="0x70000000", memory=16, vcpus=1)
     return assemble(Description(known=known), {"inmate": inmate})
+
+
+def assemble_linux_zic():
+    """The Linux ZIC of ``tools/linux_guest`` (fetched with apt and cached on first use)."""
+    from tools.linux_guest import build, default_cache_dir
+    from tools.linux_guest.zic import DEFAULT_MEMORY_MIB, default_dtb
+    from tools.mkzic import BootDescription, Description, assemble
+
+    narrate("building the Linux guest: Debian's arm64 kernel + a busybox initramfs (tools/linux_guest)")
+    guest = build()
+    known = BootDescription(os_var="linux", memory=DEFAULT_MEMORY_MIB, vcpus=1)
+    return assemble(Description(known=known), {"inmate": Path(guest.kernel), "initrd": Path(guest.initrd),
+                                               "dtb": default_dtb(default_cache_dir())})
 
 
 def write_image(inmate: Path, out_dir: Path) -> tuple[str, Path]:
@@ -230,8 +278,9 @@ def runphi_binary() -> Path:
     return candidate
 
 
-def run_under_containerd(base: Path, inmates: Path) -> None:
-    """Import both ZIC images into a private containerd and ``ctr run`` them with runphi."""
+def run_under_containerd(base: Path, inmates: Path, linux: bool = False) -> None:
+    """Import both ZIC images into a private containerd and ``ctr run`` them with runphi
+    (then the Linux ZIC, with ``-t`` on a terminal)."""
     from tests.containerd import ZIC_IMAGE_PLATFORM, ZicNode
 
     images = dict(write_image(inmates / f"{name}.bin", base) for name in ("hello", "echo"))
@@ -250,12 +299,31 @@ def run_under_containerd(base: Path, inmates: Path) -> None:
             narrate(f"ctr run --rm {image} demo-{short}   (runtime binary: runphi)")
             show(node.containerd.ctr_argv("run", "--rm", *node.zic_flags(), image, f"demo-{short}"),
                  node.containerd.env, base)
+        if linux:
+            run_linux_under_containerd(node, base)
     finally:
         narrate("stopping containerd and the board")
         node.stop()
 
 
-def run_directly(base: Path, inmates: Path) -> None:
+def run_linux_under_containerd(node, base: Path) -> None:
+    """Import the Linux ZIC and ``ctr run`` it (``-t`` when the demo has a terminal)."""
+    from tests.containerd import ZIC_IMAGE_PLATFORM
+    from tools.mkzic import build_image_archive, parse_image_name, write_archive
+
+    archive = build_image_archive(assemble_linux_zic(), parse_image_name(f"linux:{IMAGE_TAG}"))
+    path = write_archive(base / "linux.tar", archive)
+    imported = node.containerd.ctr("images", "import", "--platform", ZIC_IMAGE_PLATFORM, str(path))
+    if imported.returncode != 0:
+        raise DemoError(f"ctr images import linux.tar failed: {imported.stderr.decode().strip()}")
+    terminal = ["-t"] if sys.stdin.isatty() else []
+    image = archive.name.full()
+    narrate(f"ctr run --rm {'-t ' if terminal else ''}{image} demo-linux   (runtime binary: runphi)")
+    show_linux(node.containerd.ctr_argv("run", "--rm", *terminal, *node.zic_flags(), image, "demo-linux"),
+               node.containerd.env, base)
+
+
+def run_directly(base: Path, inmates: Path, linux: bool = False) -> None:
     """Run both ZICs with ``runphi run`` against a simulated board (no containerd)."""
     from tests.containerd import SIM_PLATFORM, simulator_env
     from tools.jailhouse_sim.testing import SimBoard
@@ -270,6 +338,14 @@ def run_directly(base: Path, inmates: Path) -> None:
             narrate(f"runphi run --bundle {bundles[name]} demo-{name}")
             show([str(runphi_binary()), "--root", str(base / "root"), "run", "--bundle", str(bundles[name]),
                   f"demo-{name}"], env, base)
+        if linux:
+            from tools.mkzic import runtime_spec, write_bundle as mkzic_write_bundle
+
+            zic = assemble_linux_zic()
+            bundle = mkzic_write_bundle(base / "bundles" / "linux", zic, runtime_spec(zic, hostname="linux"))
+            narrate(f"runphi run --bundle {bundle} demo-linux")
+            show_linux([str(runphi_binary()), "--root", str(base / "root"), "run", "--bundle", str(bundle),
+                        "demo-linux"], env, base)
     finally:
         narrate("stopping the board")
         board.stop()
@@ -306,6 +382,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                           "(default: a temporary directory, removed at the end)")
     parser.add_argument("--no-containerd", action="store_true",
                         help="run the ZICs with `runphi run` even when containerd is available")
+    parser.add_argument("--linux", action="store_true",
+                        help="then boot a Linux ZIC and give you its shell (Debian's arm64 kernel, "
+                             "fetched with apt and cached on first use)")
     return parser.parse_args(argv)
 
 
@@ -316,10 +395,10 @@ def run_demo(args: argparse.Namespace) -> None:
         inmates = build_inmates()
         reason = "--no-containerd" if args.no_containerd else containerd_unavailable()
         if reason is None:
-            run_under_containerd(base, inmates)
+            run_under_containerd(base, inmates, args.linux)
         else:
             narrate(f"not using containerd ({reason}): running the ZICs with `runphi run` directly")
-            run_directly(base, inmates)
+            run_directly(base, inmates, args.linux)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -327,11 +406,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     narrate("runphi boots partitioned containers (ZICs) as Jailhouse cells; here the board is "
             "runphi's Jailhouse simulator and the guests are real aarch64 programs under QEMU")
+    from tools.linux_guest import LinuxGuestError
     from tools.mkzic import MkzicError
 
     try:
         run_demo(args)
-    except MkzicError as error:
+    except (MkzicError, LinuxGuestError) as error:
         print(f"demo: error: {error.line()}", file=sys.stderr, flush=True)
         return 1
     except DemoError as error:
