@@ -57,13 +57,37 @@ def test_linux_guest_boots_through_the_loader(zic, linux_bundle):
     assert "linux-loader: jumping to the kernel" in logs.stdout
 
 
-def test_linux_guest_without_a_device_tree_is_refused(zic, linux_bundle):
+def _drop_dtb(bundle) -> None:
     import json
 
-    description = linux_bundle / "rootfs" / "boot" / "config.json"
+    description = bundle / "rootfs" / "boot" / "config.json"
     data = json.loads(description.read_text())
     del data["dtb"]
     description.write_text(json.dumps(data))
+
+
+def test_linux_guest_without_a_device_tree_gets_the_platforms(zic, linux_bundle):
+    from runphi.backends.jailhouse.linux import parse_fdt
+
+    _drop_dtb(linux_bundle)
+    pid = zic.create("lin3", linux_bundle)
+    dtb = parse_fdt((zic.root / "lin3" / "guest.dtb").read_bytes())
+    # The simulator's inmate-qemu-arm64.dtb (sim-qemu-arm64's linux_dtb), patched.
+    assert dtb.root.props["model"] == b"Jailhouse cell on QEMU ARM64\0"
+    assert dtb.root.child("chosen").props["bootargs"] == b"console=ttyAMA0 quiet\0"
+    zic.run("delete", "--force", "lin3", check=True)
+    wait_exit(pid)
+
+
+def test_linux_guest_without_a_device_tree_is_refused_without_a_platform_default(zic, linux_bundle, tmp_path):
+    from pathlib import Path
+
+    _drop_dtb(linux_bundle)
+    template = Path(__file__).resolve().parent.parent / "templates" / "sim-qemu-arm64.toml"
+    platform = tmp_path / "no-linux-dtb.toml"
+    platform.write_text("\n".join(line for line in template.read_text().splitlines()
+                                  if not line.startswith("linux_dtb")))
+    zic.env["RUNPHI_PLATFORM"] = str(platform)
     result = zic.run("create", "--bundle", str(linux_bundle), "lin2")
     assert result.returncode == 1 and "needs a device tree" in result.stderr
     assert zic.board.cells() == {} and not (zic.root / "lin2").exists()

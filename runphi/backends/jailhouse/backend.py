@@ -293,6 +293,24 @@ class JailhouseBackend:
         slot = uarts[allocation.uart_slot if allocation.uart_slot is not None else 0]
         return console_device(slot.console().type)
 
+    def _platform_linux_dtb(self, cid: str) -> Path:
+        """The platform's device tree for Linux guests without their own (`linux_dtb`)."""
+        from runphi.backends.jailhouse.platform import PlatformError, default_placeholders
+
+        if not self.platform.linux_dtb:
+            raise BackendError(f"cannot create ZIC {cid}: a Linux guest needs a device tree: set \"dtb\" "
+                               "in the image's /boot/config.json (or linux_dtb in the platform file)",
+                               container_id=cid)
+        try:
+            path = Path(self.platform.linux_dtb.format_map(default_placeholders(self.jh.sysfs)))
+        except KeyError as exc:
+            raise PlatformError(f"cannot create ZIC {cid}: the platform's linux_dtb needs {{{exc.args[0]}}}: "
+                                "set RUNPHI_SIM_ROOT", container_id=cid) from None
+        if not path.is_file():
+            raise BackendError(f"cannot create ZIC {cid}: the platform's Linux device tree {path} is missing; "
+                               "set \"dtb\" in the image or fix linux_dtb in the platform file", container_id=cid)
+        return path
+
     def _prepare_linux(self, boot: BootDescription, cell_config, request: LaunchRequest, cid: str,
                        console: str | None) -> _LinuxBoot:
         """Place and patch a Linux guest (see runphi.backends.jailhouse.linux); nothing is loaded yet.
@@ -305,13 +323,11 @@ class JailhouseBackend:
         if not loader.is_file():
             raise BackendError(f"cannot create ZIC {cid}: Jailhouse's Linux loader {loader} is missing "
                                "(install Jailhouse's inmates next to the jailhouse tool)", container_id=cid)
-        if boot.dtb is None:
-            raise BackendError(f"cannot create ZIC {cid}: a Linux guest needs a device tree: set \"dtb\" "
-                               "in the image's /boot/config.json", container_id=cid)
+        dtb_path = boot.dtb or self._platform_linux_dtb(cid)
         kernel_path = boot.kernel or boot.inmate
         try:
             kernel = kernel_path.read_bytes()
-            dtb = boot.dtb.read_bytes()
+            dtb = dtb_path.read_bytes()
             initrd_size = boot.initrd.stat().st_size if boot.initrd is not None else None
         except OSError as exc:
             raise BackendError(f"cannot create ZIC {cid}: cannot read the Linux guest's files: {exc}",

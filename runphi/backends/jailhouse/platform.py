@@ -168,6 +168,9 @@ class Platform(_Table, kw_only=True):
     uarts: list[UartSlot] = []
     ivshmem: Ivshmem | None = None
     rpus: list[Rpu] = []
+    #: Device tree for Linux guests whose image names none: a path on this node,
+    #: `{sim_root}` allowed as in UART device paths ("" = images must bring their own).
+    linux_dtb: str = ""
 
     @property
     def profile(self) -> cc.FormatProfile:
