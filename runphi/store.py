@@ -61,7 +61,7 @@ def fsync_dir(path: Path) -> None:
 def write_temp(path: Path, data: bytes) -> Path:
     """First half of an atomic write: ``data`` durably in a temp file next to ``path``."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
         view = memoryview(data)
         while view:
@@ -76,6 +76,26 @@ def commit_temp(tmp: Path, path: Path) -> None:
     """Second half: rename the temp file over ``path`` and make the rename durable."""
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def unsafe_dir_reason(path: Path) -> str | None:
+    """Why ``path`` is no place for runphi's state (None if it is fine).
+
+    State lives in directories only this user can change: anyone else able to
+    write there could plant symlinks or records and steer a root process. So a
+    world-writable directory, or one owned by another user, is refused.
+    """
+    try:
+        info = os.stat(path)
+    except OSError as exc:
+        return f"cannot be inspected: {exc.strerror}"
+    if info.st_uid != os.geteuid():
+        return (f"is owned by uid {info.st_uid}, not by this user (uid {os.geteuid()}): "
+                "refusing to keep state there")
+    if info.st_mode & 0o002:
+        return (f"is world-writable (mode {info.st_mode & 0o7777:o}): refusing to keep state there; "
+                f"chmod o-w {path}")
+    return None
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -110,7 +130,7 @@ class Store:
         lock_path = self.container_dir(container_id) / LOCK_NAME
         while True:
             try:
-                fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             except (FileNotFoundError, NotADirectoryError):
                 raise ContainerNotFound(container_id) from None
             try:
@@ -144,12 +164,16 @@ class Store:
         """
         directory = self.container_dir(record.id)
         self.root.mkdir(parents=True, exist_ok=True, mode=0o711)
+        problem = unsafe_dir_reason(self.root)
+        if problem:
+            raise StateError(f"cannot create container {record.id}: state root {self.root} {problem}",
+                             container_id=record.id)
         self.sweep_tombstones()
         try:
-            directory.mkdir(mode=0o711)
+            directory.mkdir(mode=0o700)
         except FileExistsError:
             raise ContainerExists(record.id) from None
-        fd = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             self.write(record)

@@ -191,4 +191,4 @@ def test_record_file_is_msgspec_json(make_record, state_root):
     raw = (state_root / "fmt" / RECORD_NAME).read_bytes()
     assert msgspec.json.decode(raw, type=ContainerRecord) == record
     assert identify_process(record.monitor_pid) == (record.monitor_pid, record.monitor_start_time)
-    assert os.stat(state_root / "fmt" / RECORD_NAME).st_mode & 0o777 == 0o644
+    assert os.stat(state_root / "fmt" / RECORD_NAME).st_mode & 0o777 == 0o600

@@ -213,8 +213,16 @@ class Allocator:
     @contextmanager
     def _locked(self, exclusive: bool = True) -> Iterator[Ledger]:
         """Hold the ledger lock (shared for readers); yields the current ledger (writers save explicitly)."""
+        from runphi.store import unsafe_dir_reason
+
         try:
-            self.state_dir.mkdir(parents=True, exist_ok=True)
+            self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise AllocationError(f"cannot make the node state directory {self.state_dir}: {exc.strerror}") from None
+        problem = unsafe_dir_reason(self.state_dir)
+        if problem:
+            raise AllocationError(f"node state directory {self.state_dir} {problem}")
+        try:
             fd = os.open(self.state_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as exc:
             raise AllocationError(f"cannot open the resource ledger lock in {self.state_dir}: {exc.strerror}") from None
@@ -462,6 +470,9 @@ class Allocator:
 
     def _pick_ram(self, request: ResourceRequest, held: list[Allocation], missing: list[str]) -> tuple[Segment | None, int]:
         layout = self.platform.memory
+        if request.memory <= 0:
+            missing.append(f"{request.memory} bytes of cell RAM requested: a cell needs a positive amount")
+            return None, request.memory
         total = request.memory + layout.low_ram_size
         pools = [Segment(p.start, p.size) for p in layout.pools]
         free = free_segments(pools, [a.ram for a in held])
