@@ -50,6 +50,7 @@ class CellHost:
         self.cell = cell
         self.uart = uart
         self.live = True
+        self.graceful_stop = True
         self.rx: trio.MemoryReceiveChannel[bytes] | None = None
 
     async def uart_write(self, data: bytes) -> None:
@@ -150,9 +151,10 @@ class GuestSupervisor:
         self.runs[cell.id] = run
         self.nursery.start_soon(self._run_guest, cell, engine, spec, run)
 
-    async def stop(self, cell: Cell) -> None:
+    async def stop(self, cell: Cell, graceful: bool = True) -> None:
         run = self.runs.pop(cell.id, None)
         if run is not None:
+            run.host.graceful_stop = graceful
             run.scope.cancel()
             await run.done.wait()
 

@@ -68,6 +68,10 @@ class LinuxBoot:
 class GuestHost(Protocol):
     """What the hypervisor offers a running guest."""
 
+    #: Read by an engine whose task is being cancelled: True for a stop the guest may be
+    #: asked to carry out itself (`cell shutdown`, `load`, `start`), False for `destroy`/`disable`.
+    graceful_stop: bool
+
     async def uart_write(self, data: bytes) -> None:
         """Put bytes on the cell's UART (towards whoever has the device open)."""
 

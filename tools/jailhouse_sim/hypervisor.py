@@ -76,8 +76,11 @@ class GuestRunner(Protocol):
     def start(self, cell: Cell) -> None:
         """Begin running the cell's guest (returns at once)."""
 
-    async def stop(self, cell: Cell) -> None:
-        """Cancel the cell's guest, if any, and wait until it released everything."""
+    async def stop(self, cell: Cell, graceful: bool = True) -> None:
+        """Cancel the cell's guest, if any, and wait until it released everything.
+
+        ``graceful`` is False when the cell is destroyed: engines that can ask a guest
+        to shut down (Linux under QEMU) only do so for a graceful stop."""
 
 
 @dataclass(frozen=True)
@@ -447,7 +450,7 @@ class Hypervisor:
         await self._destroy(cell, announce=True)
 
     async def _destroy(self, cell: Cell, *, announce: bool) -> None:
-        await self.runner.stop(cell)
+        await self.runner.stop(cell, graceful=False)
         self.set_state(cell, SHUT_DOWN)
         self.hv_print(f'Closing cell "{cell.name}"')
         del self.cells[cell.id]

@@ -9,10 +9,11 @@ cell's UART is QEMU's PL011 (``ttyAMA0``) as for every QEMU guest. The UART, QMP
 stderr and exit handling are those of :mod:`.qemu`, except that QEMU's
 ``guest_errors`` log is not watched (a Linux guest's device probing is not a fault).
 
-Stopping (``cell shutdown``/``destroy``, ``disable``) is a **graceful request
-first**: QMP ``system_powerdown`` presses the ``virt`` power button (a GPIO key the
-guest sees as ``KEY_POWER``); if the guest has not powered off within
-``JAILHOUSE_SIM_LINUX_POWERDOWN_S`` seconds (default 5), QEMU is killed. Real
+Stopping with ``cell shutdown`` (or a ``load``/``start`` of the running cell) is a
+**graceful request first**: QMP ``system_powerdown`` presses the ``virt`` power
+button (a GPIO key the guest sees as ``KEY_POWER``); if the guest has not powered
+off within ``JAILHOUSE_SIM_LINUX_POWERDOWN_S`` seconds (default 5), QEMU is killed.
+``cell destroy`` and ``disable`` kill it at once. Real
 Jailhouse stops a passive cell at once; the simulator gives Linux guests the
 chance for an orderly shutdown that runphi's graceful stop is meant to give.
 """
@@ -103,11 +104,13 @@ def _spawn(engine, spec: GuestSpec, linux: LinuxBoot, uart: socket.socket, qmp: 
 
 async def _power_button_on_request(run: _GuestRun, qmp: QmpClient | None, requested: trio.Event,
                                    timeout: float) -> None:
-    """Once a stop is requested: press the power button, and kill QEMU if the guest is not off in time."""
+    """Once a stop is requested: press the power button, and kill QEMU if the guest is not off in time.
+
+    A destroy is not a request: QEMU is killed at once."""
     await requested.wait()
     if run.ending.decided.is_set():
         return
-    if qmp is not None:
+    if qmp is not None and run.host.graceful_stop:
         try:
             await qmp.execute("system_powerdown")
         except QmpError:

@@ -119,3 +119,16 @@ def test_qemu_engine_names_the_cause_when_qemu_cannot_run(tmp_path, monkeypatch,
         assert (f'qemu engine failed for cell "linux-demo": QemuEngineError: cell "linux-demo": '
                 f"cannot run {tmp_path}/no-qemu-here: No such file or directory") in sim.console()
     assert not os.path.exists(tmp_path / "sim" / "run" / "jailhouse-sim.sock")
+
+
+def test_destroy_pulls_the_plug_without_asking_the_guest(sim, tmp_path, linux_guest):
+    with open_raw(sim, 1) as port:
+        boot(sim, tmp_path, linux_guest)
+        read_until(port, PROMPT)
+        started = time.monotonic()
+        result = sim.jailhouse("cell", "destroy", "linux-demo", timeout=60)
+        assert (result.returncode, result.stderr) == (0, "")
+        assert time.monotonic() - started < 5  # not the 20 s power-button deadline of this fixture
+        port.timeout = 1
+        assert POWER_KEY_MESSAGE.encode() not in port.read(65536)
+    assert "linux-demo" not in sim.jailhouse("cell", "list").stdout
