@@ -199,7 +199,7 @@ class JailhouseBackend:
         elif boot.rpu_req:
             self._load_rpu(name, boot, allocation, undo, cid)
         else:
-            self._load(name, boot, cell_config.cpu_reset_address, cid)
+            self._load(name, boot, cell_config, cid)
 
         fds = self._open_console(request, allocation, undo)
         start_fd = os.open(request.start_fifo, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -242,9 +242,26 @@ class JailhouseBackend:
             raise BackendError(f"cannot create ZIC {cid}: a Linux guest cannot run on an RPU "
                                "(remove rpu_req or use a bare-metal/RTOS image)", container_id=cid)
 
-    def _load(self, name: str, boot: BootDescription, reset_address: int, cid: str) -> None:
-        """`cell load` of the inmate at `starting_vaddress`, else at the cell's reset address."""
-        address = boot.starting_vaddress if boot.starting_vaddress is not None else reset_address
+    def _load(self, name: str, boot: BootDescription, cell_config, cid: str) -> None:
+        """`cell load` of the inmate at `starting_vaddress`, else at the cell's reset address.
+
+        The inmate must fit the cell's RAM from there: checked first, so an
+        oversized (or sparse multi-GiB) image is refused by its size instead of
+        being streamed into the hypervisor until the tool's deadline.
+        """
+        from runphi.backends.jailhouse.errors import CellConfigError
+        from runphi.backends.jailhouse.plan import check_image_fits
+
+        reset = cell_config.cpu_reset_address
+        address = boot.starting_vaddress if boot.starting_vaddress is not None else reset
+        try:
+            size = os.stat(boot.inmate).st_size
+            check_image_fits(cell_config, address, size, f"inmate {boot.inmate}")
+        except OSError as exc:
+            raise BackendError(f"cannot create ZIC {cid}: cannot read the inmate {boot.inmate}: {exc.strerror}",
+                               container_id=cid) from None
+        except CellConfigError as exc:
+            raise CellConfigError(f"cannot create ZIC {cid}: {exc}", container_id=cid) from None
         self._load_images(name, [LoadImage(file=str(boot.inmate), address=address)], cid)
 
     def firmware_link(self, cell_name: str) -> Path:
