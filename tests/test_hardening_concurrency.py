@@ -203,3 +203,28 @@ async def test_parallel_creates_fill_the_board_exactly(zic):
     assert ledger_allocations(zic) == {}
     assert zic.board.cells() == {}
     assert sorted(os.listdir(zic.root)) == []
+
+
+async def test_parallel_creates_of_one_id_make_exactly_one_container(zic):
+    bundle = zic.bundle("dup", guest_script("tick 20 x"))
+    results: list[subprocess.CompletedProcess[str]] = []
+
+    async def create(n: int) -> None:
+        results.append(await runphi(zic, "create", "--bundle", str(bundle), "--pid-file",
+                                    str(zic.base / f"dup{n}.pid"), "dup"))
+
+    async with trio.open_nursery() as nursery:
+        for n in range(8):
+            nursery.start_soon(create, n)
+    winners = [r for r in results if r.returncode == 0]
+    assert len(winners) == 1, [r.stderr for r in results]
+    for loser in results:
+        if loser.returncode != 0:
+            lines = [line for line in loser.stderr.splitlines() if line.strip()]
+            assert len(lines) == 1 and ("exists" in lines[0] or "already holds" in lines[0]), lines
+    zic.monitors += [int(p.read_text()) for p in zic.base.glob("dup*.pid")]
+    assert sorted(ledger_allocations(zic)) == ["dup"]
+    assert list(zic.board.cells()) == ["dup"]
+    assert (await runphi(zic, "delete", "--force", "dup")).returncode == 0
+    reap_all(zic.monitors)
+    assert ledger_allocations(zic) == {} and zic.board.cells() == {}

@@ -326,3 +326,20 @@ def test_an_id_with_a_nul_byte_is_refused(tmp_path):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "invalid container id" in lines[0], lines
     assert not (tmp_path / "root").exists()
+
+
+def test_numeric_ids_never_touch_the_cell_with_that_number(zic):
+    """`jailhouse cell destroy 1` means cell *id* 1: an id like "1" must be addressed by name."""
+    zic.create("first", zic.bundle("a", GUEST))
+    first_id = (zic.board.sysfs / "cells").joinpath("1", "name").read_text().strip()
+    assert first_id == "first", "the test expects the first cell to get id 1"
+    zic.create("1", zic.bundle("b", GUEST))
+    zic.run("start", "1", check=True)
+    zic.run("kill", "1", "KILL", check=True)
+    assert zic.run("delete", "--force", "1").returncode == 0
+    assert zic.board.cells() == {"first": "shut down"}, "deleting container 1 touched cell id 1"
+    assert zic.status("first") == "created"
+    zic.create("0", zic.bundle("c", GUEST))
+    assert zic.run("delete", "--force", "0").returncode == 0
+    assert (zic.board.sysfs / "cells" / "0").is_dir(), "the root cell (id 0) must never be touched"
+    assert zic.board.cells() == {"first": "shut down"}
