@@ -62,11 +62,33 @@ def parse_signal(text: str) -> int:
             f"invalid signal {text!r}: use a number (15) or a name (TERM, SIGKILL)") from None
 
 
+def _terminal_columns() -> int:
+    """What ``shutil.get_terminal_size().columns`` says, without importing shutil.
+
+    argparse builds a help formatter on every ``add_argument`` and its default
+    width imports shutil (and with it bz2, lzma, zlib): a few ms on every verb.
+    """
+    try:
+        return int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        pass
+    try:
+        return os.get_terminal_size(sys.__stdout__.fileno()).columns
+    except (AttributeError, ValueError, OSError):
+        return 80
+
+
+def _help_formatter(prog: str) -> argparse.HelpFormatter:
+    """argparse's default formatter at argparse's default width (terminal columns - 2)."""
+    return argparse.HelpFormatter(prog, width=_terminal_columns() - 2)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that raises :class:`UsageError` instead of printing and exiting 2."""
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("formatter_class", _help_formatter)
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
