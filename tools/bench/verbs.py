@@ -38,7 +38,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from .harness import Budget, Check, Options, Series, SuiteResult, interleaved, ratio, standalone
@@ -197,7 +197,7 @@ def run(options: Options) -> SuiteResult:
             "runphi list": quiet(node.argv("list"), node.env),
         }
         why_not_runc = runc_missing()
-        with (live_runc_container(Path(tmp)) if why_not_runc is None else _nothing()) as runc:
+        with live_runc_container(Path(tmp)) if why_not_runc is None else nullcontext() as runc:
             if runc:
                 candidates["runc state"] = quiet([*runc, "state", "bench-runc"])
             else:
@@ -222,11 +222,6 @@ def run(options: Options) -> SuiteResult:
                "x", "own = wall minus its jailhouse tool calls"),
     ]
     return result
-
-
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield None
 
 
 if __name__ == "__main__":
