@@ -105,7 +105,7 @@ class JailhouseBackend:
     def allocator(self) -> Allocator:
         from runphi.backends.jailhouse.allocator import Allocator
 
-        return Allocator(self.platform, Path(self.config.state_dir), Path(self.jh.sysfs))
+        return Allocator(self.platform, Path(self.config.state_dir), Path(self.jh.sysfs), warn=self._warn)
 
     # ---- the Backend protocol --------------------------------------------
 
