@@ -29,7 +29,7 @@ from typing import NamedTuple
 
 from tools.jailhouse_sim.testing import SimBoard
 
-from .harness import Skip
+from .harness import Skip, children_cpu_seconds
 
 PR_SET_CHILD_SUBREAPER = 36
 SCRIPT_MAGIC = "#!jailhouse-sim-inmate"
@@ -41,9 +41,11 @@ WRAPPER_C = r"""
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
+#include <sys/resource.h>
 #include <sys/wait.h>
 
-/* Run REAL with our arguments; append "<seconds> <caller pid> <args>" to LOG (one O_APPEND write). */
+/* Run REAL with our arguments; append "<seconds> <caller pid> <cpu seconds> <args>" to LOG
+   (one O_APPEND write). */
 int main(int argc, char **argv) {
     struct timespec a, b;
     int status = 0;
@@ -54,12 +56,15 @@ int main(int argc, char **argv) {
         execv(REAL, argv);
         _exit(127);
     }
-    if (pid < 0 || waitpid(pid, &status, 0) < 0)
+    struct rusage usage;
+    if (pid < 0 || wait4(pid, &status, 0, &usage) < 0)
         return 126;
     clock_gettime(CLOCK_MONOTONIC, &b);
     char line[512];
-    size_t n = (size_t)snprintf(line, sizeof line, "%.9f %d", (b.tv_sec - a.tv_sec) + (b.tv_nsec - a.tv_nsec) / 1e9,
-                                (int)getppid());
+    double cpu = usage.ru_utime.tv_sec + usage.ru_stime.tv_sec
+                 + (usage.ru_utime.tv_usec + usage.ru_stime.tv_usec) / 1e6;
+    size_t n = (size_t)snprintf(line, sizeof line, "%.9f %d %.6f",
+                                (b.tv_sec - a.tv_sec) + (b.tv_nsec - a.tv_nsec) / 1e9, (int)getppid(), cpu);
     for (int i = 1; i < argc && n < sizeof line - 2; i++)
         n += (size_t)snprintf(line + n, sizeof line - 1 - n, " %s", argv[i]);
     if (n > sizeof line - 2)
@@ -142,6 +147,7 @@ class Call(NamedTuple):
 
     seconds: float
     caller: int
+    cpu: float
     args: tuple[str, ...]
 
 
@@ -158,11 +164,17 @@ def build_tool_wrapper(real: Path, work: Path, name: str = "jailhouse") -> tuple
 
 
 class Created(NamedTuple):
-    """One ``runphi create``: the monitor's pid, wall seconds, seconds inside the hypervisor tool."""
+    """One ``runphi create``: the monitor's pid, wall and CPU seconds, and those inside the hypervisor tool.
+
+    ``cpu`` is create's own CPU plus that of the processes it waited for (the
+    tool calls, the intermediate fork), not the monitor's.
+    """
 
     monitor: int
     wall: float
     tool: float
+    cpu: float = 0.0
+    tool_cpu: float = 0.0
 
 
 def take_calls(log: Path) -> list[Call]:
@@ -174,8 +186,8 @@ def take_calls(log: Path) -> list[Call]:
     log.unlink()
     calls = []
     for line in text.splitlines():
-        seconds, caller, *args = line.split()
-        calls.append(Call(float(seconds), int(caller), tuple(args)))
+        seconds, caller, cpu, *args = line.split()
+        calls.append(Call(float(seconds), int(caller), float(cpu), tuple(args)))
     return calls
 
 
@@ -262,6 +274,7 @@ class Node:
         pid_file = self.base / f"{cid}.pid"
         self.tool_seconds()  # start from an empty log
         with tempfile.TemporaryFile() as err:
+            cpu_before = children_cpu_seconds()
             start = time.perf_counter()
             proc = subprocess.Popen(self.argv("create", "--bundle", str(bundle), "--pid-file", str(pid_file), cid),
                                     stdin=subprocess.DEVNULL if stdin is None else stdin,
@@ -269,13 +282,15 @@ class Node:
                                     stderr=err, env=self.env)
             status = proc.wait(timeout=120)
             wall = time.perf_counter() - start
+            cpu = children_cpu_seconds() - cpu_before
             err.seek(0)
             if status != 0:
                 raise RuntimeError(f"runphi create {cid} exited {status}: "
                                    f"{err.read().decode(errors='replace').strip()}")
         pid = int(pid_file.read_text())
         self.monitors[cid] = pid
-        return Created(pid, wall, self.tool_seconds(caller=proc.pid))
+        tool_wall, tool_cpu = self.tool_usage(caller=proc.pid)
+        return Created(pid, wall, tool_wall, cpu, tool_cpu)
 
     def tool_seconds(self, caller: int | None = None) -> float:
         """Seconds spent inside the hypervisor tool since the last call (and reset the log).
@@ -283,7 +298,12 @@ class Node:
         With ``caller``, only the calls that process made (monitors probe the
         hypervisor in the background and would otherwise be counted too).
         """
-        return sum(call.seconds for call in take_calls(self.tool_log) if caller is None or call.caller == caller)
+        return self.tool_usage(caller)[0]
+
+    def tool_usage(self, caller: int | None = None) -> tuple[float, float]:
+        """(wall, CPU) seconds inside the hypervisor tool since the last call; see :meth:`tool_seconds`."""
+        calls = [call for call in take_calls(self.tool_log) if caller is None or call.caller == caller]
+        return sum(call.seconds for call in calls), sum(call.cpu for call in calls)
 
     def cleanup(self) -> None:
         """Delete every container left (force), reap their monitors."""
