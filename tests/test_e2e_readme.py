@@ -45,17 +45,20 @@ def clean_env() -> dict[str, str]:
 
 def test_by_hand_block_runs_hello_on_the_simulator(built_inmates):
     block = sh_block("## Try it by hand on the simulator")
-    private = short_tempdir("rphi-readme-")
-    script = block.replace("/tmp/rphi-", f"{private}/")
+    private = short_tempdir("rphi-readme-")  # the block's `mktemp -t` honours TMPDIR
     try:
-        result = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=REPO_ROOT, env=clean_env(),
-                                capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+        result = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=REPO_ROOT,
+                                env={**clean_env(), "TMPDIR": str(private)}, capture_output=True, text=True,
+                                timeout=300, stdin=subprocess.DEVNULL)
         assert result.returncode == 0, result.stdout + result.stderr
         assert HELLO_CONSOLE in result.stdout.replace("\r\n", "\n")
         assert "jailhouse-sim: stopped" in result.stdout
+        [board] = private.glob("rphi-*/board")
+        assert not (board / "run" / "jailhouse-sim.pid").exists()
     finally:
-        subprocess.run([str(REPO_ROOT / ".venv/bin/jailhouse-sim"), "down", "--root", f"{private}/board"],
-                       capture_output=True, timeout=60, stdin=subprocess.DEVNULL)
+        for board in private.glob("rphi-*/board"):  # after a failure half-way
+            subprocess.run([str(REPO_ROOT / ".venv/bin/jailhouse-sim"), "down", "--root", str(board)],
+                           capture_output=True, timeout=60, stdin=subprocess.DEVNULL)
         shutil.rmtree(private, ignore_errors=True)
 
 
