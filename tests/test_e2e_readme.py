@@ -105,3 +105,9 @@ def test_containerd_blocks_build_import_run_kill_and_remove(zic_node, zic_events
     assert [row.split()[2] for row in listing.splitlines()[1:] if row.split()[0] == "t1"] == ["STOPPED"]
     assert zic_events.exit_status("hello1") == 0
     assert "t1" not in zic_node.cells() and zic_node.ledger() == {}
+
+
+def test_every_relative_link_names_a_file_of_the_checkout():
+    links = set(re.findall(r"\]\(([^)#:]+)\)", README.read_text()))
+    assert len(links) >= 10
+    assert sorted(link for link in links if not (REPO_ROOT / link).exists()) == []
