@@ -34,8 +34,9 @@ async def test_shell_has_job_control_answers_uname_and_poweroff_f_ends_qemu(linu
         assert await vm.run("tty") == "/dev/ttyAMA0"
         await vm.run("sleep 300 &")
         assert "Running" in await vm.run("jobs")
-        # ^C only signals once the shell has left line editing: wait for the first command's output.
-        mark = await vm.type('echo "st""arted"; sleep 300\n')
+        # ^C must find the job in the foreground: the job itself says when it is (a forked
+        # foreground job takes the terminal before it runs), then becomes the sleep.
+        mark = await vm.type('sh -c \'echo "st""arted"; exec sleep 300\'\n')
         started = await vm.console.expect("\r\nstarted", mark)
         await vm.type("\x03")
         await vm.console.expect(PROMPT, started, timeout=10)
