@@ -53,13 +53,6 @@ case "$cmd" in
         if [ $rc -eq 5 ]; then echo "setup: pytest collected no tests: that is a failure" >&2; exit 1; fi
         exit $rc
         ;;
-    demo)
-        if [ -e tools/demo/__main__.py ] || [ -e tools/demo.py ]; then
-            exec "$VENV/bin/python" -m tools.demo "$@"
-        fi
-        "$VENV/bin/runphi" --version
-        echo "setup: no backend yet: the simulator demo arrives with the Jailhouse backend;" \
-             "runphi already forwards plain containers to runc (see README)"
-        ;;
+    demo) exec "$VENV/bin/python" -m tools.demo "$@" ;;
     *) echo "usage: bash setup.sh {test|demo|deps} [args...]" >&2; exit 2 ;;
 esac
