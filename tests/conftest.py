@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.containerd import (PrivateContainerd, make_busybox_rootfs, missing_requirements,
+from tools.testbed.containerd import (PrivateContainerd, make_busybox_rootfs, missing_requirements,
                               runphi_binary, short_tempdir)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -180,7 +180,7 @@ def zic_node(runphi_bin: Path, built_inmates: Path):
     One per test module; tests use their own container ids and remove what they
     start. Teardown removes every container, stops containerd and the board.
     """
-    from tests.containerd import ZicNode
+    from tools.testbed.containerd import ZicNode
 
     reason = missing_requirements()
     if reason:
@@ -199,7 +199,7 @@ def zic_node(runphi_bin: Path, built_inmates: Path):
 @pytest.fixture(scope="module")
 def zic_events(zic_node):
     """``ctr events`` of the ``zic_node`` containerd, recorded for the whole module."""
-    from tests.containerd import EventLog
+    from tools.testbed.containerd import EventLog
 
     events = EventLog(zic_node.containerd, zic_node.base / "events.log")
     try:

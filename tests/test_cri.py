@@ -23,7 +23,7 @@ import grpc
 import msgspec
 import pytest
 
-from tests.containerd import missing_requirements
+from tools.testbed.containerd import missing_requirements
 from tests.cri.client import CONTAINER_EXITED, CONTAINER_RUNNING
 from tests.cri.kubelet import Node, zic_image
 from tests.cri.manifests import load_pod, load_runtime_class

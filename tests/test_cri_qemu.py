@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.containerd import missing_requirements
+from tools.testbed.containerd import missing_requirements
 from tests.cri.client import CONTAINER_EXITED, CONTAINER_RUNNING
 from tests.cri.kubelet import Node, zic_image
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO_ROOT
-from tests.containerd import missing_requirements, short_tempdir
+from tools.testbed.containerd import missing_requirements, short_tempdir
 
 pytestmark = pytest.mark.qemu
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.containerd import NAMESPACE, ZicNode, make_busybox_rootfs
+from tools.testbed.containerd import NAMESPACE, ZicNode, make_busybox_rootfs
 
 pytestmark = [pytest.mark.containerd, pytest.mark.qemu]
 

@@ -13,7 +13,7 @@ import pytest
 from runphi.config import RuntimeConfig, load_runtime_config
 from runphi.errors import BundleError, ConfigError, RuncNotFound
 from runphi.forward import has_boot_description, is_zic
-from tests.containerd import busybox_path, make_busybox_rootfs
+from tools.testbed.containerd import busybox_path, make_busybox_rootfs
 
 RUNC = shutil.which("runc")
 needs_runc = pytest.mark.skipif(RUNC is None or os.geteuid() != 0 or busybox_path() is None,

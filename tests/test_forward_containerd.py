@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.containerd import PrivateContainerd
+from tools.testbed.containerd import PrivateContainerd
 
 pytestmark = pytest.mark.containerd
 
@@ -181,7 +181,7 @@ def test_runphi_error_reaches_ctr_as_one_json_line(containerd, busybox_rootfs, r
 
 def test_a_second_private_containerd_with_its_own_environment(start_containerd, runphi_bin, tmp_path):
     """The factory fixture: its env reaches runphi through containerd and the shim."""
-    from tests.containerd import make_busybox_rootfs
+    from tools.testbed.containerd import make_busybox_rootfs
 
     missing = tmp_path / "not-there.toml"
     daemon = start_containerd(env={"RUNPHI_CONFIG": str(missing)})

@@ -281,7 +281,7 @@ def runphi_binary() -> Path:
 def run_under_containerd(base: Path, inmates: Path, linux: bool = False) -> None:
     """Import both ZIC images into a private containerd and ``ctr run`` them with runphi
     (then the Linux ZIC, with ``-t`` on a terminal)."""
-    from tests.containerd import ZIC_IMAGE_PLATFORM, ZicNode
+    from tools.testbed.containerd import ZIC_IMAGE_PLATFORM, ZicNode
 
     images = dict(write_image(inmates / f"{name}.bin", base) for name in ("hello", "echo"))
     narrate("packaged hello and echo as ZIC images with mkzic: " + ", ".join(images))
@@ -308,7 +308,7 @@ def run_under_containerd(base: Path, inmates: Path, linux: bool = False) -> None
 
 def run_linux_under_containerd(node, base: Path) -> None:
     """Import the Linux ZIC and ``ctr run`` it (``-t`` when the demo has a terminal)."""
-    from tests.containerd import ZIC_IMAGE_PLATFORM
+    from tools.testbed.containerd import ZIC_IMAGE_PLATFORM
     from tools.mkzic import build_image_archive, parse_image_name, write_archive
 
     archive = build_image_archive(assemble_linux_zic(), parse_image_name(f"linux:{IMAGE_TAG}"))
@@ -325,7 +325,7 @@ def run_linux_under_containerd(node, base: Path) -> None:
 
 def run_directly(base: Path, inmates: Path, linux: bool = False) -> None:
     """Run both ZICs with ``runphi run`` against a simulated board (no containerd)."""
-    from tests.containerd import SIM_PLATFORM, simulator_env
+    from tools.testbed.containerd import SIM_PLATFORM, simulator_env
     from tools.jailhouse_sim.testing import SimBoard
 
     bundles = {name: write_bundle(inmates / f"{name}.bin", base / "bundles") for name in ("hello", "echo")}

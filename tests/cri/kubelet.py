@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.containerd import short_tempdir
+from tools.testbed.containerd import short_tempdir
 from tests.cri.client import CriClient, compile_proto
 from tests.cri.manifests import PodManifest, RuntimeClass, linux_resources
 from tests.cri.node import (PAUSE_IMAGE, SIM_PLATFORM, CriContainerd, Leftovers, busybox_image_archive,

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import msgspec
 
-from tests.containerd import PrivateContainerd, busybox_path
+from tools.testbed.containerd import PrivateContainerd, busybox_path
 from tools.mkzic import oci as image_oci
 from tools.mkzic.image import sha256_digest
 from tools.mkzic.tarball import gzip_bytes
