@@ -8,7 +8,7 @@ from runphi.backends.base import BackendError
 from runphi.backends.jailhouse.backend import JailhouseBackend, UndoStack, shutdown_timeout
 from runphi.config import load_runtime_config
 from runphi.errors import RunphiError
-from tests.test_lifecycle_harness import Board, subreaper  # noqa: F401
+from tests.test_lifecycle_harness import board_running, subreaper  # noqa: F401
 
 
 def test_undo_runs_in_reverse_and_collects_failures():
@@ -47,9 +47,7 @@ def test_destroying_a_vanished_cell_still_releases_its_resources(subreaper, tmp_
     from runphi.backends.jailhouse.allocator import ResourceRequest
     from runphi.backends.jailhouse.plan import cell_name
 
-    board = Board(tmp_path / "sim")
-    board.up()
-    try:
+    with board_running(tmp_path / "sim") as board:
         (tmp_path / "runphi.toml").write_text("")
         config = load_runtime_config({"RUNPHI_CONFIG": str(tmp_path / "runphi.toml"), "RUNPHI_BACKEND": "jailhouse",
                                       "RUNPHI_SYSFS": str(board.sysfs), "RUNPHI_JAILHOUSE": str(board.tool),
@@ -60,5 +58,3 @@ def test_destroying_a_vanished_cell_still_releases_its_resources(subreaper, tmp_
         backend.allocator().allocate("other", ResourceRequest(cpu_count=1, memory=16 << 20))
         backend.destroy_cell(cell_name(long_id))  # no such cell: only the ledger changes
         assert [a.container_id for a in backend.allocator().allocations()] == ["other"]
-    finally:
-        board.down()

@@ -7,17 +7,13 @@ import pytest
 from runphi.backends.base import (BackendUnavailable, CellNotFound, InvalidConfiguration, ResourceBusy,
                                   ToolTimeout)
 from runphi.backends.jailhouse.driver import JailhouseDriver, LoadImage
-from tests.test_lifecycle_harness import Board, guest_script, subreaper  # noqa: F401
+from tests.test_lifecycle_harness import board_running, guest_script, subreaper  # noqa: F401
 
 
 @pytest.fixture
 def sim(subreaper, tmp_path):
-    board = Board(tmp_path / "sim")
-    board.up()
-    try:
+    with board_running(tmp_path / "sim") as board:
         yield board
-    finally:
-        board.down()
 
 
 @pytest.fixture

@@ -6,13 +6,9 @@ process is a child subreaper and reaps the pid from ``--pid-file``.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-from pathlib import Path
-
 import pytest
 
-from tests.test_lifecycle_harness import (Board, Zic, board, guest_script, reap_all, subreaper,  # noqa: F401
+from tests.test_lifecycle_harness import (Zic, board, board_in_tempdir, guest_script, reap_all, subreaper,  # noqa: F401
                                           wait_exit, wait_for, zic)
 
 
@@ -80,19 +76,15 @@ def test_row_cell_destroyed_behind_runphis_back_is_255(zic):
 
 
 def test_row_hypervisor_unreachable_is_255(subreaper, tmp_path):
-    base = Path(tempfile.mkdtemp(prefix="rphi-sim-"))
-    own = Board(base / "sim")
-    own.up()
-    z = Zic(own, tmp_path)
-    try:
-        pid = started(z, "rowdead", "tick 50 alive")
-        own.kill()
-        assert wait_exit(pid) == 255
-        assert "unreachable" in reason(z, "rowdead")
-    finally:
-        reap_all(z.monitors)
-        own.down()
-        shutil.rmtree(base, ignore_errors=True)
+    with board_in_tempdir() as own:
+        z = Zic(own, tmp_path)
+        try:
+            pid = started(z, "rowdead", "tick 50 alive")
+            own.kill()
+            assert wait_exit(pid) == 255
+            assert "unreachable" in reason(z, "rowdead")
+        finally:
+            reap_all(z.monitors)
 
 
 def test_the_exit_is_logged_to_the_runtime_log(zic):

@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -42,9 +43,11 @@ class Board:
     """One simulated Jailhouse board, its daemon a direct child of the test process
     (``tools.jailhouse_sim.testing.SimBoard``), reaped on teardown."""
 
-    def __init__(self, root: Path, engine: str = "script") -> None:
+    def __init__(self, root: Path, engine: str = "script", model: str = "sim-qemu-arm64") -> None:
         self.root = root
         self.engine = engine
+        #: The simulator's board description (``jailhouse-sim --board``).
+        self.model = model
         self.tool = root / "bin" / "jailhouse"
         self.sysfs = root / "sys" / "devices" / "jailhouse"
         self.sim = None
@@ -52,7 +55,7 @@ class Board:
     def up(self) -> None:
         from tools.jailhouse_sim.testing import SimBoard
 
-        self.sim = SimBoard.start(self.root, engine=self.engine)
+        self.sim = SimBoard.start(self.root, board=self.model, engine=self.engine)
 
     def down(self) -> None:
         if self.sim is not None:
@@ -216,6 +219,32 @@ def reap_all(pids: list[int]) -> None:
             pass
 
 
+@contextmanager
+def board_running(root: Path, engine: str = "script", model: str = "sim-qemu-arm64") -> Iterator[Board]:
+    """A board up at ``root`` for the with-block; on leaving it the daemon is stopped and reaped."""
+    board = Board(root, engine=engine, model=model)
+    board.up()
+    try:
+        yield board
+    finally:
+        board.down()
+
+
+@contextmanager
+def board_in_tempdir(prefix: str = "rphi-sim-", engine: str = "script",
+                     model: str = "sim-qemu-arm64") -> Iterator[Board]:
+    """:func:`board_running` in a fresh short temporary directory, removed afterwards.
+
+    Short because the board's UART sockets live under it (108-byte unix path limit).
+    """
+    base = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        with board_running(base / "sim", engine=engine, model=model) as board:
+            yield board
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def subreaper() -> None:
     become_subreaper()
@@ -223,14 +252,8 @@ def subreaper() -> None:
 
 @pytest.fixture(scope="module")
 def board(subreaper) -> Iterator[Board]:
-    base = Path(tempfile.mkdtemp(prefix="rphi-sim-"))
-    sim = Board(base / "sim")
-    sim.up()
-    try:
+    with board_in_tempdir() as sim:
         yield sim
-    finally:
-        sim.down()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture

@@ -6,12 +6,12 @@ import json
 import os
 import shutil
 import subprocess
-import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.test_lifecycle_harness import RUNPHI, Board, Zic, reap_all, subreaper  # noqa: F401
+from tests.test_lifecycle_harness import RUNPHI, Board, Zic, board_in_tempdir, reap_all, subreaper  # noqa: F401
 from tests.test_monitor_console import read_to_eof
 
 pytestmark = pytest.mark.qemu
@@ -28,15 +28,9 @@ def inmates() -> Path:
 
 
 @pytest.fixture(scope="module")
-def qemu_board(subreaper) -> Board:
-    base = Path(tempfile.mkdtemp(prefix="rphi-qsim-"))
-    sim = Board(base / "sim", engine="qemu")
-    sim.up()
-    try:
+def qemu_board(subreaper) -> Iterator[Board]:
+    with board_in_tempdir("rphi-qsim-", engine="qemu") as sim:
         yield sim
-    finally:
-        sim.down()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def test_run_hello_prints_its_banner_and_exits_0(qemu_board, inmates, tmp_path):

@@ -3,13 +3,11 @@ loaded with `cell load CELL -r IMAGE RCPU`."""
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
 
-from tests.test_lifecycle_harness import Board, Zic, guest_script, reap_all, subreaper  # noqa: F401
+from tests.test_lifecycle_harness import Zic, board_in_tempdir, guest_script, reap_all, subreaper  # noqa: F401
 
 # runphi's description of the simulator's `sim-omnivisor-rpu` board (4 APUs, 2 RPUs).
 PLATFORM = """
@@ -53,16 +51,8 @@ id = 1
 
 @pytest.fixture(scope="module")
 def rpu_board(subreaper):
-    base = Path(tempfile.mkdtemp(prefix="rphi-rpu-"))
-    board = Board(base / "sim")
-    from tools.jailhouse_sim.testing import SimBoard
-
-    board.sim = SimBoard.start(board.root, board="sim-omnivisor-rpu")
-    try:
+    with board_in_tempdir("rphi-rpu-", model="sim-omnivisor-rpu") as board:
         yield board
-    finally:
-        board.down()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture
