@@ -49,13 +49,36 @@ def test_monitor_is_adopted_by_the_subreaper(zic):
     assert ppid == os.getpid()
 
 
-def test_create_never_imports_trio_or_structlog(zic):
-    """trio is for the monitor, after the fork; create's own imports stay lean (DESIGN §2)."""
-    import socket
+#: Imported only by the monitor (trio, and structlog which pulls in asyncio) or where the
+#: UART is opened (pyserial): never by a verb that only reads or signals (DESIGN §2).
+HEAVY_MODULES = {"trio", "structlog", "asyncio", "serial"}
+
+
+def verb_imports(zic, *argv: str) -> set[str]:
+    """Run ``runphi --root R ARGV`` under ``-X importtime``; the top-level modules it imported.
+
+    Asserts the verb succeeded. Its stderr must be the verb's alone (no monitor
+    inheriting it), which holds for every verb but a non-terminal ``create``.
+    """
     import subprocess
     import sys
 
     from tests.test_lifecycle_harness import RUNPHI
+
+    script = f"import sys; sys.argv = {[str(RUNPHI)]!r} + sys.argv[1:]; from runphi.cli import main; sys.exit(main())"
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-c", script, "--root", str(zic.root), *argv],
+                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          env=zic.env, timeout=60, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    imported = {line.rsplit("|", 1)[-1].strip().split(".")[0] for line in proc.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert "runphi" in imported
+    return imported
+
+
+def test_create_never_imports_trio_or_structlog(zic):
+    """trio is for the monitor, after the fork; create's own imports stay lean (DESIGN §2)."""
+    import socket
 
     bundle = zic.bundle("lean", guest_script("tick 50 x"), terminal=True)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -63,19 +86,20 @@ def test_create_never_imports_trio_or_structlog(zic):
     listener.listen(1)
     # Terminal mode: the monitor's stderr is /dev/null, so -X importtime lines on
     # stderr are create's alone.
-    script = f"import sys; sys.argv = {[str(RUNPHI)]!r} + sys.argv[1:]; from runphi.cli import main; sys.exit(main())"
-    proc = subprocess.run([sys.executable, "-X", "importtime", "-c", script, "--root", str(zic.root), "create",
-                           "--bundle", str(bundle), "--console-socket", str(zic.base / "pty.sock"),
-                           "--pid-file", str(zic.base / "lean.pid"), "lean"],
-                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                          env=zic.env, timeout=60, text=True)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    imported = verb_imports(zic, "create", "--bundle", str(bundle), "--console-socket", str(zic.base / "pty.sock"),
+                            "--pid-file", str(zic.base / "lean.pid"), "lean")
     zic.monitors.append(int((zic.base / "lean.pid").read_text()))
-    imported = {line.rsplit("|", 1)[-1].strip().split(".")[0] for line in proc.stderr.splitlines()
-                if line.startswith("import time:")}
-    assert "runphi" in imported
     assert not imported & {"trio", "structlog", "asyncio"}
     listener.close()
+
+
+def test_state_start_kill_delete_of_a_live_zic_import_nothing_heavy(zic):
+    """The verbs containerd calls most often on a live ZIC stay as lean as ``state`` of nothing."""
+    pid = zic.create("leanv", zic.bundle("leanv", guest_script("tick 50 alive")))
+    for argv in (("state", "leanv"), ("start", "leanv"), ("state", "leanv"), ("kill", "leanv", "TERM")):
+        assert not verb_imports(zic, *argv) & HEAVY_MODULES, argv
+    assert wait_exit(pid) == 143
+    assert not verb_imports(zic, "delete", "leanv") & HEAVY_MODULES
 
 
 def test_two_zics_get_their_own_cpus_uarts_and_exit_codes(zic):
