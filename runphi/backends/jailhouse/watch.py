@@ -10,12 +10,30 @@ Imported by the monitor only (trio is already loaded there).
 
 from __future__ import annotations
 
+import os
 import subprocess
 
 import trio
 
 from runphi.backends.base import BackendError, BackendUnavailable, CellNotFound
 from runphi.backends.jailhouse.driver import JailhouseDriver, check_result, destroy_argv, shutdown_argv
+
+
+def _read_attribute(path: str) -> str | None:
+    """One small sysfs attribute without its newline, or None if it cannot be read.
+
+    Plain ``os`` calls: this runs 20 times a second in every idle monitor.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        return os.read(fd, 4096).decode(errors="replace").rstrip("\n")
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 class JailhouseCellWatch:
@@ -26,31 +44,36 @@ class JailhouseCellWatch:
         self.name = cell_name
         self.tool_timeout = tool_timeout
         self.driver = JailhouseDriver(tool, sysfs, timeout=tool_timeout)
+        self._cells_dir = str(self.driver.cells_dir)
         self._cell_id: int | None = None
 
     def read_state(self) -> tuple[bool, str | None]:
+        """(hypervisor reachable through sysfs, the cell's state or None if it is gone).
+
+        The common poll is two small reads (name, state) of the cell's known ID;
+        only when those fail is the hypervisor checked and the ID looked up again.
+        """
+        state = self._known_cell_state()
+        if state is not None:
+            return True, state
         try:
             if not self.driver.available():
                 return False, None
-            return True, self._state()
+            self._cell_id = self.driver.cell_id(self.name)
         except BackendUnavailable:
             return False, None
+        if self._cell_id is None:
+            return True, None
+        return True, _read_attribute(f"{self._cells_dir}/{self._cell_id}/state")
 
-    def _state(self) -> str | None:
-        if self._cell_id is not None:
-            base = self.driver.cells_dir / str(self._cell_id)
-            try:
-                if (base / "name").read_text().rstrip("\n") == self.name[:31]:
-                    return (base / "state").read_text().rstrip("\n")
-            except OSError:
-                pass
-        self._cell_id = self.driver.cell_id(self.name)
+    def _known_cell_state(self) -> str | None:
+        """The state under the cached ID if that ID still belongs to our cell, else None."""
         if self._cell_id is None:
             return None
-        try:
-            return (self.driver.cells_dir / str(self._cell_id) / "state").read_text().rstrip("\n")
-        except OSError:
+        base = f"{self._cells_dir}/{self._cell_id}"
+        if _read_attribute(f"{base}/name") != self.name[:31]:
             return None
+        return _read_attribute(f"{base}/state")
 
     async def request_shutdown(self) -> bool:
         return await self._run("shutdown", shutdown_argv(self.tool, self.name))
