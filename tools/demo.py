@@ -143,14 +143,19 @@ def console_view(argv: list[str], env: dict[str, str], stderr_path: Path) -> Ite
         view.close()
 
 
+def guest_failed(guest: str, status: int, stderr_path: Path, expectation: str = "expected 0") -> DemoError:
+    """The error for a guest that did not end as the demo expects, quoting the command's stderr."""
+    return DemoError(f"the {guest} guest ended with status {status}, {expectation}: "
+                     f"{stderr_path.read_text(errors='replace').strip()}")
+
+
 def show_hello(argv: list[str], env: dict[str, str], base: Path) -> None:
     """Run the hello ZIC to its end; it must power off cleanly (status 0)."""
     with console_view(argv, env, base / "hello.stderr") as view:
         view.expect(b"Hello from runphi inmate hello")
         status = view.finish()
     if status != 0 or b"hello: done, powering off" not in view.seen:
-        raise DemoError(f"the hello guest ended with status {status}, expected 0 after its last line: "
-                        f"{(base / 'hello.stderr').read_text(errors='replace').strip()}")
+        raise guest_failed("hello", status, base / "hello.stderr", "expected 0 after its last line")
     narrate("hello powered itself off: exit status 0")
 
 
@@ -164,8 +169,7 @@ def show_echo(argv: list[str], env: dict[str, str], base: Path) -> None:
         view.expect(b"echo: bye")
         status = view.finish()
     if status != 0:
-        raise DemoError(f"the echo guest ended with status {status}, expected 0: "
-                        f"{(base / 'echo.stderr').read_text(errors='replace').strip()}")
+        raise guest_failed("echo", status, base / "echo.stderr")
     narrate("echo sent the line back and powered off on `exit`: exit status 0")
 
 
@@ -182,8 +186,7 @@ def show_linux_scripted(argv: list[str], env: dict[str, str], base: Path) -> Non
         view.expect(b"reboot: Power down")
         status = view.finish()
     if status != 0:
-        raise DemoError(f"the Linux guest ended with status {status}, expected 0: "
-                        f"{(base / 'linux.stderr').read_text(errors='replace').strip()}")
+        raise guest_failed("Linux", status, base / "linux.stderr")
     narrate("the Linux guest answered and powered off in order: exit status 0")
 
 
@@ -281,7 +284,7 @@ def runphi_binary() -> Path:
 def run_under_containerd(base: Path, inmates: Path, linux: bool = False) -> None:
     """Import both ZIC images into a private containerd and ``ctr run`` them with runphi
     (then the Linux ZIC, with ``-t`` on a terminal)."""
-    from tools.testbed.containerd import ZIC_IMAGE_PLATFORM, ZicNode
+    from tools.testbed.containerd import ZicNode
 
     images = dict(write_image(inmates / f"{name}.bin", base) for name in ("hello", "echo"))
     narrate("packaged hello and echo as ZIC images with mkzic: " + ", ".join(images))
@@ -289,10 +292,8 @@ def run_under_containerd(base: Path, inmates: Path, linux: bool = False) -> None
     narrate(f"starting a simulated Jailhouse board (QEMU engine) and a private containerd in {node.base}")
     node.start()
     try:
-        for name, archive in images.items():
-            imported = node.containerd.ctr("images", "import", "--platform", ZIC_IMAGE_PLATFORM, str(archive))
-            if imported.returncode != 0:
-                raise DemoError(f"ctr images import {archive.name} failed: {imported.stderr.decode().strip()}")
+        for archive in images.values():
+            import_image(node, archive)
         narrate("imported both images; runphi is the runtime binary of containerd's runc shim")
         for short, show in (("hello", show_hello), ("echo", show_echo)):
             image = next(name for name in images if f"/{short}:" in name)
@@ -306,21 +307,32 @@ def run_under_containerd(base: Path, inmates: Path, linux: bool = False) -> None
         node.stop()
 
 
+def import_image(node, archive: Path) -> None:
+    """``ctr images import`` of a ZIC image archive into the node's containerd; DemoError on failure."""
+    from tools.testbed.containerd import ZIC_IMAGE_PLATFORM
+
+    imported = node.containerd.ctr("images", "import", "--platform", ZIC_IMAGE_PLATFORM, str(archive))
+    if imported.returncode != 0:
+        raise DemoError(f"ctr images import {archive.name} failed: {imported.stderr.decode().strip()}")
+
+
 def run_linux_under_containerd(node, base: Path) -> None:
     """Import the Linux ZIC and ``ctr run`` it (``-t`` when the demo has a terminal)."""
-    from tools.testbed.containerd import ZIC_IMAGE_PLATFORM
     from tools.mkzic import build_image_archive, parse_image_name, write_archive
 
     archive = build_image_archive(assemble_linux_zic(), parse_image_name(f"linux:{IMAGE_TAG}"))
     path = write_archive(base / "linux.tar", archive)
-    imported = node.containerd.ctr("images", "import", "--platform", ZIC_IMAGE_PLATFORM, str(path))
-    if imported.returncode != 0:
-        raise DemoError(f"ctr images import linux.tar failed: {imported.stderr.decode().strip()}")
+    import_image(node, path)
     terminal = ["-t"] if sys.stdin.isatty() else []
     image = archive.name.full()
     narrate(f"ctr run --rm {'-t ' if terminal else ''}{image} demo-linux   (runtime binary: runphi)")
     show_linux(node.containerd.ctr_argv("run", "--rm", *terminal, *node.zic_flags(), image, "demo-linux"),
                node.containerd.env, base)
+
+
+def runphi_run_argv(base: Path, bundle: Path, container_id: str) -> list[str]:
+    """``runphi run`` of ``bundle`` as ``container_id``, with its state under ``base/root``."""
+    return [str(runphi_binary()), "--root", str(base / "root"), "run", "--bundle", str(bundle), container_id]
 
 
 def run_directly(base: Path, inmates: Path, linux: bool = False) -> None:
@@ -336,16 +348,14 @@ def run_directly(base: Path, inmates: Path, linux: bool = False) -> None:
     try:
         for name, show in (("hello", show_hello), ("echo", show_echo)):
             narrate(f"runphi run --bundle {bundles[name]} demo-{name}")
-            show([str(runphi_binary()), "--root", str(base / "root"), "run", "--bundle", str(bundles[name]),
-                  f"demo-{name}"], env, base)
+            show(runphi_run_argv(base, bundles[name], f"demo-{name}"), env, base)
         if linux:
             from tools.mkzic import runtime_spec, write_bundle as mkzic_write_bundle
 
             zic = assemble_linux_zic()
             bundle = mkzic_write_bundle(base / "bundles" / "linux", zic, runtime_spec(zic, hostname="linux"))
             narrate(f"runphi run --bundle {bundle} demo-linux")
-            show_linux([str(runphi_binary()), "--root", str(base / "root"), "run", "--bundle", str(bundle),
-                        "demo-linux"], env, base)
+            show_linux(runphi_run_argv(base, bundle, "demo-linux"), env, base)
     finally:
         narrate("stopping the board")
         board.stop()
