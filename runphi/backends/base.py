@@ -70,13 +70,6 @@ class CellStatistics(msgspec.Struct, frozen=True):
     per_cpu: dict[int, dict[str, int]]
 
 
-class ConsoleSource(msgspec.Struct, frozen=True):
-    """Where a cell's console bytes can be read and written on the host."""
-
-    device: str
-    baud: int = 115200
-
-
 class Backend(Protocol):
     """What a partitioning backend does for the verbs.
 

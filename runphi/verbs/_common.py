@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from runphi import oci
-from runphi.container import ContainerRecord, live_status, monitor_alive, oci_state
+from runphi.container import ContainerRecord, live_status, monitor_alive
 from runphi.errors import BundleError, RunphiError
 
 if TYPE_CHECKING:
@@ -78,8 +78,3 @@ def print_bytes(data: bytes) -> None:
     sys.stdout.flush()
     sys.stdout.buffer.write(data)
     sys.stdout.buffer.flush()
-
-
-def state_of(record: ContainerRecord) -> oci.State:
-    """The OCI state document (live status) of ``record``."""
-    return oci_state(record)
