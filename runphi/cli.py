@@ -26,6 +26,7 @@ from typing import Callable, NoReturn
 
 from runphi import OCI_SPEC_VERSION, __version__
 from runphi.errors import ContainerNotFound, InvalidId, RunphiError, UsageError
+from runphi.log import LOG_FORMATS
 
 #: runc's id charset (Go ``^[\w+-\.]+$``: the range ``+-.`` includes ``,``).
 _ID_RE = re.compile(r"[A-Za-z0-9_+,.\-]+")
@@ -308,7 +309,7 @@ def verb_parser(name: str) -> _Parser:
 def parse(argv: list[str]) -> tuple[argparse.Namespace, argparse.Namespace | None]:
     """Split argv into (global options, verb arguments); raises :class:`UsageError`."""
     options = _global_parser().parse_args(argv)
-    if options.log_format not in ("text", "json"):
+    if options.log_format not in LOG_FORMATS:
         raise UsageError(f"invalid log-format: {options.log_format}")
     if options.version or options.help or not options.verb:
         return options, None
@@ -352,7 +353,7 @@ def _fallback_log(argv: list[str]):
                 if value is not None:
                     if name == "log":
                         path = value
-                    elif value in ("text", "json"):
+                    elif value in LOG_FORMATS:
                         fmt = value
     return VerbLog(path, fmt, "error")
 
