@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.containerd import busybox_path, make_busybox_rootfs
+from tools.testbed.containerd import busybox_path, make_busybox_rootfs
 from tests.test_lifecycle_failures import live_runphi_descendants
 from tests.test_lifecycle_harness import RUNPHI, board, guest_script, reap_all, subreaper, zic  # noqa: F401
 

@@ -11,16 +11,14 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import signal
-import tempfile
 from pathlib import Path
 
 import pytest
 
 from tests.test_lifecycle_failures import live_runphi_descendants
-from tests.test_lifecycle_harness import (Board, Zic, board, guest_script, reap_all, subreaper,  # noqa: F401
-                                          wait_exit, wait_for, zic)
+from tests.test_lifecycle_harness import (Zic, board, board_in_tempdir, guest_script, reap_all,  # noqa: F401
+                                          subreaper, wait_exit, wait_for, zic)
 
 GUEST = guest_script("tick 50 alive")
 RANDOM_CYCLES = int(os.environ.get("RUNPHI_FAULT_CYCLES", "12"))
@@ -63,10 +61,11 @@ def test_monitor_killed_reads_stopped_and_delete_cleans_up(zic):
 
 
 def test_daemon_killed_mid_run_then_delete_force_once_the_board_is_back(subreaper, tmp_path):
-    base = Path(tempfile.mkdtemp(prefix="rphi-sim-"))
-    own = Board(base / "sim")
-    own.up()
-    z = Zic(own, tmp_path)
+    with board_in_tempdir() as own:
+        daemon_killed_then_back(own, Zic(own, tmp_path))
+
+
+def daemon_killed_then_back(own, z) -> None:
     try:
         pid = started(z, "dkill")
         own.kill()
@@ -85,8 +84,6 @@ def test_daemon_killed_mid_run_then_delete_force_once_the_board_is_back(subreape
         assert_clean(z)
     finally:
         reap_all(z.monitors)
-        own.down()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def test_a_removed_uart_device_is_one_clear_error_and_nothing_is_made(zic):

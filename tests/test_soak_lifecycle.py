@@ -14,12 +14,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
 
-from tests.test_lifecycle_harness import Board, Zic, board, guest_script, reap_all, subreaper, wait_exit, zic  # noqa: F401
+from tests.test_lifecycle_harness import (Zic, board, board_in_tempdir, guest_script, reap_all,  # noqa: F401
+                                          subreaper, wait_exit, zic)
 
 pytestmark = pytest.mark.soak
 
@@ -124,16 +124,12 @@ def test_qemu_engine_soak(subreaper, tmp_path, request):
         pytest.skip(f"QEMU inmates: {reason or 'qemu-system-aarch64 not found'}")
     inmates = ensure_built()
     count = cycles(request, reduced=5, full=100)
-    base = Path(tempfile.mkdtemp(prefix="rphi-qsoak-"))
-    own = Board(base / "sim", engine="qemu")
-    own.up()
-    z = Zic(own, tmp_path)
-    try:
-        ticker = (inmates / "ticker.bin").read_bytes()
-        soak(z, z.bundle("cycle", ticker), count, ticker)
-    finally:
-        reap_all(z.monitors)
-        for cid in [p.name for p in z.root.iterdir()] if z.root.exists() else []:
-            z.run("delete", "--force", cid)
-        own.down()
-        shutil.rmtree(base, ignore_errors=True)
+    with board_in_tempdir(prefix="rphi-qsoak-", engine="qemu") as own:
+        z = Zic(own, tmp_path)
+        try:
+            ticker = (inmates / "ticker.bin").read_bytes()
+            soak(z, z.bundle("cycle", ticker), count, ticker)
+        finally:
+            reap_all(z.monitors)
+            for cid in [p.name for p in z.root.iterdir()] if z.root.exists() else []:
+                z.run("delete", "--force", cid)
