@@ -19,6 +19,7 @@ from typing import Any, Protocol
 import msgspec
 
 from runphi.errors import MALFORMED_INPUT, BundleError
+from runphi.files import FileTooLarge, NotRegularFile, read_regular_file
 
 DESCRIPTION_PATHS = ("/boot/config.json", "/boot/configuration.json")
 DEFAULT_INMATE = "/boot/boot.bin"
@@ -244,26 +245,15 @@ def load_boot_description(rootfs: Path, log: DebugLog | None = None) -> BootDesc
 
 
 def _read_description(source: Path) -> bytes:
-    """The description's bytes: a regular file (checked on the open fd) of bounded size."""
+    """The description's bytes: a regular file, not a symlink (checked on the open fd), of bounded size."""
     try:
-        fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        return read_regular_file(source, MAX_DESCRIPTION_SIZE, follow_symlinks=False)
+    except NotRegularFile:
+        raise BootDescriptionError(f"cannot read boot description {source}: not a regular file") from None
+    except FileTooLarge as exc:
+        size = (f"{exc.size} bytes, at most {MAX_DESCRIPTION_SIZE} accepted" if exc.size is not None
+                else f"more than {MAX_DESCRIPTION_SIZE} bytes")
+        raise BootDescriptionError(f"boot description {source} is too large ({size})") from None
     except OSError as exc:
         reason = "it is a symlink" if exc.errno == errno.ELOOP else exc.strerror
         raise BootDescriptionError(f"cannot read boot description {source}: {reason}") from None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise BootDescriptionError(f"cannot read boot description {source}: not a regular file")
-        if info.st_size > MAX_DESCRIPTION_SIZE:
-            raise BootDescriptionError(f"boot description {source} is too large ({info.st_size} bytes, "
-                                       f"at most {MAX_DESCRIPTION_SIZE} accepted)")
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            data = f.read(MAX_DESCRIPTION_SIZE + 1)
-    except OSError as exc:
-        raise BootDescriptionError(f"cannot read boot description {source}: {exc.strerror}") from None
-    finally:
-        os.close(fd)
-    if len(data) > MAX_DESCRIPTION_SIZE:
-        raise BootDescriptionError(f"boot description {source} is too large (more than "
-                                   f"{MAX_DESCRIPTION_SIZE} bytes)")
-    return data

@@ -15,13 +15,13 @@ Lean: verb processes import this module, so msgspec and the stdlib only.
 from __future__ import annotations
 
 import os
-import stat
 from pathlib import Path
 from typing import Literal
 
 import msgspec
 
 from runphi.errors import MALFORMED_INPUT, BundleError
+from runphi.files import FileTooLarge, NotRegularFile, read_regular_file
 
 #: Statuses of the state document. runc adds ``paused``; ZICs never pause.
 Status = Literal["creating", "created", "running", "stopped", "paused"]
@@ -176,27 +176,17 @@ def _read_config_bytes(bundle: Path) -> bytes:
     """
     path = Path(bundle) / "config.json"
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        return read_regular_file(path, MAX_CONFIG_SIZE)
     except FileNotFoundError:
         raise BundleError(f"cannot read {path}: no such file (is {bundle} an OCI bundle?)") from None
+    except NotRegularFile:
+        raise BundleError(f"cannot read {path}: not a regular file") from None
+    except FileTooLarge as exc:
+        size = (f"{exc.size} bytes, at most {MAX_CONFIG_SIZE} accepted" if exc.size is not None
+                else f"more than {MAX_CONFIG_SIZE} bytes")
+        raise BundleError(f"cannot read {path}: too large ({size})") from None
     except OSError as exc:
         raise BundleError(f"cannot read {path}: {exc.strerror}") from None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise BundleError(f"cannot read {path}: not a regular file")
-        if info.st_size > MAX_CONFIG_SIZE:
-            raise BundleError(f"cannot read {path}: too large ({info.st_size} bytes, at most "
-                              f"{MAX_CONFIG_SIZE} accepted)")
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            data = f.read(MAX_CONFIG_SIZE + 1)
-    except OSError as exc:
-        raise BundleError(f"cannot read {path}: {exc.strerror}") from None
-    finally:
-        os.close(fd)
-    if len(data) > MAX_CONFIG_SIZE:
-        raise BundleError(f"cannot read {path}: too large (more than {MAX_CONFIG_SIZE} bytes)")
-    return data
 
 
 def config_present(bundle: Path) -> bool:

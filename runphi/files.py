@@ -1,0 +1,55 @@
+"""Reading small untrusted files (a bundle's config.json, an image's boot description).
+
+Lean: verb processes import this module, so the stdlib only.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+
+class NotRegularFile(Exception):
+    """The path names a FIFO, device, directory or socket, not a regular file."""
+
+
+class FileTooLarge(Exception):
+    """The file holds more than the caller's limit.
+
+    ``size`` is what fstat reported, or None when the file grew past the limit
+    between fstat and the read.
+    """
+
+    def __init__(self, size: int | None) -> None:
+        super().__init__(size)
+        self.size = size
+
+
+def read_regular_file(path: Path, limit: int, *, follow_symlinks: bool = True) -> bytes:
+    """The whole content of the regular file at ``path``, at most ``limit`` bytes.
+
+    Guarantees: the file is opened non-blocking and checked with fstat on the
+    open fd before anything is read, so a FIFO or device planted there can
+    neither hang the caller nor feed it endless bytes; at most ``limit + 1``
+    bytes are read; the fd is closed on every path. With ``follow_symlinks``
+    false a symlink at ``path`` fails to open (OSError, errno ELOOP).
+
+    Raises :class:`NotRegularFile`, :class:`FileTooLarge`, or the OSError of
+    the open or read.
+    """
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow_symlinks else os.O_NOFOLLOW)
+    fd = os.open(path, flags)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise NotRegularFile(path)
+        if info.st_size > limit:
+            raise FileTooLarge(info.st_size)
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(limit + 1)
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise FileTooLarge(None)
+    return data
