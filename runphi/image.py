@@ -32,8 +32,6 @@ MAX_MEMORY_MIB = 1 << 20
 MAX_VCPUS = 4096
 
 OS_LINUX = "linux"
-KNOWN_OS = ("zephyr", "baremetal", "freertos", OS_LINUX)
-
 
 
 class DebugLog(Protocol):

@@ -109,14 +109,6 @@ def decide_exit(state: str | None, *, available: bool, started: bool,
     return None
 
 
-def read_monitor_exit(container_dir: str | os.PathLike[str]) -> MonitorExit | None:
-    """The monitor's recorded exit, or None if it has not written one (yet)."""
-    try:
-        return msgspec.json.decode(Path(container_dir, MONITOR_EXIT_FILE).read_bytes(), type=MonitorExit)
-    except (FileNotFoundError, msgspec.DecodeError):
-        return None
-
-
 def write_monitor_exit(container_dir: str | os.PathLike[str], outcome: MonitorExit) -> None:
     """Atomically record `outcome` (temp file + fsync + rename)."""
     final = Path(container_dir, MONITOR_EXIT_FILE)
