@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, NoReturn
 import msgspec
 
 from runphi.errors import MALFORMED_INPUT, BundleError, ContainerNotFound, RuncNotFound, RunphiError
+from runphi.image import DESCRIPTION_PATHS
 from runphi.oci import RUNTIME_ANNOTATION, State, config_present, load_routing_keys
 
 if TYPE_CHECKING:
@@ -32,7 +33,8 @@ if TYPE_CHECKING:
 
     from runphi.context import Context
 
-BOOT_DESCRIPTIONS = ("boot/config.json", "boot/configuration.json")
+#: Where a ZIC image keeps its boot description, relative to the rootfs (the paths image.py reads).
+BOOT_DESCRIPTIONS = tuple(path.lstrip("/") for path in DESCRIPTION_PATHS)
 CRI_CONTAINER_TYPE = "io.kubernetes.cri.container-type"
 
 
