@@ -46,11 +46,8 @@ def node(runphi_bin):
     reason = missing_requirements()
     if reason:
         pytest.skip(f"real containerd test: {reason}")
-    started = Node.start(runphi_bin)
-    try:
+    with Node.running(runphi_bin) as started:
         yield started
-    finally:
-        started.stop()
 
 
 @pytest.fixture

@@ -30,11 +30,8 @@ def node(runphi_bin):
         pytest.skip(f"CRI with QEMU inmates: {reason}")
     built = ensure_built()
     guests = {name: (built / f"{name}.bin").read_bytes() for name in INMATES}
-    started = Node.start(runphi_bin, engine="qemu", guests=guests)
-    try:
+    with Node.running(runphi_bin, engine="qemu", guests=guests) as started:
         yield started
-    finally:
-        started.stop()
 
 
 @pytest.fixture

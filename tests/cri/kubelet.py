@@ -135,6 +135,16 @@ class Node:
             archive.write_bytes(zic_image_archive(f"{name}:{ZIC_TAG}", guest, images, ZIC_ARCHITECTURE))
             self.daemon.import_image(archive, ZIC_ARCHITECTURE)
 
+    @classmethod
+    @contextmanager
+    def running(cls, runphi: Path, **start_options) -> Iterator[Node]:
+        """:meth:`start` (with ``start_options``) for the with-block, :meth:`stop` after it."""
+        node = cls.start(runphi, **start_options)
+        try:
+            yield node
+        finally:
+            node.stop()
+
     def stop(self) -> None:
         """Remove every pod, stop containerd and the board, delete the directory.
 
