@@ -19,6 +19,7 @@ Lean: msgspec and the stdlib only.
 from __future__ import annotations
 
 import os
+import signal
 from typing import Any, Literal
 
 import msgspec
@@ -27,6 +28,10 @@ from runphi.errors import IllegalTransition
 from runphi.oci import State
 
 ContainerStatus = Literal["creating", "created", "running", "stopped"]
+
+#: Signals a ZIC's monitor turns into a graceful cell shutdown (exit 128+N); ``kill``
+#: delivers these to it and handles SIGKILL itself.
+GRACEFUL_STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT})
 
 _LEGAL: dict[str, frozenset[str]] = {
     "creating": frozenset({"created", "stopped"}),

@@ -37,10 +37,11 @@ from pathlib import Path
 import msgspec
 
 from runphi.backends.base import ALIVE_STATES, CRASHED_STATES, SHUT_DOWN, CellWatch
+from runphi.container import GRACEFUL_STOP_SIGNALS
 
 #: Signals that turn into a graceful cell shutdown (SIGKILL cannot be caught:
 #: ``kill`` handles it by stopping the cell itself, then killing the monitor).
-SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
+SHUTDOWN_SIGNALS = tuple(sorted(GRACEFUL_STOP_SIGNALS))
 
 EXIT_SELF_SHUTDOWN = 0
 EXIT_CRASHED = 139

@@ -15,11 +15,8 @@ from __future__ import annotations
 import os
 import signal
 
-from runphi.container import live_status
+from runphi.container import GRACEFUL_STOP_SIGNALS, live_status
 from runphi.errors import ContainerNotRunning, NotSupported
-
-#: Signals the monitor translates into a graceful cell shutdown.
-GRACEFUL = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT})
 
 #: How long the cell may take to be destroyed on SIGKILL before the monitor dies anyway.
 DESTROY_TIMEOUT = 5.0
@@ -34,7 +31,7 @@ def run(args, ctx) -> int:
                 return 0
             raise ContainerNotRunning(args.container_id)
         signum = signal.Signals(args.signal)
-        if signum not in GRACEFUL and signum != signal.SIGKILL:
+        if signum not in GRACEFUL_STOP_SIGNALS and signum != signal.SIGKILL:
             raise NotSupported(
                 f"signal {signum.name} is not supported for partitioned container {record.id}: "
                 "use TERM, INT, HUP or QUIT for a graceful shutdown, or KILL",
