@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.test_monitor_console import read_until
 from tools.testbed.containerd import PrivateContainerd
 
 pytestmark = pytest.mark.containerd
@@ -98,24 +99,6 @@ def test_tty_mode_through_a_real_pty(containerd, busybox_rootfs, runphi_bin):
     assert b"on-a-tty\r" in output
 
 
-def _wait_for_line(stream, text: bytes, timeout: float) -> bytes:
-    """Read ``stream`` (a pipe) until a line containing ``text`` arrives."""
-    seen = b""
-    deadline = time.monotonic() + timeout
-    fd = stream.fileno()
-    while text not in seen:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise AssertionError(f"never saw {text!r}; got {seen!r}")
-        ready, _, _ = select.select([fd], [], [], remaining)
-        if ready:
-            chunk = os.read(fd, 4096)
-            if not chunk:
-                raise AssertionError(f"stream closed before {text!r}; got {seen!r}")
-            seen += chunk
-    return seen
-
-
 @pytest.mark.parametrize("which", ["runc", "runphi"])
 def test_task_kill_gives_128_plus_signal(containerd, busybox_rootfs, runphi_bin, which):
     binary = _binaries(runphi_bin)[which]
@@ -125,7 +108,7 @@ def test_task_kill_gives_128_plus_signal(containerd, busybox_rootfs, runphi_bin,
     process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, env=containerd.env)
     try:
-        _wait_for_line(process.stdout, b"ready", timeout=60)
+        read_until(process.stdout.fileno(), b"ready", timeout=60)
         killed = containerd.ctr("task", "kill", "--signal", "SIGKILL", cid)
         assert killed.returncode == 0, killed.stderr
         assert process.wait(60) == 137
