@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 CONFIG_COPY_NAME = "config.json"
 #: The fifo ``start`` writes one byte into to release the monitor.
 START_FIFO_NAME = "start.fifo"
+#: How long ``kill KILL`` and ``delete`` give the cell to be destroyed (seconds).
+DESTROY_TIMEOUT = 5.0
 
 
 def container_config(ctx: Context, record: ContainerRecord) -> oci.Config:

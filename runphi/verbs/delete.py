@@ -14,9 +14,7 @@ from __future__ import annotations
 from runphi.container import live_status
 from runphi.errors import IllegalTransition
 from runphi.pausepoint import pause_point
-from runphi.verbs._common import container_config, state_json, stop_monitor
-
-DESTROY_TIMEOUT = 5.0
+from runphi.verbs._common import DESTROY_TIMEOUT, container_config, state_json, stop_monitor
 
 
 def run(args, ctx) -> int:

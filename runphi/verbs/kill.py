@@ -17,9 +17,7 @@ import signal
 
 from runphi.container import GRACEFUL_STOP_SIGNALS, live_status
 from runphi.errors import ContainerNotRunning, NotSupported
-
-#: How long the cell may take to be destroyed on SIGKILL before the monitor dies anyway.
-DESTROY_TIMEOUT = 5.0
+from runphi.verbs._common import DESTROY_TIMEOUT
 
 
 def run(args, ctx) -> int:
