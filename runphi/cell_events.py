@@ -22,7 +22,7 @@ from collections.abc import Callable
 import msgspec
 import trio
 
-from runphi.backends.base import CRASHED_STATES, BackendError, CellStatistics
+from runphi.backends.base import CRASHED_STATES, Backend, BackendError, CellStatistics
 
 
 class CellStats(msgspec.Struct):
@@ -83,7 +83,7 @@ def _write(data: bytes) -> None:
     sys.stdout.buffer.flush()
 
 
-async def stream(backend, container_id: str, cell_name: str, *, interval: float, poll: float,
+async def stream(backend: Backend, container_id: str, cell_name: str, *, interval: float, poll: float,
                  still_running: Callable[[], bool], write: Callable[[bytes], None] = _write) -> None:
     """Write events until the container stops (see the module docstring)."""
 
@@ -106,13 +106,8 @@ async def stream(backend, container_id: str, cell_name: str, *, interval: float,
             if state != previous:
                 write(state_line(container_id, state, previous))
                 if state in CRASHED_STATES:
-                    write(failed_line(container_id, state, _failed_cpus(backend, cell_name)))
+                    write(failed_line(container_id, state, sorted(backend.failed_cpus(cell_name))))
                 previous = state
             if not still_running():
                 break
         nursery.cancel_scope.cancel()
-
-
-def _failed_cpus(backend, cell_name: str) -> list[int]:
-    failed = getattr(backend, "failed_cpus", None)
-    return sorted(failed(cell_name)) if failed is not None else []
