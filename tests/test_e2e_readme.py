@@ -18,7 +18,7 @@ import subprocess
 import pytest
 
 from tests.conftest import REPO_ROOT
-from tests.containerd import NAMESPACE, ZIC_IMAGE_PLATFORM, short_tempdir
+from tools.testbed.containerd import NAMESPACE, ZIC_IMAGE_PLATFORM, short_tempdir
 
 pytestmark = pytest.mark.qemu
 

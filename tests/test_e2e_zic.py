@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.containerd import NAMESPACE, ZIC_IMAGE_PLATFORM, ZicNode
+from tools.testbed.containerd import NAMESPACE, ZIC_IMAGE_PLATFORM, ZicNode
 
 pytestmark = [pytest.mark.containerd, pytest.mark.qemu]
 
