@@ -25,6 +25,9 @@ pytestmark = pytest.mark.soak
 
 #: RSS a long-running monitor may gain over the whole soak (allocator noise, trio caches).
 RSS_GROWTH_LIMIT = 8 << 20
+#: Allowed growth per measure: a sample can catch short-lived fds (the monitor's probe
+#: of the hypervisor, a tool call in flight); a leak over hundreds of cycles is far above.
+SLACK = {"fds(test)": 4, "fds(daemon)": 4, "fds(monitor)": 4, "ptys": 2}
 WARM_UP = 3
 
 
@@ -101,8 +104,8 @@ def soak(zic, bundle: Path, count: int, long_guest: bytes) -> None:
     for i in range(count):
         one_cycle(zic, f"soak-{i}", bundle)
     after, rss_after = measure(zic, monitor), rss(monitor)
-    assert after == before, f"grew over {count} cycles: " + ", ".join(
-        f"{key} {before[key]} -> {after[key]}" for key in before if before[key] != after[key])
+    grown = {key: (before[key], after[key]) for key in before if after[key] > before[key] + SLACK.get(key, 0)}
+    assert not grown, f"grew over {count} cycles: " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in grown.items())
     assert rss_after - rss_before < RSS_GROWTH_LIMIT, f"monitor RSS {rss_before} -> {rss_after}"
     zic.run("delete", "--force", "soak-long", check=True)
     reap_all(zic.monitors)
