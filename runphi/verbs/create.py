@@ -150,8 +150,6 @@ def _run_create_hooks(config: Config, record: ContainerRecord) -> None:
 
 def _undo_launch(ctx, backend, record: ContainerRecord) -> None:
     """Reverse ``launch``: kill the monitor, destroy the cell (errors here are secondary)."""
-    from runphi.errors import RunphiError
-
     try:
         stop_monitor(record)
         if record.cell.cell_name:

@@ -12,7 +12,7 @@ Unknown ids never get here (the CLI forwards them to runc, which answers
 from __future__ import annotations
 
 from runphi.container import live_status
-from runphi.errors import IllegalTransition
+from runphi.errors import BundleError, IllegalTransition
 from runphi.pausepoint import pause_point
 from runphi.verbs._common import DESTROY_TIMEOUT, container_config, state_json, stop_monitor
 
@@ -59,8 +59,6 @@ def _cell_of_crashed_create(record) -> str:
 
 def _poststop_hooks(ctx, record):
     """The poststop hooks from create's config copy ([] when the copy is unreadable)."""
-    from runphi.errors import BundleError
-
     try:
         config = container_config(ctx, record)
     except BundleError:

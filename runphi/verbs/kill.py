@@ -16,7 +16,7 @@ import os
 import signal
 
 from runphi.container import GRACEFUL_STOP_SIGNALS, live_status
-from runphi.errors import ContainerNotRunning, NotSupported
+from runphi.errors import ContainerNotRunning, NotSupported, RunphiError
 from runphi.verbs._common import DESTROY_TIMEOUT
 
 
@@ -51,8 +51,6 @@ def _kill_hard(ctx, record) -> None:
     Freezing first matters: a running monitor would see the cell vanish and
     exit by itself with another status before SIGKILL arrives.
     """
-    from runphi.errors import RunphiError
-
     os.kill(record.monitor_pid, signal.SIGSTOP)
     try:
         if record.cell.cell_name:
