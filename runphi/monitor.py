@@ -323,6 +323,7 @@ async def _watch_cell(setup: MonitorSetup, cell: CellWatch, watch: _Watch) -> Mo
     """Poll the cell state until it decides the exit status."""
     import trio
 
+    shut_down_seen = False
     while True:
         available, state = cell.read_state()
         available = available and not watch.unreachable
@@ -330,9 +331,15 @@ async def _watch_cell(setup: MonitorSetup, cell: CellWatch, watch: _Watch) -> Mo
             watch.started.set()  # the cell runs, whatever the fifo says
         decision = decide_exit(state, available=available, started=watch.started.is_set(),
                                signal_number=watch.signal_number)
-        if decision is not None:
+        if decision is not None and decision[0] == EXIT_SELF_SHUTDOWN and not shut_down_seen:
+            # A destroy also passes through `shut down` just before the cell disappears:
+            # only a cell still there one poll later really shut itself down.
+            shut_down_seen = True
+        elif decision is not None:
             code, reason = decision
             return MonitorExit(code=code, reason=reason, signal=watch.signal_number, cell_state=state)
+        else:
+            shut_down_seen = False
         await trio.sleep(setup.poll_interval)  # sysfs offers no change notification
 
 
