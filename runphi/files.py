@@ -15,15 +15,21 @@ class NotRegularFile(Exception):
 
 
 class FileTooLarge(Exception):
-    """The file holds more than the caller's limit.
+    """The file holds more than ``limit`` bytes.
 
     ``size`` is what fstat reported, or None when the file grew past the limit
-    between fstat and the read.
+    between fstat and the read. ``str()`` says which, for the caller's message.
     """
 
-    def __init__(self, size: int | None) -> None:
-        super().__init__(size)
+    def __init__(self, size: int | None, limit: int) -> None:
+        super().__init__(size, limit)
         self.size = size
+        self.limit = limit
+
+    def __str__(self) -> str:
+        if self.size is None:
+            return f"more than {self.limit} bytes"
+        return f"{self.size} bytes, at most {self.limit} accepted"
 
 
 def read_regular_file(path: Path, limit: int, *, follow_symlinks: bool = True) -> bytes:
@@ -45,11 +51,11 @@ def read_regular_file(path: Path, limit: int, *, follow_symlinks: bool = True) -
         if not stat.S_ISREG(info.st_mode):
             raise NotRegularFile(path)
         if info.st_size > limit:
-            raise FileTooLarge(info.st_size)
+            raise FileTooLarge(info.st_size, limit)
         with os.fdopen(fd, "rb", closefd=False) as f:
             data = f.read(limit + 1)
     finally:
         os.close(fd)
     if len(data) > limit:
-        raise FileTooLarge(None)
+        raise FileTooLarge(None, limit)
     return data

@@ -249,9 +249,7 @@ def _read_description(source: Path) -> bytes:
     except NotRegularFile:
         raise BootDescriptionError(f"cannot read boot description {source}: not a regular file") from None
     except FileTooLarge as exc:
-        size = (f"{exc.size} bytes, at most {MAX_DESCRIPTION_SIZE} accepted" if exc.size is not None
-                else f"more than {MAX_DESCRIPTION_SIZE} bytes")
-        raise BootDescriptionError(f"boot description {source} is too large ({size})") from None
+        raise BootDescriptionError(f"boot description {source} is too large ({exc})") from None
     except OSError as exc:
         reason = "it is a symlink" if exc.errno == errno.ELOOP else exc.strerror
         raise BootDescriptionError(f"cannot read boot description {source}: {reason}") from None

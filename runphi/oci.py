@@ -182,9 +182,7 @@ def _read_config_bytes(bundle: Path) -> bytes:
     except NotRegularFile:
         raise BundleError(f"cannot read {path}: not a regular file") from None
     except FileTooLarge as exc:
-        size = (f"{exc.size} bytes, at most {MAX_CONFIG_SIZE} accepted" if exc.size is not None
-                else f"more than {MAX_CONFIG_SIZE} bytes")
-        raise BundleError(f"cannot read {path}: too large ({size})") from None
+        raise BundleError(f"cannot read {path}: too large ({exc})") from None
     except OSError as exc:
         raise BundleError(f"cannot read {path}: {exc.strerror}") from None
 
