@@ -16,7 +16,7 @@ import sys
 import msgspec
 import pytest
 
-from tests.containerd import missing_requirements
+from tools.testbed.containerd import missing_requirements
 from tools.bench import __main__ as bench
 from tools.bench.harness import Budget, Options, Report, Series, SuiteResult, interleaved, run_suite
 

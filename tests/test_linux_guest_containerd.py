@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.containerd import ZIC_IMAGE_PLATFORM
+from tools.testbed.containerd import ZIC_IMAGE_PLATFORM
 from tests.test_e2e_zic import (GUEST_TIMEOUT, assert_nothing_left, ctr_run_zic, log_text,
                                 read_until, wait_for_text, zic_rootfs)
 from tools.linux_guest import BANNER, POWER_KEY_MESSAGE, PROMPT, SHUTDOWN_MESSAGE

@@ -30,11 +30,9 @@ OWN_SHARE_BUDGET = 1.5
 
 
 def _containerd_fixture():
-    """The test suite's private-containerd helpers, or Skip with the reason they cannot run."""
-    try:
-        from tests import containerd
-    except ImportError as error:
-        raise Skip(f"the private-containerd helper (tests/containerd.py) is not importable: {error}") from None
+    """The private-containerd test-bed, or Skip with the reason it cannot run here."""
+    from tools.testbed import containerd
+
     reason = containerd.missing_requirements()
     if reason:
         raise Skip(reason)
