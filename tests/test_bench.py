@@ -35,7 +35,8 @@ def smoke(name: str) -> SuiteResult:
     failed = [f"{c.name}: {c.detail}" for c in result.checks if not c.ok]
     assert not failed, failed
     for budget in result.budgets:
-        assert math.isfinite(budget.value) and budget.value > 0, budget
+        # >= 0, not > 0: an idle monitor's CPU share below one clock tick reads as 0 %.
+        assert math.isfinite(budget.value) and budget.value >= 0, budget
     return result
 
 
