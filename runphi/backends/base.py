@@ -84,6 +84,10 @@ class Backend(Protocol):
         opened (pty master sent), monitor forked. Returns the cell record and the
         monitor's pid and start time."""
 
+    def planned_cell_name(self, container_id: str) -> str:
+        """The cell name `launch` gives `container_id`: deterministic, so the cell of a
+        create that died before recording it can still be found."""
+
     def cell_state(self, cell_name: str) -> str | None:
         """The cell's current hypervisor state, or None when no such cell exists.
 

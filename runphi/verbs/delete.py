@@ -29,7 +29,7 @@ def run(args, ctx) -> int:
         poststop = _poststop_hooks(ctx, record)
         stop_monitor(record)
         pause_point("delete:monitor-stopped")
-        name = record.cell.cell_name or _cell_of_crashed_create(record)
+        name = record.cell.cell_name or _cell_of_crashed_create(ctx, record)
         if name:
             # Idempotent: a cell already gone only has its resources released.
             ctx.backend(record.id).destroy_cell(name, DESTROY_TIMEOUT)
@@ -44,17 +44,15 @@ def run(args, ctx) -> int:
     return 0
 
 
-def _cell_of_crashed_create(record) -> str:
+def _cell_of_crashed_create(ctx, record) -> str:
     """The cell name a ``create`` that died before recording its cell was working on.
 
     Such a create may already hold a ledger entry, a cell and a monitor: they all
-    carry the name planned from the id, so destroying that name releases them.
+    carry the name the backend plans from the id, so destroying that name releases them.
     """
     if record.status != "creating":
         return ""
-    from runphi.backends.jailhouse.plan import cell_name
-
-    return cell_name(record.id)
+    return ctx.backend(record.id).planned_cell_name(record.id)
 
 
 def _poststop_hooks(ctx, record):

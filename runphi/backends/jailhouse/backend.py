@@ -109,6 +109,11 @@ class JailhouseBackend:
 
     # ---- the Backend protocol --------------------------------------------
 
+    def planned_cell_name(self, container_id: str) -> str:
+        from runphi.backends.jailhouse.plan import cell_name
+
+        return cell_name(container_id)
+
     def cell_state(self, cell_name: str) -> str | None:
         return self.driver.cell_state(cell_name)
 
