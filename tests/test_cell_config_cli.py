@@ -43,12 +43,6 @@ def bundle(tmp_path: Path, description: dict, resources: dict | None = None, nam
     return root
 
 
-@pytest.fixture(autouse=True)
-def _cli_entry_exists() -> None:
-    if not (REPO / "runphi" / "cli.py").is_file():
-        pytest.skip("runphi/cli.py not present")
-
-
 @needs_vectors
 def test_decode_prints_every_field_with_flag_names(tmp_path: Path) -> None:
     out = runphi("cell-config", "--decode", str(ZEPHYR_DEMO), tmp_path=tmp_path)
