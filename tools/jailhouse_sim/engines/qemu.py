@@ -404,6 +404,24 @@ def _outcome_of_event(event: QmpEvent) -> Outcome | None:
     return GuestStopped(shutdown.reason.removeprefix("guest-"))
 
 
+async def _connect_and_resume(nursery: trio.Nursery, run: _GuestRun, qmp_stream: trio.abc.Stream,
+                              qmp_done: trio.Event) -> QmpClient | None:
+    """Take QMP, watch its events and let the paused guest run; the client, or None
+    (``qmp_done`` set) when QEMU refused its command line or died at start: watch_exit explains."""
+    try:
+        qmp = await QmpClient.connect(qmp_stream)
+    except QmpError:
+        qmp_done.set()
+        return None
+    nursery.start_soon(_run_then_set, qmp_done, qmp.serve)
+    nursery.start_soon(run.watch_events, qmp)
+    try:
+        await qmp.execute("cont")
+    except QmpError:
+        pass
+    return qmp
+
+
 async def _run_then_set(done: trio.Event, function: Callable[..., Awaitable[object]], *args: object) -> None:
     """Run one task and signal its end, however it ends."""
     try:
@@ -509,18 +527,7 @@ class QemuEngine:
             nursery.start_soon(_run_then_set, output_done, run.pump_guest_output, uart)
             nursery.start_soon(run.pump_guest_input, uart)
             nursery.start_soon(run.watch_exit, exited, qmp_done, stderr_done)
-            try:
-                qmp = await QmpClient.connect(qmp_stream)
-            except QmpError:
-                # QEMU refused its command line or died at start: watch_exit explains.
-                qmp_done.set()
-            else:
-                nursery.start_soon(_run_then_set, qmp_done, qmp.serve)
-                nursery.start_soon(run.watch_events, qmp)
-                try:
-                    await qmp.execute("cont")
-                except QmpError:
-                    pass
+            await _connect_and_resume(nursery, run, qmp_stream, qmp_done)
             await run.ending.decided.wait()
             # A parked guest would spin forever: stop it. A powered-off one is exiting anyway.
             if not isinstance(run.ending.outcome, PoweredOff):

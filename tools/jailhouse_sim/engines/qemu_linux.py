@@ -30,8 +30,8 @@ import trio
 from ..cellfile import MEM_COMM_REGION, MEM_DMA, MEM_EXECUTE, MEM_IO, MEM_READ, MEM_WRITE
 from ..engine import GuestHost, GuestSpec, LinuxBoot
 from ..qmp import QmpClient, QmpError
-from .qemu import (DEFAULT_RAM_MIB, PoweredOff, QemuEngineError, QemuProcess, _GuestRun, _run_then_set,
-                   _write_all, report_outcome)
+from .qemu import (DEFAULT_RAM_MIB, PoweredOff, QemuEngineError, QemuProcess, _connect_and_resume, _GuestRun,
+                   _run_then_set, _write_all, report_outcome)
 
 POWERDOWN_TIMEOUT_ENV = "JAILHOUSE_SIM_LINUX_POWERDOWN_S"
 DEFAULT_POWERDOWN_TIMEOUT_S = 5.0
@@ -134,18 +134,7 @@ async def _supervise(run: _GuestRun, uart: trio.SocketStream, qmp_stream: trio.S
             nursery.start_soon(_run_then_set, output_done, run.pump_guest_output, uart)
             nursery.start_soon(run.pump_guest_input, uart)
             nursery.start_soon(run.watch_exit, exited, qmp_done, stderr_done)
-            qmp: QmpClient | None = None
-            try:
-                qmp = await QmpClient.connect(qmp_stream)
-            except QmpError:
-                qmp_done.set()  # QEMU refused its command line: watch_exit explains
-            else:
-                nursery.start_soon(_run_then_set, qmp_done, qmp.serve)
-                nursery.start_soon(run.watch_events, qmp)
-                try:
-                    await qmp.execute("cont")
-                except QmpError:
-                    pass
+            qmp = await _connect_and_resume(nursery, run, qmp_stream, qmp_done)
             nursery.start_soon(_power_button_on_request, run, qmp, stop_requested, powerdown_timeout())
             await run.ending.decided.wait()
             if not isinstance(run.ending.outcome, PoweredOff):
