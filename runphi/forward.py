@@ -5,8 +5,10 @@ container, ``io.kubernetes.cri.container-type=sandbox``) always goes to runc —
 annotations reach every container of the pod, the sandbox included; then the
 annotation ``org.runphi.runtime`` wins (``runphi`` → ZIC, ``runc`` → plain); otherwise a bundle is a ZIC when its
 rootfs holds a boot description, ``/boot/config.json`` or
-``/boot/configuration.json``. Those paths are checked without following
-symlinks, so a rootfs cannot point the test at the host's files.
+``/boot/configuration.json``. Those paths are looked up exactly as ``create``
+reads them (``image.find_boot_description``): relative links inside the image
+are followed, anything absolute or climbing out of the rootfs is not, so a
+rootfs cannot point the test at the host's files.
 
 Plain containers are ``exec``ed into runc with the original argv, global flags
 included: runc inherits our pid, fds 0/1/2, the console socket path and the
@@ -17,7 +19,6 @@ Later verbs go to runc whenever runphi has no record for the id.
 from __future__ import annotations
 
 import os
-import stat
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING, NoReturn
 import msgspec
 
 from runphi.errors import MALFORMED_INPUT, BundleError, ContainerNotFound, RuncNotFound, RunphiError
-from runphi.image import DESCRIPTION_PATHS
+from runphi.image import BootDescriptionError, find_boot_description
 from runphi.oci import RUNTIME_ANNOTATION, State, config_present, load_routing_keys
 
 if TYPE_CHECKING:
@@ -33,32 +34,20 @@ if TYPE_CHECKING:
 
     from runphi.context import Context
 
-#: Where a ZIC image keeps its boot description, relative to the rootfs (the paths image.py reads).
-BOOT_DESCRIPTIONS = tuple(path.lstrip("/") for path in DESCRIPTION_PATHS)
 CRI_CONTAINER_TYPE = "io.kubernetes.cri.container-type"
 
 
-def _regular_file_inside(rootfs: Path, relative: str) -> bool:
-    """Whether ``rootfs/relative`` is a regular file reached through no symlink."""
-    path = rootfs
-    parts = relative.split("/")
-    for index, part in enumerate(parts):
-        path = path / part
-        try:
-            mode = os.lstat(path).st_mode
-        except OSError:
-            return False
-        last = index == len(parts) - 1
-        if last and not stat.S_ISREG(mode):
-            return False
-        if not last and not stat.S_ISDIR(mode):
-            return False
-    return True
-
-
 def has_boot_description(rootfs: Path) -> bool:
-    """Whether the rootfs carries a ZIC boot description (symlinks not followed)."""
-    return any(_regular_file_inside(rootfs, rel) for rel in BOOT_DESCRIPTIONS)
+    """Whether the rootfs carries a ZIC boot description that ``create`` would find.
+
+    Uses the same in-image resolution as the reader, so routing and reading never
+    disagree; a description reachable only through a link leaving the image does
+    not count.
+    """
+    try:
+        return find_boot_description(rootfs) is not None
+    except BootDescriptionError:
+        return False
 
 
 def is_zic(bundle: Path) -> bool:

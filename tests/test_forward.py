@@ -88,6 +88,25 @@ def test_symlinks_out_of_the_rootfs_are_not_followed(tmp_path):
     assert not has_boot_description(escaping_file / "rootfs")
 
 
+def test_relative_links_inside_the_rootfs_are_followed_like_create_does(tmp_path):
+    bundle = _bundle(tmp_path, "rel-link")
+    rootfs = bundle / "rootfs"
+    (rootfs / "opt" / "zic").mkdir(parents=True)
+    (rootfs / "opt" / "zic" / "config.json").write_text('{"os_var": "baremetal"}')
+    (rootfs / "boot").symlink_to("opt/zic")
+    assert is_zic(bundle)
+    (rootfs / "boot").unlink()
+    (rootfs / "boot").symlink_to("../../outside")  # climbs out: not a description
+    assert not is_zic(bundle)
+
+
+def test_a_description_that_is_not_a_regular_file_does_not_count(tmp_path):
+    bundle = _bundle(tmp_path, "fifo")
+    (bundle / "rootfs" / "boot").mkdir()
+    os.mkfifo(bundle / "rootfs" / "boot" / "config.json")
+    assert not is_zic(bundle)
+
+
 def test_absolute_root_path_is_honoured(tmp_path):
     elsewhere = _bundle(tmp_path, "real", boot="config.json")
     bundle = _bundle(tmp_path, "b", root_path=str(elsewhere / "rootfs"))
