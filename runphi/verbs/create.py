@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import msgspec
 
@@ -33,6 +34,9 @@ from runphi.pausepoint import pause_point
 from runphi.store import atomic_write
 from runphi.verbs._common import (CONFIG_COPY_NAME, START_FIFO_NAME, state_json, stop_monitor,
                                   write_pid_file)
+
+if TYPE_CHECKING:
+    from runphi.backends.base import Backend
 
 
 class LaunchRequest(msgspec.Struct, frozen=True, kw_only=True):
@@ -83,47 +87,70 @@ def create_zic(args, ctx, bundle: Path) -> int:
     except BundleError as exc:
         raise for_container(exc, "cannot create ZIC", container_id) from None
     _check_terminal(config, args.console_socket, container_id)
-    try:
-        backend = ctx.backend(container_id)
-    except BackendNotConfigured as exc:
-        raise BackendNotConfigured(f"cannot create ZIC {container_id}: {exc}",
-                                   container_id=container_id) from None
-    pid, start_time = current_process_identity()
-    record = ContainerRecord(
-        id=container_id, bundle=str(bundle), rootfs=str(config.rootfs(bundle)),
-        created=rfc3339_nano(_now_ns()), status="creating", oci_version=config.oci_version,
-        annotations=dict(config.annotations), monitor_pid=pid, monitor_start_time=start_time,
-        config_digest="sha256:" + hashlib.sha256(config_bytes).hexdigest())
+    backend = _backend_for(ctx, container_id)
+    record = _creating_record(container_id, bundle, config, config_bytes)
     directory = ctx.store.container_dir(container_id)
     with ctx.store.creating(record):
         pause_point("create:record")
         atomic_write(directory / CONFIG_COPY_NAME, config_bytes)
         os.mkfifo(directory / START_FIFO_NAME, 0o600)
-        try:
-            launched = backend.launch(LaunchRequest(
-                container_id=container_id, bundle=str(bundle), rootfs=record.rootfs,
-                container_dir=str(directory), config=config,
-                console_socket=args.console_socket or "", start_fifo=str(directory / START_FIFO_NAME)))
-        except RunphiError as exc:
-            # The image readers do not know the container: name it here, once.
-            if exc.container_id is None:
-                raise for_container(exc, "cannot create ZIC", container_id) from None
-            raise
+        launched = _launch(backend, LaunchRequest(
+            container_id=container_id, bundle=str(bundle), rootfs=record.rootfs,
+            container_dir=str(directory), config=config,
+            console_socket=args.console_socket or "", start_fifo=str(directory / START_FIFO_NAME)))
         pause_point("create:launched")
         record = msgspec.structs.replace(record, cell=launched.cell, monitor_pid=launched.monitor_pid,
                                          monitor_start_time=launched.monitor_start_time)
-        try:
-            ctx.store.write(record)
-            pause_point("create:recorded")
-            _run_create_hooks(config, record)
-            pause_point("create:hooks-done")
-            if args.pid_file:
-                write_pid_file(args.pid_file, record.monitor_pid)
-            ctx.store.write(transition(record, "created"))
-        except BaseException:
-            _undo_launch(ctx, backend, record)
-            raise
+        _finish_created(ctx, backend, args.pid_file, config, record)
     return 0
+
+
+def _backend_for(ctx, container_id: str) -> Backend:
+    """The configured backend; ``backend = "none"`` refuses the ZIC here, before anything exists."""
+    try:
+        return ctx.backend(container_id)
+    except BackendNotConfigured as exc:
+        raise BackendNotConfigured(f"cannot create ZIC {container_id}: {exc}",
+                                   container_id=container_id) from None
+
+
+def _creating_record(container_id: str, bundle: Path, config: Config, config_bytes: bytes) -> ContainerRecord:
+    """The ``creating`` record, held by this process until the monitor takes over."""
+    pid, start_time = current_process_identity()
+    return ContainerRecord(
+        id=container_id, bundle=str(bundle), rootfs=str(config.rootfs(bundle)),
+        created=rfc3339_nano(_now_ns()), status="creating", oci_version=config.oci_version,
+        annotations=dict(config.annotations), monitor_pid=pid, monitor_start_time=start_time,
+        config_digest="sha256:" + hashlib.sha256(config_bytes).hexdigest())
+
+
+def _launch(backend: Backend, request: LaunchRequest) -> Launched:
+    """``backend.launch`` with every refusal naming the container."""
+    try:
+        return backend.launch(request)
+    except RunphiError as exc:
+        # The image readers do not know the container: name it here, once.
+        if exc.container_id is None:
+            raise for_container(exc, "cannot create ZIC", request.container_id) from None
+        raise
+
+
+def _finish_created(ctx, backend: Backend, pid_file: str | None, config: Config, record: ContainerRecord) -> None:
+    """Record the launched cell, run the create hooks, write the pid-file, mark ``created``.
+
+    Any failure (a hook included) undoes the launch before it propagates.
+    """
+    try:
+        ctx.store.write(record)
+        pause_point("create:recorded")
+        _run_create_hooks(config, record)
+        pause_point("create:hooks-done")
+        if pid_file:
+            write_pid_file(pid_file, record.monitor_pid)
+        ctx.store.write(transition(record, "created"))
+    except BaseException:
+        _undo_launch(ctx, backend, record)
+        raise
 
 
 def _check_terminal(config: Config, console_socket: str | None, container_id: str) -> None:
@@ -148,7 +175,7 @@ def _run_create_hooks(config: Config, record: ContainerRecord) -> None:
         run_hooks(kind, hooks, stdin, record.id)
 
 
-def _undo_launch(ctx, backend, record: ContainerRecord) -> None:
+def _undo_launch(ctx, backend: Backend, record: ContainerRecord) -> None:
     """Reverse ``launch``: kill the monitor, destroy the cell (errors here are secondary)."""
     try:
         stop_monitor(record)
