@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from tests.test_lifecycle_harness import board, guest_script, subreaper, wait_exit, zic  # noqa: F401
+import os
+import subprocess
+import termios
+
+from tests.test_lifecycle_harness import RUNPHI, board, guest_script, subreaper, wait_exit, zic  # noqa: F401
+from tests.test_monitor_console import read_until
 
 
 def test_run_in_the_foreground_returns_the_guest_verdict_and_cleans_up(zic):
@@ -55,3 +60,55 @@ def test_events_stats_of_a_running_zic(zic):
     stopped = zic.run("events", "ev")
     assert stopped.returncode == 1 and "container with id ev is not running" in stopped.stderr
     zic.run("delete", "ev", check=True)
+
+
+def _controlling_terminal_on_stdin() -> None:
+    """In the child: a new session whose controlling terminal is fd 0, as in a login shell."""
+    import fcntl
+    import termios
+
+    os.setsid()
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+def test_run_with_a_terminal_and_no_console_socket_is_the_terminal_itself(zic):
+    bundle = zic.bundle("tty", guest_script("print login: \\n", "echo until exit", "shutdown"), terminal=True)
+    master, slave = os.openpty()
+    cooked = termios.tcgetattr(slave)
+    proc = subprocess.Popen([str(RUNPHI), "--root", str(zic.root), "run", "--bundle", str(bundle), "run-tty"],
+                            stdin=slave, stdout=slave, stderr=slave, env=zic.env,
+                            preexec_fn=_controlling_terminal_on_stdin)
+    os.close(slave)
+    try:
+        read_until(master, b"login: \r\n")
+        # Raw: the guest gets the line at once with Enter as \r and is the only one to echo it.
+        os.write(master, b"hello tty\r")
+        assert read_until(master, b"tty\r") == b"hello tty\r"
+        # Ctrl-C is a byte for the guest, not a SIGINT for run (which would end it with 130).
+        os.write(master, b"\x03\r")
+        assert read_until(master, b"\x03\r") == b"\x03\r"
+        os.write(master, b"exit\r")
+        assert proc.wait(timeout=30) == 0
+        assert termios.tcgetattr(master) == cooked, "run must restore the terminal's settings"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
+    gone = zic.run("state", "run-tty")
+    assert gone.returncode == 1 and "does not exist" in gone.stderr
+
+
+def test_run_with_a_terminal_relays_plain_stdio_too(zic):
+    bundle = zic.bundle("ttyp", guest_script("print over the pty\\n", "shutdown"), terminal=True)
+    result = zic.run("run", "--bundle", str(bundle), "run-ttyp")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "over the pty\r\n"
+
+
+def test_run_detached_with_a_terminal_still_needs_a_console_socket(zic):
+    bundle = zic.bundle("ttyd", guest_script("tick 50 x"), terminal=True)
+    result = zic.run("run", "-d", "--bundle", str(bundle), "run-ttyd")
+    assert result.returncode == 1
+    assert "process.terminal is true but no --console-socket" in result.stderr
+    assert zic.board.cell_state("run-ttyd") is None

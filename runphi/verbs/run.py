@@ -5,8 +5,12 @@ subreaper first, so the double-forked monitor is re-parented to it and its
 exit status (the container's) can be reaped; in the foreground ``run`` exits
 with that status and deletes the container unless ``--keep``. Meanwhile
 SIGTERM/SIGINT/SIGHUP/SIGQUIT sent to ``run`` are forwarded to the container
-(a graceful cell shutdown, exit 128+N), as runc forwards them to its init. A ZIC with
-``process.terminal`` needs ``--console-socket`` (as with ``create``).
+(a graceful cell shutdown, exit 128+N), as runc forwards them to its init.
+
+A ZIC with ``process.terminal`` run in the foreground without
+``--console-socket`` gets runphi's own terminal, as with runc: the pty master
+comes back over a private console socket and ``run`` relays it to its stdio
+(``runphi.console.foreground``). Detached, such a ZIC needs ``--console-socket``.
 """
 
 from __future__ import annotations
@@ -16,8 +20,9 @@ import os
 import signal
 from pathlib import Path
 
-from runphi.errors import RunphiError
+from runphi.errors import BundleError, RunphiError
 from runphi.forward import exec_runc
+from runphi.oci import read_config
 from runphi.verbs import create, delete, start
 
 _PR_SET_CHILD_SUBREAPER = 36
@@ -59,23 +64,72 @@ def run(args, ctx) -> int:
     bundle = Path(args.bundle).absolute()
     if not create.decide_zic(bundle, args.container_id):
         exec_runc(ctx)
-    if not args.detach:
-        _become_subreaper()
-    create.create_zic(args, ctx, bundle)
-    record = ctx.store.read(args.container_id)
-    previous = {} if args.detach else _forward_signals_to(record.monitor_pid)
-    cleanup = argparse.Namespace(verb="delete", container_id=args.container_id, force=True)
-    try:
-        start.run(args, ctx)
-    except BaseException:
-        delete.run(cleanup, ctx)
-        raise
     if args.detach:
+        create.create_zic(args, ctx, bundle)
+        _start_or_delete(args, ctx)
         return 0
+    _become_subreaper()
+    master = None
+    if _needs_own_terminal(args, bundle):
+        master = _create_with_own_terminal(args, ctx, bundle)
+    else:
+        create.create_zic(args, ctx, bundle)
+    try:
+        record = ctx.store.read(args.container_id)
+        previous = _forward_signals_to(record.monitor_pid)
+        _start_or_delete(args, ctx)
+        if master is not None:
+            from runphi.console.foreground import relay_terminal
+
+            relay_terminal(master)
+    finally:
+        if master is not None:
+            os.close(master)
     # waitpid is retried after each forwarding handler runs (PEP 475): it returns on exit only.
     _, wait_status = os.waitpid(record.monitor_pid, 0)
     for sig, handler in previous.items():
         signal.signal(sig, handler)
     if not args.keep:
-        delete.run(cleanup, ctx)
+        delete.run(_delete_args(args), ctx)
     return _exit_status(wait_status)
+
+
+def _needs_own_terminal(args, bundle: Path) -> bool:
+    """Whether ``run`` must be the terminal itself: ``process.terminal`` and no console socket."""
+    if args.console_socket:
+        return False
+    try:
+        _, config = read_config(bundle)
+    except BundleError:
+        return False  # create reports it, naming the container
+    return bool(config.process and config.process.terminal)
+
+
+def _create_with_own_terminal(args, ctx, bundle: Path) -> int:
+    """``create`` against a private console socket; returns the pty master it sent."""
+    from runphi.console.foreground import PrivateConsoleSocket
+
+    console = PrivateConsoleSocket()
+    try:
+        args.console_socket = console.path
+        create.create_zic(args, ctx, bundle)
+        try:
+            return console.receive_master(args.container_id)
+        except RunphiError:
+            delete.run(_delete_args(args), ctx)
+            raise
+    finally:
+        console.close()
+
+
+def _start_or_delete(args, ctx) -> None:
+    """``start``; if that fails, the container just created goes again."""
+    try:
+        start.run(args, ctx)
+    except BaseException:
+        delete.run(_delete_args(args), ctx)
+        raise
+
+
+def _delete_args(args) -> argparse.Namespace:
+    return argparse.Namespace(verb="delete", container_id=args.container_id, force=True)
