@@ -16,8 +16,10 @@ comes back over a private console socket and ``run`` relays it to its stdio
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 from runphi.errors import BundleError, RunphiError
@@ -66,22 +68,22 @@ def run(args, ctx) -> int:
         exec_runc(ctx)
     if args.detach:
         create.create_zic(args, ctx, bundle)
-        _start_or_delete(args, ctx)
+        with _deleted_on_failure(args, ctx):
+            start.run(args, ctx)
         return 0
     _become_subreaper()
-    master = None
-    if _needs_own_terminal(args, bundle):
-        master = _create_with_own_terminal(args, ctx, bundle)
-    else:
+    master = _create_with_own_terminal(args, ctx, bundle) if _needs_own_terminal(args, bundle) else None
+    if master is None:
         create.create_zic(args, ctx, bundle)
     try:
-        record = ctx.store.read(args.container_id)
-        previous = _forward_signals_to(record.monitor_pid)
-        _start_or_delete(args, ctx)
-        if master is not None:
-            from runphi.console.foreground import relay_terminal
+        with _deleted_on_failure(args, ctx):
+            record = ctx.store.read(args.container_id)
+            previous = _forward_signals_to(record.monitor_pid)
+            start.run(args, ctx)
+            if master is not None:
+                from runphi.console.foreground import relay_terminal
 
-            relay_terminal(master)
+                relay_terminal(master)
     finally:
         if master is not None:
             os.close(master)
@@ -113,19 +115,17 @@ def _create_with_own_terminal(args, ctx, bundle: Path) -> int:
     try:
         args.console_socket = console.path
         create.create_zic(args, ctx, bundle)
-        try:
+        with _deleted_on_failure(args, ctx):
             return console.receive_master(args.container_id)
-        except RunphiError:
-            delete.run(_delete_args(args), ctx)
-            raise
     finally:
         console.close()
 
 
-def _start_or_delete(args, ctx) -> None:
-    """``start``; if that fails, the container just created goes again."""
+@contextlib.contextmanager
+def _deleted_on_failure(args, ctx) -> Iterator[None]:
+    """If the body fails, the container just created is deleted (forcibly) before the error goes on."""
     try:
-        start.run(args, ctx)
+        yield
     except BaseException:
         delete.run(_delete_args(args), ctx)
         raise
