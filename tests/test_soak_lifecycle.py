@@ -104,6 +104,9 @@ def soak(zic, bundle: Path, count: int, long_guest: bytes) -> None:
     for i in range(count):
         one_cycle(zic, f"soak-{i}", bundle)
     after, rss_after = measure(zic, monitor), rss(monitor)
+    # Shown with `pytest -rP`: the figures docs/RELIABILITY.md quotes.
+    print(f"{count} cycles: " + ", ".join(f"{k} {before[k]} -> {after[k]}" for k in before)
+          + f", monitor RSS {rss_before // 1024} -> {rss_after // 1024} KiB")
     grown = {key: (before[key], after[key]) for key in before if after[key] > before[key] + SLACK.get(key, 0)}
     assert not grown, f"grew over {count} cycles: " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in grown.items())
     assert rss_after - rss_before < RSS_GROWTH_LIMIT, f"monitor RSS {rss_before} -> {rss_after}"
