@@ -125,7 +125,7 @@ def _copy_until_hangup(master: int, stdin: int, stdout: int) -> None:
     # poll, not epoll: stdin may be a regular file or /dev/null, which epoll refuses.
     with selectors.PollSelector() as selector:
         selector.register(master, selectors.EVENT_READ)
-        if _readable(stdin):
+        if _is_open(stdin):
             selector.register(stdin, selectors.EVENT_READ)
         while True:
             for key, _ in selector.select():
@@ -142,7 +142,7 @@ def _copy_until_hangup(master: int, stdin: int, stdout: int) -> None:
                         return
 
 
-def _readable(fd: int) -> bool:
+def _is_open(fd: int) -> bool:
     try:
         os.fstat(fd)
     except OSError:
