@@ -7,7 +7,7 @@ import subprocess
 import termios
 
 from tests.test_lifecycle_harness import RUNPHI, board, guest_script, subreaper, wait_exit, zic  # noqa: F401
-from tests.test_monitor_console import read_until
+from tests.fdread import read_until
 
 
 def test_run_in_the_foreground_returns_the_guest_verdict_and_cleans_up(zic):

@@ -21,7 +21,7 @@ from runphi.console import ConsoleError
 from runphi.console.foreground import PrivateConsoleSocket
 from runphi.console.terminal import open_console_pty, send_console_master, set_window_size, window_size
 from tests.test_lifecycle_harness import wait_for
-from tests.test_monitor_console import read_until
+from tests.fdread import read_until
 
 RELAY = "import sys; from runphi.console.foreground import relay_terminal; relay_terminal(int(sys.argv[1]))"
 

@@ -10,13 +10,13 @@ module; each test uses its own container ids and removes what it starts.
 from __future__ import annotations
 
 import os
-import select
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
+from tests.fdread import read_until
 from tools.testbed.containerd import NAMESPACE, ZIC_IMAGE_PLATFORM, ZicNode
 
 pytestmark = [pytest.mark.containerd, pytest.mark.qemu]
@@ -137,25 +137,6 @@ def test_detached_ticker_killed_reports_128_plus_signal(zic_node, zic_events, bu
 
 # ---- ctr run -t --------------------------------------------------------------------------------
 
-def read_until(master: int, marker: bytes, seen: bytearray, timeout: float = GUEST_TIMEOUT) -> bytes:
-    """Read the pty master into ``seen`` until ``marker`` has arrived; returns everything so far."""
-    deadline = time.monotonic() + timeout
-    while marker not in seen:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise AssertionError(f"never saw {marker!r} on the terminal; got {bytes(seen)!r}")
-        ready, _, _ = select.select([master], [], [], remaining)
-        if ready:
-            try:
-                chunk = os.read(master, 4096)
-            except OSError:  # EIO: ctr closed the terminal
-                chunk = b""
-            if not chunk:
-                raise AssertionError(f"terminal closed before {marker!r}; got {bytes(seen)!r}")
-            seen += chunk
-    return bytes(seen)
-
-
 def as_guest_sent(terminal_bytes: bytes) -> bytes:
     """Undo the one change ctr's own terminal makes: ``ctr run -t`` leaves OPOST|ONLCR on
     (for runc containers as well), so a guest's ``\r\n`` shows as ``\r\r\n``."""
@@ -172,11 +153,11 @@ def test_interactive_echo_session_on_a_terminal(zic_node, zic_events, built_inma
     os.close(slave)
     seen = bytearray()
     try:
-        read_until(master, b"> ", seen)
+        read_until(master, b"> ", seen, timeout=GUEST_TIMEOUT)
         os.write(master, b"typed through containerd\r")
-        read_until(master, b"typed through containerd\r\r\n> ", seen)
+        read_until(master, b"typed through containerd\r\r\n> ", seen, timeout=GUEST_TIMEOUT)
         os.write(master, b"exit\r")
-        read_until(master, b"echo: bye", seen)
+        read_until(master, b"echo: bye", seen, timeout=GUEST_TIMEOUT)
         assert ctr.wait(GUEST_TIMEOUT) == 0, bytes(seen)
     finally:
         if ctr.poll() is None:

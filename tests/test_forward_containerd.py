@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import os
 import re
-import select
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.test_monitor_console import read_until
+from tests.fdread import read_to_eof, read_until
 from tools.testbed.containerd import PrivateContainerd
 
 pytestmark = pytest.mark.containerd
@@ -56,23 +54,11 @@ def test_runphi_matches_runc_output_exactly(containerd, busybox_rootfs, runphi_b
 
 def _read_pty_until_exit(master: int, process: subprocess.Popen, timeout: float) -> bytes:
     """Everything ctr writes to its terminal, until the pty closes (ctr has exited)."""
-    output = b""
-    deadline = time.monotonic() + timeout
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            process.kill()
-            raise AssertionError(f"ctr -t did not finish; got {output!r}")
-        ready, _, _ = select.select([master], [], [], remaining)
-        if not ready:
-            continue
-        try:
-            chunk = os.read(master, 4096)
-        except OSError:  # EIO: every slave fd is closed
-            return output
-        if not chunk:
-            return output
-        output += chunk
+    try:
+        return read_to_eof(master, timeout)
+    except AssertionError:
+        process.kill()
+        raise
 
 
 def _ctr_run_on_a_pty(containerd, binary: str, rootfs: Path, cid: str) -> tuple[int, bytes]:

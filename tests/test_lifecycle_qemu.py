@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.test_lifecycle_harness import RUNPHI, Board, Zic, board_in_tempdir, reap_all, subreaper  # noqa: F401
-from tests.test_monitor_console import read_to_eof
+from tests.fdread import read_to_eof
 
 pytestmark = pytest.mark.qemu
 
@@ -67,7 +67,7 @@ def test_tty_session_with_the_echo_inmate_round_trips_a_line(qemu_board, inmates
     import socket
 
     from tests.test_lifecycle_harness import wait_exit
-    from tests.test_monitor_console import read_until
+    from tests.fdread import read_until
 
     z = Zic(qemu_board, tmp_path)
     bundle = z.bundle("echo", (inmates / "echo.bin").read_bytes(), terminal=True)

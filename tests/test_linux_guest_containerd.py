@@ -7,17 +7,15 @@ CPUs and UARTs of its own. The board is the simulator with the QEMU engine; the 
 from __future__ import annotations
 
 import os
-import select
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from tools.testbed.containerd import ZIC_IMAGE_PLATFORM
-from tests.test_e2e_zic import (GUEST_TIMEOUT, assert_nothing_left, ctr_run_zic, log_text,
-                                read_until, wait_for_text, zic_rootfs)
+from tests.fdread import read_until
+from tests.test_e2e_zic import GUEST_TIMEOUT, assert_nothing_left, ctr_run_zic, log_text, wait_for_text, zic_rootfs
 from tools.linux_guest import BANNER, POWER_KEY_MESSAGE, PROMPT, SHUTDOWN_MESSAGE
 from tools.linux_guest.testing import guest_or_skip
 
@@ -46,22 +44,6 @@ def linux_image(zic_node, tmp_path_factory) -> str:
         ctr("images", "rm", "--sync", IMAGE)
 
 
-def read_after(master: int, marker: bytes, seen: bytearray, start: int, timeout: float = GUEST_TIMEOUT) -> None:
-    """Read the terminal into ``seen`` until ``marker`` shows up at or after offset ``start``."""
-    deadline = time.monotonic() + timeout
-    while marker not in seen[start:]:
-        remaining = deadline - time.monotonic()
-        assert remaining > 0, f"never saw {marker!r} on the terminal; got {bytes(seen[start:])!r}"
-        ready, _, _ = select.select([master], [], [], remaining)
-        if ready:
-            try:
-                chunk = os.read(master, 4096)
-            except OSError:  # EIO: ctr closed the terminal
-                chunk = b""
-            assert chunk, f"terminal closed before {marker!r}; got {bytes(seen[start:])!r}"
-            seen += chunk
-
-
 def in_order(text: str, lines: tuple[str, ...]) -> bool:
     positions = [text.find(line) for line in lines]
     return -1 not in positions and positions == sorted(positions)
@@ -75,15 +57,15 @@ def test_ctr_run_t_gives_a_shell_in_the_cell(zic_node, zic_events, linux_image):
     os.close(slave)
     seen = bytearray()
     try:
-        read_until(master, BANNER.encode(), seen)
-        read_until(master, PROMPT.encode(), seen)
+        read_until(master, BANNER.encode(), seen, timeout=GUEST_TIMEOUT)
+        read_until(master, PROMPT.encode(), seen, timeout=GUEST_TIMEOUT)
         mark = len(seen)
         os.write(master, b"uname -m\r")
-        read_after(master, PROMPT.encode(), seen, mark)
+        read_until(master, PROMPT.encode(), seen, start=mark, timeout=GUEST_TIMEOUT)
         assert b"\naarch64\r" in seen[mark:], bytes(seen[mark:])
         assert zic_node.cells() == {"linux-tty": "running"}
         os.write(master, b"poweroff -f\r")
-        read_after(master, b"reboot: Power down", seen, mark)
+        read_until(master, b"reboot: Power down", seen, start=mark, timeout=GUEST_TIMEOUT)
         assert ctr.wait(GUEST_TIMEOUT) == 0, bytes(seen[-2000:])
     finally:
         if ctr.poll() is None:

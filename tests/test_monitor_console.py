@@ -11,46 +11,10 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-import time
 
+from tests.fdread import read_to_eof, read_until
 from tests.test_lifecycle_harness import (RUNPHI, board, guest_script, subreaper, wait_exit,  # noqa: F401
-                                          wait_for, zic)
-
-
-def read_until(fd: int, needle: bytes, timeout: float = 15.0) -> bytes:
-    """Read `fd` (blocking, via select with a deadline) until `needle` shows up."""
-    import select
-
-    data = b""
-    deadline = time.monotonic() + timeout
-    while needle not in data:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise AssertionError(f"{needle!r} not seen; got {data!r}")
-        ready, _, _ = select.select([fd], [], [], left)
-        if ready:
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                raise AssertionError(f"EOF before {needle!r}; got {data!r}")
-            data += chunk
-    return data
-
-
-def read_to_eof(fd: int, timeout: float = 15.0) -> bytes:
-    import select
-
-    data = b""
-    deadline = time.monotonic() + timeout
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise AssertionError(f"no EOF within {timeout} s; got {data!r}")
-        ready, _, _ = select.select([fd], [], [], left)
-        if ready:
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                return data
-            data += chunk
+                                          zic)
 
 
 def create_with_pipes(zic, cid: str, bundle) -> tuple[int, int, int]:
