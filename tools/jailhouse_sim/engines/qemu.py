@@ -59,6 +59,7 @@ import socket
 import subprocess
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
+from typing import NamedTuple
 from dataclasses import dataclass
 
 import msgspec
@@ -231,17 +232,25 @@ class QemuProcess:
         return self._popen.pid
 
     @classmethod
-    def spawn(cls, argv: list[str], pass_fds: Sequence[int], stderr_fd: int) -> QemuProcess:
-        """Fork+exec QEMU from the calling (trio) thread; raises OSError if it cannot run."""
-        popen = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=stderr_fd,
-            stderr=stderr_fd,
-            pass_fds=tuple(pass_fds),
-            process_group=0,
-            preexec_fn=lambda parent=os.getpid(): _die_with_parent(parent),
-        )
+    def spawn(cls, argv: list[str], pass_fds: Sequence[int], stderr_fd: int, *, cell_name: str) -> QemuProcess:
+        """Fork+exec QEMU from the calling (trio) thread for cell ``cell_name``.
+
+        Raises QemuEngineError, naming the cell and the binary, if it cannot run."""
+        try:
+            popen = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=stderr_fd,
+                stderr=stderr_fd,
+                pass_fds=tuple(pass_fds),
+                process_group=0,
+                preexec_fn=lambda parent=os.getpid(): _die_with_parent(parent),
+            )
+        except OSError as exc:
+            raise QemuEngineError(
+                f'cell "{cell_name}": cannot run {argv[0]}: {exc.strerror or exc}; '
+                "install qemu-system-arm or set JAILHOUSE_SIM_QEMU"
+            ) from None
         return cls(popen)
 
     @property
@@ -271,6 +280,41 @@ class QemuProcess:
             if self._pidfd >= 0:
                 os.close(self._pidfd)
                 self._pidfd = -1
+
+
+class QemuChannels(NamedTuple):
+    """A started QEMU and this side's ends of its UART, QMP and stderr."""
+
+    process: QemuProcess
+    uart: trio.SocketStream
+    qmp: trio.SocketStream
+    stderr: trio.lowlevel.FdStream
+
+
+@contextmanager
+def qemu_channels(spawn: Callable[[socket.socket, socket.socket, int], QemuProcess]) -> Iterator[QemuChannels]:
+    """Start QEMU with ``spawn(uart, qmp, stderr_fd)`` on fresh UART and QMP socketpairs and a stderr pipe.
+
+    QEMU's ends are closed here as soon as it holds its own copies (ours would keep
+    EOF from ever arriving); this side's ends are closed when the block ends. The
+    caller still kills and reaps the process.
+    """
+    uart_ours, uart_theirs = socket.socketpair()
+    qmp_ours, qmp_theirs = socket.socketpair()
+    stderr_read, stderr_write = os.pipe()
+    with ExitStack() as cleanup:
+        for sock in (uart_ours, uart_theirs, qmp_ours, qmp_theirs):
+            cleanup.callback(sock.close)
+        stderr = trio.lowlevel.FdStream(stderr_read)  # owns stderr_read from here
+        cleanup.callback(stderr.close)
+        try:
+            process = spawn(uart_theirs, qmp_theirs, stderr_write)
+        finally:
+            uart_theirs.close()
+            qmp_theirs.close()
+            os.close(stderr_write)
+        yield QemuChannels(process, trio.SocketStream(trio.socket.from_stdlib_socket(uart_ours)),
+                           trio.SocketStream(trio.socket.from_stdlib_socket(qmp_ours)), stderr)
 
 
 @contextmanager
@@ -461,32 +505,12 @@ class QemuEngine:
 
             await run_linux_guest(self, spec, host)
             return
-        uart_ours, uart_theirs = socket.socketpair()
-        qmp_ours, qmp_theirs = socket.socketpair()
-        stderr_read, stderr_write = os.pipe()
-        with ExitStack() as cleanup:
-            for sock in (uart_ours, uart_theirs, qmp_ours, qmp_theirs):
-                cleanup.callback(sock.close)
-            stderr = trio.lowlevel.FdStream(stderr_read)  # owns stderr_read from here
-            cleanup.callback(stderr.close)
+        with qemu_channels(lambda uart, qmp, stderr_fd: self._spawn(spec, uart, qmp, stderr_fd)) as channels:
             try:
-                process = self._spawn(spec, uart_theirs, qmp_theirs, stderr_write)
+                outcome = await self._supervise(spec, host, channels.process, channels.uart, channels.qmp,
+                                                channels.stderr)
             finally:
-                # QEMU holds its own copies; ours would keep EOF from ever arriving.
-                uart_theirs.close()
-                qmp_theirs.close()
-                os.close(stderr_write)
-            try:
-                outcome = await self._supervise(
-                    spec,
-                    host,
-                    process,
-                    trio.SocketStream(trio.socket.from_stdlib_socket(uart_ours)),
-                    trio.SocketStream(trio.socket.from_stdlib_socket(qmp_ours)),
-                    stderr,
-                )
-            finally:
-                await process.kill_and_reap()
+                await channels.process.kill_and_reap()
         report_outcome(outcome, spec, host)
 
     def _spawn(self, spec: GuestSpec, uart: socket.socket, qmp: socket.socket, stderr_fd: int) -> QemuProcess:
@@ -502,13 +526,8 @@ class QemuEngine:
                 uart_fd=uart.fileno(),
                 qmp_fd=qmp.fileno(),
             )
-            try:
-                return QemuProcess.spawn(argv, [*image_fds, uart.fileno(), qmp.fileno()], stderr_fd)
-            except OSError as exc:
-                raise QemuEngineError(
-                    f'cell "{spec.cell_name}": cannot run {self.binary}: {exc.strerror or exc}; '
-                    "install qemu-system-arm or set JAILHOUSE_SIM_QEMU"
-                ) from None
+            return QemuProcess.spawn(argv, [*image_fds, uart.fileno(), qmp.fileno()], stderr_fd,
+                                     cell_name=spec.cell_name)
 
     async def _supervise(
         self,

@@ -30,8 +30,8 @@ import trio
 from ..cellfile import MEM_COMM_REGION, MEM_DMA, MEM_EXECUTE, MEM_IO, MEM_READ, MEM_WRITE
 from ..engine import GuestHost, GuestSpec, LinuxBoot
 from ..qmp import QmpClient, QmpError
-from .qemu import (DEFAULT_RAM_MIB, PoweredOff, QemuEngineError, QemuProcess, _connect_and_resume, _GuestRun,
-                   _run_then_set, _write_all, report_outcome)
+from .qemu import (DEFAULT_RAM_MIB, PoweredOff, QemuProcess, _connect_and_resume, _GuestRun, _run_then_set,
+                   _write_all, qemu_channels, report_outcome)
 
 POWERDOWN_TIMEOUT_ENV = "JAILHOUSE_SIM_LINUX_POWERDOWN_S"
 DEFAULT_POWERDOWN_TIMEOUT_S = 5.0
@@ -93,13 +93,7 @@ def _spawn(engine, spec: GuestSpec, linux: LinuxBoot, uart: socket.socket, qmp: 
                           uart_fd=uart.fileno(), qmp_fd=qmp.fileno())
         passed: Sequence[int] = [kernel_fd, *([initrd_fd] if initrd_fd is not None else []), uart.fileno(),
                                  qmp.fileno()]
-        try:
-            return QemuProcess.spawn(argv, passed, stderr_fd)
-        except OSError as exc:
-            raise QemuEngineError(
-                f'cell "{spec.cell_name}": cannot run {engine.binary}: {exc.strerror or exc}; '
-                "install qemu-system-arm or set JAILHOUSE_SIM_QEMU"
-            ) from None
+        return QemuProcess.spawn(argv, passed, stderr_fd, cell_name=spec.cell_name)
 
 
 async def _power_button_on_request(run: _GuestRun, qmp: QmpClient | None, requested: trio.Event,
@@ -147,33 +141,19 @@ async def _supervise(run: _GuestRun, uart: trio.SocketStream, qmp_stream: trio.S
 async def run_linux_guest(engine, spec: GuestSpec, host: GuestHost) -> None:
     """Boot ``spec.linux`` under QEMU until the guest ends or the cell is stopped (see the module docstring)."""
     assert spec.linux is not None
-    uart_ours, uart_theirs = socket.socketpair()
-    qmp_ours, qmp_theirs = socket.socketpair()
-    stderr_read, stderr_write = os.pipe()
-    with ExitStack() as cleanup:
-        for sock in (uart_ours, uart_theirs, qmp_ours, qmp_theirs):
-            cleanup.callback(sock.close)
-        stderr = trio.lowlevel.FdStream(stderr_read)
-        cleanup.callback(stderr.close)
-        try:
-            process = _spawn(engine, spec, spec.linux, uart_theirs, qmp_theirs, stderr_write)
-        finally:
-            uart_theirs.close()
-            qmp_theirs.close()
-            os.close(stderr_write)
-        run = _GuestRun(spec, host, process)
+    linux = spec.linux
+    with qemu_channels(lambda uart, qmp, stderr_fd: _spawn(engine, spec, linux, uart, qmp, stderr_fd)) as channels:
+        run = _GuestRun(spec, host, channels.process)
         stop_requested = trio.Event()
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(_supervise, run, trio.SocketStream(trio.socket.from_stdlib_socket(uart_ours)),
-                                   trio.SocketStream(trio.socket.from_stdlib_socket(qmp_ours)), stderr,
-                                   stop_requested)
+                nursery.start_soon(_supervise, run, channels.uart, channels.qmp, channels.stderr, stop_requested)
                 try:
                     await run.ending.decided.wait()
                 finally:
                     # A cancelled wait is a stop request: the shielded supervisor presses the button.
                     stop_requested.set()
         finally:
-            await process.kill_and_reap()
+            await channels.process.kill_and_reap()
     assert run.ending.outcome is not None
     report_outcome(run.ending.outcome, spec, host)
