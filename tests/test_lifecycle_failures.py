@@ -9,24 +9,19 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_lifecycle_harness import board, guest_script, subreaper, zic  # noqa: F401
+from tests.test_lifecycle_harness import board, guest_script, live_children, subreaper, zic  # noqa: F401
 
 
 def live_runphi_descendants() -> list[int]:
     """Non-zombie processes adopted by (or children of) this test process running runphi."""
     found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+    for pid in live_children(os.getpid()):
         try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:  # exited while we looked
             continue
-        fields = stat.rsplit(")", 1)[1].split()
-        if int(fields[1]) == os.getpid() and fields[0] not in ("Z", "X") and b"runphi" in cmdline \
-                and b"jailhouse-sim" not in cmdline:
-            found.append(int(entry.name))
+        if b"runphi" in cmdline and b"jailhouse-sim" not in cmdline:
+            found.append(pid)
     return found
 
 

@@ -195,6 +195,21 @@ def wait_exit(pid: int, timeout: float = 20.0) -> int:
     return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
 
 
+def live_children(parent: int) -> list[int]:
+    """PIDs of the processes whose parent is ``parent`` and that have not exited (no zombies), sorted."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # exited while we looked
+            continue
+        if int(fields[1]) == parent and fields[0] not in ("Z", "X"):
+            found.append(int(entry.name))
+    return sorted(found)
+
+
 def wait_for(predicate, timeout: float = 10.0, what: str = "condition"):
     """Poll a file-backed observation (sysfs, /proc, state dir) until true."""
     deadline = time.monotonic() + timeout

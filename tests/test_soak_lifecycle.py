@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_lifecycle_harness import (Zic, board, board_in_tempdir, guest_script, reap_all,  # noqa: F401
-                                          subreaper, wait_exit, zic)
+from tests.test_lifecycle_harness import (Zic, board, board_in_tempdir, guest_script,  # noqa: F401
+                                          live_children, reap_all, subreaper, wait_exit, zic)
 
 pytestmark = pytest.mark.soak
 
@@ -54,20 +54,6 @@ def rss(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     raise AssertionError(f"no VmRSS for {pid}")
-
-
-def live_children(pid: int) -> list[int]:
-    out = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid and fields[0] not in ("Z", "X"):
-            out.append(int(entry.name))
-    return sorted(out)
 
 
 def measure(zic, monitor: int) -> dict[str, int]:
