@@ -74,6 +74,15 @@ def assert_clean(zic, cid: str) -> None:
     wait_for(lambda: live_runphi_descendants() == [], timeout=30, what="every monitor to end")
 
 
+def assert_id_reusable(zic, cid: str, bundle) -> None:
+    """The id is free again: a full create works, and its delete leaves nothing."""
+    zic.create(cid, bundle)
+    assert zic.status(cid) == "created"
+    assert zic.run("delete", "--force", cid).returncode == 0
+    reap_all(zic.monitors)
+    assert_clean(zic, cid)
+
+
 @pytest.mark.parametrize("step", CREATE_STEPS)
 def test_create_killed_at_each_step_is_cleaned_by_delete_force(zic, step):
     cid = "crash-c"
@@ -85,13 +94,7 @@ def test_create_killed_at_each_step_is_cleaned_by_delete_force(zic, step):
     assert deleted.returncode == 0, deleted.stderr
     assert "Traceback" not in deleted.stderr
     assert_clean(zic, cid)
-
-    # The id is free again: a full create works.
-    zic.create(cid, bundle)
-    assert zic.status(cid) == "created"
-    assert zic.run("delete", "--force", cid).returncode == 0
-    reap_all(zic.monitors)
-    assert_clean(zic, cid)
+    assert_id_reusable(zic, cid, bundle)
 
 
 @pytest.mark.parametrize("step", DELETE_STEPS)
@@ -106,12 +109,7 @@ def test_delete_killed_at_each_step_is_finished_by_delete_force(zic, step):
     assert again.returncode == 0, again.stderr
     reap_all(zic.monitors)
     assert_clean(zic, cid)
-
-    zic.create(cid, bundle)
-    assert zic.status(cid) == "created"
-    assert zic.run("delete", "--force", cid).returncode == 0
-    reap_all(zic.monitors)
-    assert_clean(zic, cid)
+    assert_id_reusable(zic, cid, bundle)
     assert [name for name in os.listdir(zic.root)] == [], "a tombstone of the crashed delete is left"
 
 
