@@ -416,12 +416,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     narrate("runphi boots partitioned containers (ZICs) as Jailhouse cells; here the board is "
             "runphi's Jailhouse simulator and the guests are real aarch64 programs under QEMU")
-    from tools.linux_guest import LinuxGuestError
-    from tools.mkzic import MkzicError
+    from tools.toolerror import ToolError
 
     try:
         run_demo(args)
-    except (MkzicError, LinuxGuestError) as error:
+    except ToolError as error:  # mkzic's and linux_guest's
         print(f"demo: error: {error.line()}", file=sys.stderr, flush=True)
         return 1
     except DemoError as error:

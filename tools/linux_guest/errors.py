@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
+from tools.toolerror import ToolError
 
-class LinuxGuestError(Exception):
+
+class LinuxGuestError(ToolError):
     """Fetching or building the guest failed: ``what`` went wrong, ``fix`` says what to do.
 
     The CLI prints it as one line and exits 1; the cache is never left half-written.
     """
 
-    def __init__(self, what: str, fix: str) -> None:
-        super().__init__(what)
-        self.what = what
-        self.fix = fix
-
-    def line(self) -> str:
-        """The single line shown to the user."""
-        return f"linux_guest: {self.what}: {self.fix}"
+    tool = "linux_guest"
