@@ -256,16 +256,6 @@ def write_bundle(inmate: Path, out_dir: Path) -> Path:
 
 # ---- the two ways of running them ----------------------------------------------------------------
 
-def containerd_unavailable() -> str | None:
-    """Why the demo cannot use a private containerd here, or None when it can."""
-    if os.geteuid() != 0:
-        return "not running as root"
-    for tool in ("containerd", "ctr", "containerd-shim-runc-v2", "runc"):
-        if shutil.which(tool) is None:
-            return f"{tool} is not installed"
-    return None
-
-
 def require_qemu() -> None:
     """Fail with the fix when QEMU (the simulator's guest engine) is missing."""
     if shutil.which("qemu-system-aarch64") is None:
@@ -403,7 +393,9 @@ def run_demo(args: argparse.Namespace) -> None:
     with work_directory(args.workdir) as base:
         require_qemu()
         inmates = build_inmates()
-        reason = "--no-containerd" if args.no_containerd else containerd_unavailable()
+        from tools.testbed.containerd import containerd_missing
+
+        reason = "--no-containerd" if args.no_containerd else containerd_missing()
         if reason is None:
             run_under_containerd(base, inmates, args.linux)
         else:

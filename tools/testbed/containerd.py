@@ -25,7 +25,7 @@ from pathlib import Path
 
 __all__ = [
     "BOOT_BANNER", "BUSYBOX_APPLETS", "NAMESPACE", "SIM_PLATFORM", "ZIC_IMAGE_PLATFORM",
-    "EventLog", "PrivateContainerd", "ZicNode", "busybox_path", "make_busybox_rootfs",
+    "EventLog", "PrivateContainerd", "ZicNode", "busybox_path", "containerd_missing", "make_busybox_rootfs",
     "missing_requirements", "runphi_binary", "short_tempdir", "simulator_env",
 ]
 
@@ -47,13 +47,20 @@ def runphi_binary() -> Path:
     return candidate
 
 
-def missing_requirements() -> str | None:
-    """Why a real-containerd test cannot run here, or None when it can."""
+def containerd_missing() -> str | None:
+    """Why a private containerd with runc cannot run here (not root, a tool absent), or None."""
     if os.geteuid() != 0:
         return "needs root (containerd and runc)"
     for tool in ("containerd", "ctr", "containerd-shim-runc-v2", "runc"):
         if shutil.which(tool) is None:
             return f"{tool} is not installed"
+    return None
+
+
+def missing_requirements() -> str | None:
+    """Why a real-containerd test cannot run here, or None when it can."""
+    if reason := containerd_missing():
+        return reason
     if busybox_path() is None:
         return "no static busybox (install busybox-static)"
     return None
