@@ -66,7 +66,7 @@ def run(args, ctx) -> int:
     bundle = Path(args.bundle).absolute()
     if not decide_zic(bundle, args.container_id):
         exec_runc(ctx)
-    return create_zic(args, ctx, bundle)
+    return create_loaded(args, ctx, bundle, load_zic_config(ctx, bundle, args.container_id))
 
 
 def decide_zic(bundle: Path, container_id: str) -> bool:
@@ -77,15 +77,20 @@ def decide_zic(bundle: Path, container_id: str) -> bool:
         raise for_container(exc, "cannot create container", container_id) from None
 
 
-def create_zic(args, ctx, bundle: Path) -> int:
-    """Steps 2 and 3 for a ZIC; returns 0 once the container is ``created``."""
-    container_id = args.container_id
+def load_zic_config(ctx, bundle: Path, container_id: str) -> tuple[bytes, Config]:
+    """The bundle's config.json, as bytes and parsed, once the id is known to be free (step 2 begins)."""
     if ctx.store.taken(container_id):
         raise ContainerExists(container_id)
     try:
-        config_bytes, config = read_config(bundle)
+        return read_config(bundle)
     except BundleError as exc:
         raise for_container(exc, "cannot create ZIC", container_id) from None
+
+
+def create_loaded(args, ctx, bundle: Path, loaded: tuple[bytes, Config]) -> int:
+    """The rest of steps 2 and 3, config.json read by :func:`load_zic_config`; returns 0 once ``created``."""
+    container_id = args.container_id
+    config_bytes, config = loaded
     _check_terminal(config, args.console_socket, container_id)
     backend = _backend_for(ctx, container_id)
     record = _creating_record(container_id, bundle, config, config_bytes)

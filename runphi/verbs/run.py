@@ -22,9 +22,9 @@ import signal
 from collections.abc import Iterator
 from pathlib import Path
 
-from runphi.errors import BundleError, RunphiError
+from runphi.errors import RunphiError
 from runphi.forward import exec_runc
-from runphi.oci import read_config
+from runphi.oci import Config
 from runphi.verbs import create, delete, start
 
 _PR_SET_CHILD_SUBREAPER = 36
@@ -66,15 +66,18 @@ def run(args, ctx) -> int:
     bundle = Path(args.bundle).absolute()
     if not create.decide_zic(bundle, args.container_id):
         exec_runc(ctx)
+    loaded = create.load_zic_config(ctx, bundle, args.container_id)
     if args.detach:
-        create.create_zic(args, ctx, bundle)
+        create.create_loaded(args, ctx, bundle, loaded)
         with _deleted_on_failure(args, ctx):
             start.run(args, ctx)
         return 0
     _become_subreaper()
-    master = _create_with_own_terminal(args, ctx, bundle) if _needs_own_terminal(args, bundle) else None
-    if master is None:
-        create.create_zic(args, ctx, bundle)
+    master = None
+    if _needs_own_terminal(args, loaded[1]):
+        master = _create_with_own_terminal(args, ctx, bundle, loaded)
+    else:
+        create.create_loaded(args, ctx, bundle, loaded)
     try:
         with _deleted_on_failure(args, ctx):
             record = ctx.store.read(args.container_id)
@@ -96,25 +99,19 @@ def run(args, ctx) -> int:
     return _exit_status(wait_status)
 
 
-def _needs_own_terminal(args, bundle: Path) -> bool:
+def _needs_own_terminal(args, config: Config) -> bool:
     """Whether ``run`` must be the terminal itself: ``process.terminal`` and no console socket."""
-    if args.console_socket:
-        return False
-    try:
-        _, config = read_config(bundle)
-    except BundleError:
-        return False  # create reports it, naming the container
-    return bool(config.process and config.process.terminal)
+    return not args.console_socket and bool(config.process and config.process.terminal)
 
 
-def _create_with_own_terminal(args, ctx, bundle: Path) -> int:
+def _create_with_own_terminal(args, ctx, bundle: Path, loaded: tuple[bytes, Config]) -> int:
     """``create`` against a private console socket; returns the pty master it sent."""
     from runphi.console.foreground import PrivateConsoleSocket
 
     console = PrivateConsoleSocket()
     try:
         args.console_socket = console.path
-        create.create_zic(args, ctx, bundle)
+        create.create_loaded(args, ctx, bundle, loaded)
         with _deleted_on_failure(args, ctx):
             return console.receive_master(args.container_id)
     finally:
