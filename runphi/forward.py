@@ -8,7 +8,9 @@ rootfs holds a boot description, ``/boot/config.json`` or
 ``/boot/configuration.json``. Those paths are looked up exactly as ``create``
 reads them (``image.find_boot_description``): relative links inside the image
 are followed, anything absolute or climbing out of the rootfs is not, so a
-rootfs cannot point the test at the host's files.
+rootfs cannot point the test at the host's files. An entry at a description
+path that cannot be read as one (such a link, a FIFO, a device) is refused with
+one line at ``create``: nothing is forwarded to runc.
 
 Plain containers are ``exec``ed into runc with the original argv, global flags
 included: runc inherits our pid, fds 0/1/2, the console socket path and the
@@ -26,7 +28,7 @@ from typing import TYPE_CHECKING, NoReturn
 import msgspec
 
 from runphi.errors import MALFORMED_INPUT, BundleError, ContainerNotFound, RuncNotFound, RunphiError
-from runphi.image import BootDescriptionError, find_boot_description
+from runphi.image import find_boot_description
 from runphi.oci import RUNTIME_ANNOTATION, State, config_present, load_routing_keys
 
 if TYPE_CHECKING:
@@ -38,16 +40,13 @@ CRI_CONTAINER_TYPE = "io.kubernetes.cri.container-type"
 
 
 def has_boot_description(rootfs: Path) -> bool:
-    """Whether the rootfs carries a ZIC boot description that ``create`` would find.
+    """Whether the rootfs carries a ZIC boot description, found exactly as ``create`` finds it.
 
-    Uses the same in-image resolution as the reader, so routing and reading never
-    disagree; a description reachable only through a link leaving the image does
-    not count.
+    Raises :class:`BootDescriptionError` when an entry sits at a description path but
+    cannot be one (a link leaving the image, a FIFO or device): such an image meant
+    to be a ZIC, and handing it to runc would only fail later with an unrelated message.
     """
-    try:
-        return find_boot_description(rootfs) is not None
-    except BootDescriptionError:
-        return False
+    return find_boot_description(rootfs) is not None
 
 
 def is_zic(bundle: Path) -> bool:
@@ -57,7 +56,8 @@ def is_zic(bundle: Path) -> bool:
     Raises :class:`BundleError` for a config.json that exists but cannot be
     decided on (not a regular file, too large, not JSON, ``root``/``annotations``
     of the wrong type — runc would fail on those too, less clearly or with a
-    panic) and for an invalid ``org.runphi.runtime`` value.
+    panic), for an invalid ``org.runphi.runtime`` value, and for a boot
+    description entry that cannot be one (see :func:`has_boot_description`).
     """
     if not config_present(bundle):
         return False  # runc will report the missing config.json itself

@@ -143,12 +143,54 @@ def resolve_in_rootfs(rootfs: Path, path: str, what: str) -> Path:
 
 
 def find_boot_description(rootfs: Path) -> Path | None:
-    """Host path of the image's boot description (`config.json` preferred), None if absent."""
+    """Host path of the image's boot description (`config.json` preferred), None if it has none.
+
+    An image "has" a description when a directory entry of any kind sits at one of
+    DESCRIPTION_PATHS (its parent directories resolved inside the image). Such an
+    entry that cannot serve as one — a symlink leaving the image or leading nowhere,
+    a FIFO, device or directory — raises BootDescriptionError: the image meant to be
+    a ZIC, so it is refused with the reason instead of being taken for a plain image.
+    """
     for candidate in DESCRIPTION_PATHS:
+        if not _has_entry(rootfs, candidate):
+            continue
         host = resolve_in_rootfs(rootfs, candidate, "boot description")
-        if host.is_file():
-            return host
+        _require_regular_file(host, candidate)
+        return host
     return None
+
+
+def _has_entry(rootfs: Path, path: str) -> bool:
+    """Whether the image holds a directory entry (of any type, links not followed) at `path`.
+
+    Parents that cannot be resolved inside the image (a `/boot` linking out) hide
+    the entry: what is not inside the image is not part of it.
+    """
+    image_path = PurePosixPath(path)
+    try:
+        directory = resolve_in_rootfs(rootfs, str(image_path.parent), "boot description")
+    except BootDescriptionError:
+        return False
+    return os.path.lexists(directory / image_path.name)
+
+
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def _require_regular_file(host: Path, path: str) -> None:
+    """Refuse a description path that resolved to anything but a regular file."""
+    try:
+        mode = os.stat(host).st_mode
+    except FileNotFoundError:
+        raise BootDescriptionError(f"boot description {path} in the image is a symlink to a file "
+                                   "that is not in the image; put the JSON file there") from None
+    except OSError as exc:
+        raise BootDescriptionError(f"boot description {path} in the image: cannot inspect it: {exc.strerror}") from None
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
+        raise BootDescriptionError(f"boot description {path} in the image is {kind}, not a regular file; "
+                                   "a ZIC image needs its JSON file there")
 
 
 def _image_file(rootfs: Path, value: str | None, what: str, source: str, required: bool = True) -> Path | None:

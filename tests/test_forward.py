@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import stat
 import subprocess
 from pathlib import Path
 
@@ -12,7 +14,7 @@ import pytest
 
 from runphi.config import RuntimeConfig, load_runtime_config
 from runphi.errors import BundleError, ConfigError, RuncNotFound
-from runphi.forward import has_boot_description, is_zic
+from runphi.forward import is_zic
 from tools.testbed.containerd import busybox_path, make_busybox_rootfs
 
 RUNC = shutil.which("runc")
@@ -75,17 +77,16 @@ def test_bad_annotation_value_is_an_error(tmp_path):
         is_zic(bundle)
 
 
-def test_symlinks_out_of_the_rootfs_are_not_followed(tmp_path):
+def test_a_boot_directory_linking_out_of_the_rootfs_hides_what_is_there(tmp_path):
     host_boot = tmp_path / "host-boot"
     host_boot.mkdir()
     (host_boot / "config.json").write_text("{}")
-    escaping_dir = _bundle(tmp_path, "dir-link")
-    (escaping_dir / "rootfs" / "boot").symlink_to(host_boot)
-    assert not is_zic(escaping_dir)
-    escaping_file = _bundle(tmp_path, "file-link")
-    (escaping_file / "rootfs" / "boot").mkdir()
-    (escaping_file / "rootfs" / "boot" / "config.json").symlink_to(host_boot / "config.json")
-    assert not has_boot_description(escaping_file / "rootfs")
+    bundle = _bundle(tmp_path, "dir-link")
+    (bundle / "rootfs" / "boot").symlink_to(host_boot)
+    assert not is_zic(bundle)
+    (bundle / "rootfs" / "boot").unlink()
+    (bundle / "rootfs" / "boot").symlink_to("../../outside")  # climbs out: nothing of the image there
+    assert not is_zic(bundle)
 
 
 def test_relative_links_inside_the_rootfs_are_followed_like_create_does(tmp_path):
@@ -96,15 +97,46 @@ def test_relative_links_inside_the_rootfs_are_followed_like_create_does(tmp_path
     (rootfs / "boot").symlink_to("opt/zic")
     assert is_zic(bundle)
     (rootfs / "boot").unlink()
-    (rootfs / "boot").symlink_to("../../outside")  # climbs out: not a description
-    assert not is_zic(bundle)
+    (rootfs / "boot").mkdir()
+    (rootfs / "boot" / "config.json").symlink_to("../opt/zic/config.json")
+    assert is_zic(bundle)
 
 
-def test_a_description_that_is_not_a_regular_file_does_not_count(tmp_path):
-    bundle = _bundle(tmp_path, "fifo")
+def _plant(path: Path, kind: str) -> None:
+    """Put a ``kind`` entry at ``path``, where an image's boot description belongs."""
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "device":
+        os.mknod(path, 0o600 | stat.S_IFCHR, os.makedev(1, 3))  # /dev/null's numbers
+    elif kind == "directory":
+        path.mkdir()
+    elif kind == "dangling":
+        path.symlink_to("nowhere.json")
+    else:
+        path.symlink_to(kind)
+
+
+#: (entry planted at /boot/config.json, what the refusal says)
+UNUSABLE_DESCRIPTIONS = [
+    ("/etc/shadow", "is an absolute symlink to '/etc/shadow'"),
+    ("../../../../../../etc/shadow", "resolves outside the image"),
+    ("../../..", "resolves outside the image"),
+    ("fifo", "is a FIFO, not a regular file"),
+    ("device", "is a character device, not a regular file"),
+    ("directory", "is a directory, not a regular file"),
+    ("dangling", "is a symlink to a file that is not in the image"),
+]
+
+
+@pytest.mark.parametrize("kind,reason", UNUSABLE_DESCRIPTIONS, ids=[k for k, _ in UNUSABLE_DESCRIPTIONS])
+def test_an_unusable_description_is_refused_not_forwarded(tmp_path, kind, reason):
+    if kind == "device" and os.geteuid() != 0:
+        pytest.skip("mknod of a character device needs root")
+    bundle = _bundle(tmp_path, "odd")
     (bundle / "rootfs" / "boot").mkdir()
-    os.mkfifo(bundle / "rootfs" / "boot" / "config.json")
-    assert not is_zic(bundle)
+    _plant(bundle / "rootfs" / "boot" / "config.json", kind)
+    with pytest.raises(BundleError, match=re.escape(reason)):
+        is_zic(bundle)
 
 
 def test_absolute_root_path_is_honoured(tmp_path):
@@ -212,6 +244,27 @@ def test_zic_create_without_backend_leaves_nothing(runphi, tmp_path, state_root)
     [line] = [json.loads(text) for text in log.read_text().splitlines()]
     assert (line["level"], line["msg"]) == ("error", expected)
     assert os.listdir(state_root) == [] and not pid_file.exists()
+
+
+@pytest.mark.parametrize("kind,reason", UNUSABLE_DESCRIPTIONS, ids=[k for k, _ in UNUSABLE_DESCRIPTIONS])
+def test_create_of_an_unusable_description_is_one_line_and_leaves_nothing(runphi, tmp_path, state_root,
+                                                                          kind, reason):
+    """runc never sees such a bundle (it would fail unrelatedly and leave rootfs/dev/* behind)."""
+    if kind == "device" and os.geteuid() != 0:
+        pytest.skip("mknod of a character device needs root")
+    bundle = _bundle(tmp_path, "odd", busybox=busybox_path() is not None, args=("/boot/ticker.bin",))
+    (bundle / "rootfs" / "boot").mkdir()
+    _plant(bundle / "rootfs" / "boot" / "config.json", kind)
+    before = sorted(str(p.relative_to(bundle)) for p in bundle.rglob("*"))
+    log = tmp_path / "log.json"
+    result = runphi("--log", str(log), "--log-format", "json", "create", "--bundle", str(bundle), "odd1")
+    assert result.returncode == 1 and result.stdout == ""
+    [line] = result.stderr.splitlines()
+    assert [json.loads(text)["msg"] for text in log.read_text().splitlines()] == [line]
+    assert line.startswith("cannot create container odd1: boot description ") and reason in line, line
+    assert "/boot/config.json" in line and "Traceback" not in result.stderr
+    assert sorted(str(p.relative_to(bundle)) for p in bundle.rglob("*")) == before
+    assert os.listdir(state_root) == []
 
 
 def test_zic_create_refuses_a_taken_id(runphi, make_record, tmp_path):

@@ -159,3 +159,25 @@ def test_a_second_private_containerd_with_its_own_environment(start_containerd, 
                         "second", "sh")
     assert result.returncode == 1
     assert f"configuration file {missing} (from RUNPHI_CONFIG) does not exist".encode() in result.stderr
+
+
+@pytest.mark.parametrize("planted", ["/etc/shadow", "../../..", "fifo"])
+def test_an_unusable_boot_description_fails_with_runphis_line_under_ctr(containerd, runphi_bin, tmp_path,
+                                                                         planted):
+    """runc never gets such an image: no unrelated exec error, no rootfs/dev/* left behind."""
+    rootfs = tmp_path / "odd-rootfs"
+    (rootfs / "boot").mkdir(parents=True)
+    (rootfs / "boot" / "ticker.bin").write_bytes(b"\0" * 16)
+    description = rootfs / "boot" / "config.json"
+    if planted == "fifo":
+        os.mkfifo(description)
+    else:
+        description.symlink_to(planted)
+    result = containerd.ctr("run", "--rm", *containerd.runtime_flags(runphi_bin), "--rootfs", str(rootfs),
+                            "zic-odd", "/boot/ticker.bin")
+    assert result.returncode == 1
+    assert b"OCI runtime create failed: cannot create container zic-odd: boot description " \
+        in result.stderr, result.stderr
+    assert b"/boot/config.json" in result.stderr and b"permission denied" not in result.stderr
+    assert sorted(p.name for p in rootfs.iterdir()) == ["boot"]
+    assert containerd.ctr("containers", "ls", "-q").stdout.split().count(b"zic-odd") == 0

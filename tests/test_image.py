@@ -136,11 +136,22 @@ def test_symlinked_directory_escaping_is_refused(tmp_path: Path) -> None:
         load_boot_description(rootfs)
 
 
-def test_description_itself_behind_an_absolute_symlink_is_refused(tmp_path: Path) -> None:
+def test_a_description_behind_an_absolute_boot_link_is_not_in_the_image(tmp_path: Path) -> None:
     rootfs = tmp_path / "rootfs"
     rootfs.mkdir()
     (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "config.json").write_text("{}")
     os.symlink(tmp_path / "elsewhere", rootfs / "boot")
+    assert find_boot_description(rootfs) is None
+    with pytest.raises(BootDescriptionError, match="no boot description in the image"):
+        load_boot_description(rootfs)
+
+
+def test_the_description_itself_linking_out_is_refused(tmp_path: Path) -> None:
+    rootfs = tmp_path / "rootfs"
+    (rootfs / "boot").mkdir(parents=True)
+    (tmp_path / "host.json").write_text("{}")
+    os.symlink(tmp_path / "host.json", rootfs / "boot" / "config.json")
     with pytest.raises(BootDescriptionError, match="absolute symlink"):
         find_boot_description(rootfs)
 
