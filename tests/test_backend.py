@@ -45,7 +45,7 @@ def test_shutdown_deadline_from_annotation_or_config():
 
 def test_destroying_a_vanished_cell_still_releases_its_resources(subreaper, tmp_path):
     from runphi.backends.jailhouse.allocator import ResourceRequest
-    from runphi.backends.jailhouse.plan import cell_name
+    from runphi.backends.jailhouse.names import cell_name
 
     with board_running(tmp_path / "sim") as board:
         (tmp_path / "runphi.toml").write_text("")

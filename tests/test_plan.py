@@ -9,7 +9,8 @@ import pytest
 from runphi.backends.jailhouse import cellconfig as cc
 from runphi.backends.jailhouse.allocator import Allocator, ResourceRequest
 from runphi.backends.jailhouse.errors import CellConfigError
-from runphi.backends.jailhouse.plan import cell_name, irqchips_for, plan_cell
+from runphi.backends.jailhouse.names import cell_name
+from runphi.backends.jailhouse.plan import irqchips_for, plan_cell
 from runphi.backends.jailhouse.platform import MiB, Platform, available_platforms, load_platform
 from runphi.image import BootDescription
 

@@ -99,7 +99,7 @@ def one_lifecycle(node: Node, cid: str, guest: bytes, *, stop: str, timeout: flo
 
 def _cell_name(node: Node, cid: str) -> str:
     """The Jailhouse cell name runphi gave ``cid`` (the id itself when it fits, as here)."""
-    from runphi.backends.jailhouse.plan import cell_name
+    from runphi.backends.jailhouse.names import cell_name
 
     return cell_name(cid)
 

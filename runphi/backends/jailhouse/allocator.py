@@ -36,6 +36,7 @@ import msgspec
 
 from runphi.backends.jailhouse.cpulist import CpuListError, format_cpu_list, parse_cpu_list
 from runphi.backends.jailhouse.errors import AllocationError
+from runphi.backends.jailhouse.names import cell_name
 from runphi.errors import MALFORMED_INPUT
 from runphi.pausepoint import pause_point
 from runphi.backends.jailhouse.platform import MiB, PAGE_SIZE, Platform
@@ -307,7 +308,6 @@ class Allocator:
         return frozenset(names)
 
     def _write_claim(self, allocation: Allocation) -> None:
-        from runphi.backends.jailhouse.plan import cell_name
         from runphi.container import process_start_time
 
         pid = os.getpid()

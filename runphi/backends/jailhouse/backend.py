@@ -110,7 +110,7 @@ class JailhouseBackend:
     # ---- the Backend protocol --------------------------------------------
 
     def planned_cell_name(self, container_id: str) -> str:
-        from runphi.backends.jailhouse.plan import cell_name
+        from runphi.backends.jailhouse.names import cell_name
 
         return cell_name(container_id)
 
@@ -143,7 +143,7 @@ class JailhouseBackend:
 
     def release_cell_resources(self, cell_name: str) -> None:
         """Drop the ledger entry of the container whose cell is `cell_name` (if any)."""
-        from runphi.backends.jailhouse.plan import cell_name as name_of
+        from runphi.backends.jailhouse.names import cell_name as name_of
 
         allocator = self.allocator()
         for allocation in allocator.allocations():
@@ -169,7 +169,8 @@ class JailhouseBackend:
     def _launch(self, request: LaunchRequest, undo: UndoStack) -> Launched:
         from runphi.backends.jailhouse.allocator import request_from
         from runphi.backends.jailhouse.cellconfig import write_cell
-        from runphi.backends.jailhouse.plan import cell_name, plan_cell
+        from runphi.backends.jailhouse.names import cell_name
+        from runphi.backends.jailhouse.plan import plan_cell
         from runphi.image import load_boot_description
         from runphi.verbs.create import Launched
 

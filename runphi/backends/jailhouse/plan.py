@@ -11,12 +11,12 @@ from typing import TYPE_CHECKING
 from runphi.backends.jailhouse import cellconfig as cc
 from runphi.backends.jailhouse.allocator import Allocation
 from runphi.backends.jailhouse.errors import CellConfigError
+from runphi.backends.jailhouse.names import cell_name
 from runphi.backends.jailhouse.platform import Platform
 
 if TYPE_CHECKING:
     from runphi.image import BootDescription
 
-NAME_HASH_CHARS = 10
 RAM_FLAGS = cc.MEM_READ | cc.MEM_WRITE | cc.MEM_EXECUTE | cc.MEM_DMA | cc.MEM_LOADABLE
 LOW_RAM_FLAGS = cc.MEM_READ | cc.MEM_WRITE | cc.MEM_EXECUTE | cc.MEM_LOADABLE
 UART_FLAGS = cc.MEM_READ | cc.MEM_WRITE | cc.MEM_IO | cc.MEM_ROOTSHARED
@@ -25,19 +25,6 @@ TCM_FLAGS = {"TCM_A": cc.MEM_TCM_A, "TCM_B": cc.MEM_TCM_B}
 IRQS_PER_CHIP = 128
 IVSHMEM_NET_PEERS = 2
 IVSHMEM_CELL_DEV_ID = 1  # the root cell is peer 0 of every link
-
-
-def cell_name(container_id: str) -> str:
-    """The Jailhouse cell name for a container: the id if it fits 31 bytes, else a
-    deterministic `<prefix>-<hash>` of exactly 31 bytes (never plain truncation)."""
-    raw = container_id.encode()
-    if len(raw) <= cc.NAME_MAX_LEN:
-        return container_id
-    import hashlib
-
-    digest = hashlib.sha256(raw).hexdigest()[:NAME_HASH_CHARS]
-    prefix = raw[: cc.NAME_MAX_LEN - NAME_HASH_CHARS - 1].decode(errors="ignore")
-    return f"{prefix}-{digest}"
 
 
 def ivshmem_net_regions(base: int, dev_id: int) -> list[cc.MemoryRegion]:
