@@ -277,6 +277,8 @@ def load_boot_description(rootfs: Path, log: DebugLog | None = None) -> BootDesc
     """
     source = find_boot_description(rootfs)
     if source is None:
+        for candidate in DESCRIPTION_PATHS:  # a parent leading out of the image says more than "none"
+            resolve_in_rootfs(rootfs, str(PurePosixPath(candidate).parent), "boot description directory")
         raise BootDescriptionError(
             f"no boot description in the image ({' or '.join(DESCRIPTION_PATHS)} under {rootfs}); "
             "a ZIC image needs one"

@@ -36,11 +36,11 @@ def test_discarded_undo_does_nothing():
 
 
 def test_shutdown_deadline_from_annotation_or_config():
-    assert shutdown_timeout({}, "c", 10000) == 10.0
-    assert shutdown_timeout({"org.runphi.shutdown-timeout-ms": "250"}, "c", 10000) == 0.25
+    assert shutdown_timeout({}, 10000) == 10.0
+    assert shutdown_timeout({"org.runphi.shutdown-timeout-ms": "250"}, 10000) == 0.25
     for bad in ("0", "-1", "soon", "1.5"):
         with pytest.raises(BackendError, match="positive number of milliseconds"):
-            shutdown_timeout({"org.runphi.shutdown-timeout-ms": bad}, "c", 10000)
+            shutdown_timeout({"org.runphi.shutdown-timeout-ms": bad}, 10000)
 
 
 def test_destroying_a_vanished_cell_still_releases_its_resources(subreaper, tmp_path):

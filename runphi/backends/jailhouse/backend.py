@@ -44,14 +44,14 @@ if TYPE_CHECKING:
 UNDO_TIMEOUT = 5.0
 
 
-def shutdown_timeout(annotations: dict[str, str], container_id: str, default_ms: int) -> float:
+def shutdown_timeout(annotations: dict[str, str], default_ms: int) -> float:
     """The graceful-shutdown deadline in seconds (annotation, else the configured default)."""
     text = annotations.get(SHUTDOWN_TIMEOUT_ANNOTATION)
     if text is None:
         return default_ms / 1000
     if not text.isdigit() or int(text) == 0:
-        raise BackendError(f"cannot create ZIC {container_id}: annotation {SHUTDOWN_TIMEOUT_ANNOTATION}="
-                           f"{text!r} must be a positive number of milliseconds", container_id=container_id)
+        raise BackendError(f"annotation {SHUTDOWN_TIMEOUT_ANNOTATION}="
+                           f"{text!r} must be a positive number of milliseconds")
     return int(text) / 1000
 
 
@@ -162,8 +162,7 @@ class JailhouseBackend:
             for problem in problems:
                 self._warn(f"while undoing the create of {request.container_id}: {problem}")
             if isinstance(exc, (OSError,)) and not isinstance(exc, RunphiError):
-                raise BackendError(f"cannot create ZIC {request.container_id}: {exc}",
-                                   container_id=request.container_id) from None
+                raise BackendError(str(exc)) from None
             raise
 
     def _launch(self, request: LaunchRequest, undo: UndoStack) -> Launched:
@@ -175,10 +174,10 @@ class JailhouseBackend:
         from runphi.verbs.create import Launched
 
         cid = request.container_id
-        grace = shutdown_timeout(request.config.annotations, cid, self.jh.shutdown_timeout_ms)
+        grace = shutdown_timeout(request.config.annotations, self.jh.shutdown_timeout_ms)
         self.driver.require_available()
         boot = load_boot_description(Path(request.rootfs))
-        self._refuse_unsupported(boot, cid)
+        self._refuse_unsupported(boot)
         platform = self.platform
         allocator = self.allocator()
         allocation = allocator.allocate(cid, request_from(request.config, boot, platform))
@@ -186,11 +185,10 @@ class JailhouseBackend:
 
         name = cell_name(cid)
         if self.driver.cell_id(name) is not None:
-            raise ResourceBusy(f"cannot create ZIC {cid}: a Jailhouse cell named {name!r} already exists "
-                               "(left over, or used by another namespace): destroy it first",
-                               container_id=cid)
+            raise ResourceBusy(f"a Jailhouse cell named {name!r} already exists "
+                               "(left over, or used by another namespace): destroy it first")
         cell_config = plan_cell(platform, allocation, boot, cid)
-        linux = (self._prepare_linux(boot, cell_config, request, cid, self._linux_console(allocation))
+        linux = (self._prepare_linux(boot, cell_config, request, self._linux_console(allocation))
                  if boot.is_linux else None)
         if linux is not None:
             cell_config = linux.cell
@@ -198,14 +196,14 @@ class JailhouseBackend:
         cell_file.write_bytes(write_cell(cell_config, platform.profile))
         undo.push("remove the .cell file", lambda: cell_file.unlink(missing_ok=True))
 
-        self._create_cell(str(cell_file), name, allocation, cid)
+        self._create_cell(str(cell_file), name, allocation)
         undo.push(f"destroy cell {name}", lambda: self.driver.destroy(name, UNDO_TIMEOUT))
         if linux is not None:
-            self._load_images(name, linux.images, cid)
+            self.driver.load(name, linux.images)
         elif boot.rpu_req:
-            self._load_rpu(name, boot, allocation, undo, cid)
+            self._load_rpu(name, boot, allocation, undo)
         else:
-            self._load(name, boot, cell_config, cid)
+            self._load(name, boot, cell_config)
 
         fds = self._open_console(request, allocation, undo)
         start_fd = os.open(request.start_fifo, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -219,14 +217,11 @@ class JailhouseBackend:
         os.close(start_fd)
         return Launched(cell=cell, monitor_pid=monitor_pid, monitor_start_time=start_time)
 
-    def _create_cell(self, cell_file: str, name: str, allocation: Allocation, cid: str) -> None:
+    def _create_cell(self, cell_file: str, name: str, allocation: Allocation) -> None:
         try:
             self.driver.create(cell_file, name)
         except ResourceBusy as exc:
-            raise ResourceBusy(f"cannot create ZIC {cid}: {self._busy_cause(allocation) or exc}",
-                               container_id=cid) from None
-        except BackendError as exc:
-            raise type(exc)(f"cannot create ZIC {cid}: {exc}", container_id=cid) from None
+            raise ResourceBusy(self._busy_cause(allocation) or str(exc)) from None
 
     def _busy_cause(self, allocation: Allocation) -> str | None:
         """Name the CPU another cell owns, in user terms (None if it is not a CPU)."""
@@ -242,20 +237,19 @@ class JailhouseBackend:
         return None
 
     @staticmethod
-    def _refuse_unsupported(boot: BootDescription, cid: str) -> None:
+    def _refuse_unsupported(boot: BootDescription) -> None:
         """Refuse, before touching anything, the guests this build cannot boot yet."""
         if boot.rpu_req and boot.is_linux:
-            raise BackendError(f"cannot create ZIC {cid}: a Linux guest cannot run on an RPU "
-                               "(remove rpu_req or use a bare-metal/RTOS image)", container_id=cid)
+            raise BackendError(f"a Linux guest cannot run on an RPU "
+                               "(remove rpu_req or use a bare-metal/RTOS image)")
 
-    def _load(self, name: str, boot: BootDescription, cell_config, cid: str) -> None:
+    def _load(self, name: str, boot: BootDescription, cell_config) -> None:
         """`cell load` of the inmate at `starting_vaddress`, else at the cell's reset address.
 
         The inmate must fit the cell's RAM from there: checked first, so an
         oversized (or sparse multi-GiB) image is refused by its size instead of
         being streamed into the hypervisor until the tool's deadline.
         """
-        from runphi.backends.jailhouse.errors import CellConfigError
         from runphi.backends.jailhouse.plan import check_image_fits
 
         reset = cell_config.cpu_reset_address
@@ -264,11 +258,8 @@ class JailhouseBackend:
             size = os.stat(boot.inmate).st_size
             check_image_fits(cell_config, address, size, f"inmate {boot.inmate}")
         except OSError as exc:
-            raise BackendError(f"cannot create ZIC {cid}: cannot read the inmate {boot.inmate}: {exc.strerror}",
-                               container_id=cid) from None
-        except CellConfigError as exc:
-            raise CellConfigError(f"cannot create ZIC {cid}: {exc}", container_id=cid) from None
-        self._load_images(name, [LoadImage(file=str(boot.inmate), address=address)], cid)
+            raise BackendError(f"cannot read the inmate {boot.inmate}: {exc.strerror}") from None
+        self.driver.load(name, [LoadImage(file=str(boot.inmate), address=address)])
 
     def firmware_link(self, cell_name: str) -> Path:
         """Where a cell's RPU image is linked for the Omnivisor tool (a name unique per cell)."""
@@ -276,25 +267,17 @@ class JailhouseBackend:
 
         return Path(self.jh.firmware_dir) / f"runphi-{hashlib.sha256(cell_name.encode()).hexdigest()[:12]}.elf"
 
-    def _load_rpu(self, name: str, boot: BootDescription, allocation: Allocation, undo: UndoStack,
-                  cid: str) -> None:
+    def _load_rpu(self, name: str, boot: BootDescription, allocation: Allocation, undo: UndoStack) -> None:
         """`cell load CELL -r IMAGE RCPU`: the image is linked into the firmware directory first."""
         link = self.firmware_link(name)
         try:
             link.unlink(missing_ok=True)
             link.symlink_to(boot.inmate)
         except OSError as exc:
-            raise BackendError(f"cannot create ZIC {cid}: cannot link its RPU image into "
-                               f"{self.jh.firmware_dir}: {exc.strerror} (check [jailhouse] firmware_dir)",
-                               container_id=cid) from None
+            raise BackendError(f"cannot link its RPU image into "
+                               f"{self.jh.firmware_dir}: {exc.strerror} (check [jailhouse] firmware_dir)") from None
         undo.push("remove the RPU image link", lambda: link.unlink(missing_ok=True))
-        self._load_images(name, [], cid, [RpuImage(firmware=link.name, rcpu=min(allocation.rpus))])
-
-    def _load_images(self, name: str, images: list[LoadImage], cid: str, rpus: list[RpuImage] = ()) -> None:
-        try:
-            self.driver.load(name, images, rpus)
-        except BackendError as exc:
-            raise type(exc)(f"cannot create ZIC {cid}: {exc}", container_id=cid) from None
+        self.driver.load(name, [], [RpuImage(firmware=link.name, rcpu=min(allocation.rpus))])
 
     def linux_loader(self) -> Path:
         """Jailhouse's `linux-loader.bin`: `[jailhouse] linux_loader`, else
@@ -316,25 +299,24 @@ class JailhouseBackend:
         slot = uarts[allocation.uart_slot if allocation.uart_slot is not None else 0]
         return console_device(slot.console().type)
 
-    def _platform_linux_dtb(self, cid: str) -> Path:
+    def _platform_linux_dtb(self) -> Path:
         """The platform's device tree for Linux guests without their own (`linux_dtb`)."""
         from runphi.backends.jailhouse.platform import PlatformError, default_placeholders
 
         if not self.platform.linux_dtb:
-            raise BackendError(f"cannot create ZIC {cid}: a Linux guest needs a device tree: set \"dtb\" "
-                               "in the image's /boot/config.json (or linux_dtb in the platform file)",
-                               container_id=cid)
+            raise BackendError(f"a Linux guest needs a device tree: set \"dtb\" "
+                               "in the image's /boot/config.json (or linux_dtb in the platform file)")
         try:
             path = Path(self.platform.linux_dtb.format_map(default_placeholders(self.jh.sysfs)))
         except KeyError as exc:
-            raise PlatformError(f"cannot create ZIC {cid}: the platform's linux_dtb needs {{{exc.args[0]}}}: "
-                                "set RUNPHI_SIM_ROOT", container_id=cid) from None
+            raise PlatformError(f"the platform's linux_dtb needs {{{exc.args[0]}}}: "
+                                "set RUNPHI_SIM_ROOT") from None
         if not path.is_file():
-            raise BackendError(f"cannot create ZIC {cid}: the platform's Linux device tree {path} is missing; "
-                               "set \"dtb\" in the image or fix linux_dtb in the platform file", container_id=cid)
+            raise BackendError(f"the platform's Linux device tree {path} is missing; "
+                               "set \"dtb\" in the image or fix linux_dtb in the platform file")
         return path
 
-    def _prepare_linux(self, boot: BootDescription, cell_config, request: LaunchRequest, cid: str,
+    def _prepare_linux(self, boot: BootDescription, cell_config, request: LaunchRequest,
                        console: str | None) -> _LinuxBoot:
         """Place and patch a Linux guest (see runphi.backends.jailhouse.linux); nothing is loaded yet.
 
@@ -344,29 +326,25 @@ class JailhouseBackend:
 
         loader = self.linux_loader()
         if not loader.is_file():
-            raise BackendError(f"cannot create ZIC {cid}: Jailhouse's Linux loader {loader} is missing "
-                               "(install Jailhouse's inmates next to the jailhouse tool)", container_id=cid)
-        dtb_path = boot.dtb or self._platform_linux_dtb(cid)
+            raise BackendError(f"Jailhouse's Linux loader {loader} is missing "
+                               "(install Jailhouse's inmates next to the jailhouse tool)")
+        dtb_path = boot.dtb or self._platform_linux_dtb()
         kernel_path = boot.kernel or boot.inmate
         try:
             kernel = kernel_path.read_bytes()
             dtb = dtb_path.read_bytes()
             initrd_size = boot.initrd.stat().st_size if boot.initrd is not None else None
         except OSError as exc:
-            raise BackendError(f"cannot create ZIC {cid}: cannot read the Linux guest's files: {exc}",
-                               container_id=cid) from None
+            raise BackendError(f"cannot read the Linux guest's files: {exc}") from None
         # The loader runs first: the cell starts at the loadable region at guest 0.
         cell_config = msgspec.structs.replace(cell_config, cpu_reset_address=0)
-        try:
-            placed = place_linux(cell_config, loader_address=0, kernel=kernel, dtb_size=len(dtb) + 0x1000,
-                                 initrd_size=initrd_size)
-            cmdline = with_console(request.config.annotations.get(LINUX_CMDLINE_ANNOTATION, ""), console)
-            patched = patch_device_tree(dtb, cell_config, placed, cmdline=cmdline, initrd_size=initrd_size)
-            if len(patched) > len(dtb) + 0x1000:
-                raise LinuxGuestError("the patched device tree outgrew the room left for it "
-                                      f"(shorten {LINUX_CMDLINE_ANNOTATION})")
-        except LinuxGuestError as exc:
-            raise LinuxGuestError(f"cannot create ZIC {cid}: {exc}", container_id=cid) from None
+        placed = place_linux(cell_config, loader_address=0, kernel=kernel, dtb_size=len(dtb) + 0x1000,
+                             initrd_size=initrd_size)
+        cmdline = with_console(request.config.annotations.get(LINUX_CMDLINE_ANNOTATION, ""), console)
+        patched = patch_device_tree(dtb, cell_config, placed, cmdline=cmdline, initrd_size=initrd_size)
+        if len(patched) > len(dtb) + 0x1000:
+            raise LinuxGuestError("the patched device tree outgrew the room left for it "
+                                  f"(shorten {LINUX_CMDLINE_ANNOTATION})")
         dtb_file = Path(request.container_dir, "guest.dtb")
         dtb_file.write_bytes(patched)
         images = [LoadImage(file=str(loader), address=placed.loader),
@@ -431,8 +409,7 @@ class JailhouseBackend:
         try:
             return identify_process(pid)
         except ProcessLookupError:
-            raise BackendError(f"cannot create ZIC {request.container_id}: its monitor exited at once",
-                               container_id=request.container_id) from None
+            raise BackendError(f"its monitor exited at once") from None
 
 
 class _LinuxBoot:
