@@ -119,10 +119,23 @@ def _is_self(path: str) -> bool:
 
 
 def shipped_templates_dir() -> Path:
-    """``templates/`` shipped with runphi: inside the package, else next to it (source tree)."""
-    package_dir = Path(__file__).resolve().parent
-    inside = package_dir / "templates"
-    return inside if inside.is_dir() else package_dir.parent / "templates"
+    """The platform templates shipped with runphi: the directory of the package ``runphi.templates``.
+
+    Installed from a wheel that is ``runphi/templates/`` in site-packages; in an editable
+    install it is the checkout's ``templates/``, mapped there by setuptools' import hook. A
+    source tree used without installing it (only on PYTHONPATH) has no such package: then it
+    is the ``templates/`` next to the ``runphi/`` directory.
+    """
+    from importlib.util import find_spec
+
+    # find_spec, not importlib.resources.files(): the same directory, without the ~10 ms of
+    # imports (tempfile, zipfile, ...) resources costs a verb.
+    spec = find_spec("runphi.templates")
+    locations = spec.submodule_search_locations if spec is not None else None
+    for location in locations or ():
+        if os.path.isdir(location):
+            return Path(location)
+    return Path(__file__).resolve().parent.parent / "templates"
 
 
 def _config_file(env: Mapping[str, str]) -> tuple[Path, bool]:

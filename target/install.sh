@@ -6,12 +6,12 @@
 #            script belongs to) or a built wheel.
 #
 # What it does, and nothing else:
-#   1. creates (or reuses) a Python venv at $RUNPHI_PREFIX and installs runphi into it;
-#   2. copies the platform templates to $RUNPHI_PREFIX/templates;
-#   3. links $RUNPHI_BINDIR/runphi to the venv's runphi;
-#   4. writes $RUNPHI_CONFIG from target/runphi.toml if that file does not exist
+#   1. creates (or reuses) a Python venv at $RUNPHI_PREFIX and installs runphi into it
+#      (the platform templates come with it, inside the runphi package);
+#   2. links $RUNPHI_BINDIR/runphi to the venv's runphi;
+#   3. writes $RUNPHI_CONFIG from target/runphi.toml if that file does not exist
 #      yet (an existing configuration is never touched);
-#   5. prints the containerd snippet to merge into /etc/containerd/config.toml.
+#   4. prints the containerd snippet to merge into /etc/containerd/config.toml.
 # It does not install Jailhouse, containerd or runc, and does not restart anything.
 #
 # Environment (defaults in brackets):
@@ -46,16 +46,6 @@ install_venv() {
         fail "pip could not install runphi from $source_spec into $prefix (see pip's message above)"
 }
 
-install_templates() {
-    mkdir -p "$prefix/templates"
-    if [ -d "$tree/templates" ]; then
-        for template in "$tree"/templates/*.toml; do
-            [ -e "$template" ] && cp "$template" "$prefix/templates/"
-        done
-    fi
-    return 0
-}
-
 link_binary() {
     mkdir -p "$bindir"
     ln -sf "$prefix/bin/runphi" "$bindir/runphi"
@@ -68,7 +58,7 @@ write_config() {
     fi
     mkdir -p "$(dirname "$config")"
     staging="$config.new.$$"
-    sed "s|^templates_dir = \"\"|templates_dir = \"$prefix/templates\"|" "$here/runphi.toml" >"$staging"
+    cp "$here/runphi.toml" "$staging"
     mv "$staging" "$config"
     echo "install.sh: wrote $config (backend = \"jailhouse\"; set [jailhouse] platform for this board)"
 }
@@ -88,7 +78,6 @@ check_runc() {
 
 check_python
 install_venv
-install_templates
 link_binary
 write_config
 check_runc

@@ -234,8 +234,13 @@ def test_install_script_installs_a_working_runphi_and_keeps_existing_config(tmp_
 
     config = load_runtime_config({"RUNPHI_CONFIG": str(tmp_path / "etc/runphi.toml")})
     assert config.backend == "jailhouse"
-    assert Path(config.jailhouse.templates_dir) == tmp_path / "opt/templates"
-    assert sorted(p.name for p in (tmp_path / "opt/templates").iterdir()) == sorted(
+    assert config.jailhouse.templates_dir == ""  # the templates installed inside the runphi package
+    assert not (tmp_path / "opt/templates").exists()
+    shipped = subprocess.run([str(tmp_path / "opt/bin/python"), "-c", "from runphi.config import shipped_templates_dir; "
+                              "print(shipped_templates_dir())"], capture_output=True, text=True, check=True, cwd="/",
+                             env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"}).stdout.strip()
+    assert Path(shipped).is_relative_to(tmp_path / "opt")
+    assert sorted(p.name for p in Path(shipped).glob("*.toml")) == sorted(
         p.name for p in (REPO / "templates").glob("*.toml"))
 
     version = subprocess.run([str(runphi), "--version"], capture_output=True, text=True, check=False,

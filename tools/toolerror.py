@@ -1,19 +1,11 @@
-"""The error the project's helper tools raise for input a user can fix."""
+"""The error the project's helper tools raise for input a user can fix.
+
+The one definition lives in :mod:`tools.mkzic.errors` (mkzic is installed without the rest of
+``tools/``); this name stays for the checkout's other tools.
+"""
 
 from __future__ import annotations
 
+from tools.mkzic.errors import ToolError
 
-class ToolError(Exception):
-    """``what`` went wrong and ``fix`` says what to do; the tool prints :meth:`line` and exits 1."""
-
-    #: The tool's name, the first word of the line.
-    tool = "tool"
-
-    def __init__(self, what: str, fix: str) -> None:
-        super().__init__(what)
-        self.what = what
-        self.fix = fix
-
-    def line(self) -> str:
-        """The single line shown to the user."""
-        return f"{self.tool}: {self.what}: {self.fix}"
+__all__ = ["ToolError"]

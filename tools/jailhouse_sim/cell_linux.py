@@ -12,7 +12,7 @@ whose last line is ``OSError: [Errno N] <strerror>``, exit 1.
 Simulator specifics: the default architecture is the board's (the board's
 ``uname -m``), and only arm64 boots; ``linux-loader.bin`` is the simulator's stand-in
 (:data:`LOADER_MAGIC`), from which the daemon recognises a Linux boot at start
-(:mod:`tools.jailhouse_sim.linux_boot`).
+(:mod:`.linux_boot`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import struct
 import sys
 from pathlib import Path
 
-from . import fdt
+from . import fdt, spawn
 from . import protocol as p
 from .board import load_board
 from .cellfile import ArchitectureMismatch, ConfigRejected, CellConfig, check_signature, parse_cell
@@ -295,11 +295,12 @@ def main(root: str, board: str, argv: list[str] | None = None) -> int:
 def install(root: Path, board: str) -> Path:
     """Write ``bin/jailhouse-cell-linux``, the stand-in ``linux-loader.bin`` (in-tree and
     installed locations) and a guest DTB (:data:`INMATE_DTB_PATH`) under ``root``."""
-    repo = Path(__file__).resolve().parent.parent.parent
+    import_root = spawn.import_root()
     script = root / "bin" / "jailhouse-cell-linux"
     script.parent.mkdir(parents=True, exist_ok=True)
-    text = (f"#!{sys.executable} -I\nimport sys\nsys.path.insert(0, {str(repo)!r})\n"
-            "from tools.jailhouse_sim.cell_linux import main\n"
+    text = (f"#!{sys.executable} -I\nimport sys\n"
+            + (f"sys.path.insert(0, {import_root!r})\n" if import_root else "")
+            + f"from {spawn.module('cell_linux')} import main\n"
             f"sys.exit(main({str(root)!r}, {board!r}))\n")
     tmp = script.with_name(".jailhouse-cell-linux.tmp")
     tmp.write_text(text)

@@ -24,6 +24,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from . import spawn
 from .layout import SimLayout
 
 PROG = "jailhouse-sim"
@@ -180,17 +181,9 @@ def describe(status: dict) -> str:
 
 
 def daemon_argv(layout: SimLayout, board: str, engine: str, enable: bool, ready_fd: int) -> list[str]:
-    argv = [sys.executable, "-m", "tools.jailhouse_sim.cli", "serve", "--root", str(layout.root),
+    argv = [sys.executable, "-m", spawn.module("cli"), "serve", "--root", str(layout.root),
             "--board", board, "--engine", engine, "--ready-fd", str(ready_fd)]
     return argv + ([] if enable else ["--disabled"])
-
-
-def child_env() -> dict[str, str]:
-    """The environment for the daemon: this package importable whatever the cwd."""
-    env = dict(os.environ)
-    package_parent = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_parent, env.get("PYTHONPATH")]))
-    return env
 
 
 def wait_ready(read_fd: int, layout: SimLayout) -> None:
@@ -232,7 +225,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         subprocess.Popen(
             daemon_argv(layout, args.board, args.engine, not args.disabled, write_fd),
             pass_fds=(write_fd,), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-            start_new_session=True, env=child_env(), cwd="/",
+            start_new_session=True, env=spawn.child_env(), cwd="/",
         )
     os.close(write_fd)
     wait_ready(read_fd, layout)

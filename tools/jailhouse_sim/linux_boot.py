@@ -4,7 +4,7 @@ The real ``linux-loader.bin`` at the CPU reset address reads ``kernel=0x.. dtb=0
 from reset address + 0x1000 and jumps to the kernel with the DTB, which carries the
 command line (``/chosen/bootargs``) and the initrd range (``/chosen/linux,initrd-*``).
 The simulator does the same reading when the cell starts and hands engines a
-:class:`~tools.jailhouse_sim.engine.LinuxBoot`. Anything the loader could not make
+:class:`~.engine.LinuxBoot`. Anything the loader could not make
 sense of means "not a Linux boot": the images run as they are.
 """
 

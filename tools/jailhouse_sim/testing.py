@@ -27,7 +27,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cli import (child_env, cleanup_leftovers, daemon_pid, install_cell_linux, install_client, install_system_config,
+from . import spawn
+from .cli import (cleanup_leftovers, daemon_pid, install_cell_linux, install_client, install_system_config,
                   query_status, request)
 from .layout import SimLayout
 
@@ -82,13 +83,13 @@ class SimBoard:
         install_cell_linux(layout.root, board)
         install_system_config(layout, board_config)
         read_fd, write_fd = os.pipe()
-        argv = [sys.executable, "-m", "tools.jailhouse_sim.cli", "serve", "--root", str(layout.root),
+        argv = [sys.executable, "-m", spawn.module("cli"), "serve", "--root", str(layout.root),
                 "--board", board, "--engine", engine, "--ready-fd", str(write_fd), "--pdeathsig"]
         if not enabled:
             argv.append("--disabled")
         with open(layout.daemon_log, "ab") as log:
             process = subprocess.Popen(argv, pass_fds=(write_fd,), stdin=subprocess.DEVNULL, stdout=log,
-                                       stderr=log, env=child_env(), cwd="/")
+                                       stderr=log, env=spawn.child_env(), cwd="/")
         os.close(write_fd)
         with os.fdopen(read_fd, "rb") as pipe:
             readable, _, _ = select.select([pipe], [], [], READY_TIMEOUT_S)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tools.toolerror import ToolError
+from tools.mkzic.errors import ToolError
 
 
 class LinuxGuestError(ToolError):

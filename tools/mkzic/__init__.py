@@ -1,5 +1,8 @@
 """mkzic: build ZICs (partitioned-container images) as OCI bundles and OCI image archives.
 
+Installed from the wheel the package is ``runphi_mkzic`` (command ``runphi-mkzic``); in the
+checkout it is ``tools.mkzic``, so its modules import each other relatively.
+
 Python API (what the CLI uses, and what tests call to make fixtures)::
 
     from tools.mkzic import Description, BootDescription, assemble, build_image_archive, \
@@ -12,12 +15,12 @@ Python API (what the CLI uses, and what tests call to make fixtures)::
     write_archive(Path("out/hello.tar"), build_image_archive(zic, parse_image_name("hello")))
 """
 
-from tools.mkzic.boot import BootDescription, Description, VcpuPin, decode_description, encode_description
-from tools.mkzic.bundle import Resources, runtime_spec, write_bundle
-from tools.mkzic.errors import MkzicError
-from tools.mkzic.image import ImageArchive, build_image_archive, write_archive
-from tools.mkzic.names import ImageName, parse_image_name
-from tools.mkzic.zic import ZicContents, assemble
+from .boot import BootDescription, Description, VcpuPin, decode_description, encode_description
+from .bundle import Resources, runtime_spec, write_bundle
+from .errors import MkzicError
+from .image import ImageArchive, build_image_archive, write_archive
+from .names import ImageName, parse_image_name
+from .zic import ZicContents, assemble
 
 __all__ = [
     "BootDescription",

@@ -1,5 +1,5 @@
-"""``python -m tools.mkzic``: see :mod:`tools.mkzic.cli`."""
+"""``python -m tools.mkzic`` (``python -m runphi_mkzic`` installed): see :mod:`.cli`."""
 
-from tools.mkzic.cli import main
+from .cli import main
 
-raise SystemExit(main())
+raise SystemExit(main(prog=f"python -m {__package__}"))

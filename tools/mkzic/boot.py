@@ -13,7 +13,7 @@ import posixpath
 
 import msgspec
 
-from tools.mkzic.errors import MkzicError
+from .errors import MkzicError
 
 BOOT_DIR = "/boot"
 DESCRIPTION_PATH = "/boot/config.json"

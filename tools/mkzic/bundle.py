@@ -15,9 +15,9 @@ from pathlib import Path
 
 import msgspec
 
-from tools.mkzic import oci
-from tools.mkzic.errors import MkzicError
-from tools.mkzic.zic import ZicContents
+from . import oci
+from .errors import MkzicError
+from .zic import ZicContents
 
 CPU_PERIOD_US = 100_000
 MIB = 1024 * 1024

@@ -1,4 +1,5 @@
-"""``python -m tools.mkzic``: build a ZIC as an OCI bundle and/or an OCI image archive.
+"""``runphi-mkzic`` (``python -m tools.mkzic`` in the checkout): build a ZIC as an OCI bundle
+and/or an OCI image archive.
 
 Examples::
 
@@ -24,18 +25,21 @@ from typing import NoReturn
 
 import msgspec
 
-from tools.mkzic.boot import BootDescription, Description, VcpuPin, decode_description, format_address
-from tools.mkzic.bundle import Resources, runtime_spec, write_bundle
-from tools.mkzic.errors import MkzicError
-from tools.mkzic.image import DEFAULT_ARCHITECTURE, build_image_archive, write_archive
-from tools.mkzic.names import parse_image_name
-from tools.mkzic.zic import ZicContents, assemble
+from .boot import BootDescription, Description, VcpuPin, decode_description, format_address
+from .bundle import Resources, runtime_spec, write_bundle
+from .errors import MkzicError
+from .image import DEFAULT_ARCHITECTURE, build_image_archive, write_archive
+from .names import parse_image_name
+from .zic import ZicContents, assemble
+
+#: The installed command; ``python -m <package>`` passes its own name instead.
+PROG = "runphi-mkzic"
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         """Usage mistakes are bad input too: one line, exit 1."""
-        self.exit(1, f"mkzic: {message}: see python -m tools.mkzic --help\n")
+        self.exit(1, f"mkzic: {message}: see {self.prog} --help\n")
 
 
 def _positive_int(text: str) -> int:
@@ -99,10 +103,10 @@ def _annotation(text: str) -> tuple[str, str]:
     return key, value
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The mkzic command line (also the source of ``--help``)."""
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    """The mkzic command line (also the source of ``--help``), as invoked by ``prog``."""
     parser = _Parser(
-        prog="python -m tools.mkzic",
+        prog=prog,
         allow_abbrev=False,
         description="Build a ZIC (partitioned container) from a guest image and a boot description, "
         "as an OCI runtime bundle (--bundle) and/or an OCI image archive for `ctr image import` (--archive).",
@@ -210,9 +214,9 @@ def _build(args: argparse.Namespace) -> list[str]:
     return lines
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = PROG) -> int:
     """Entry point: build what the flags ask for; 0 on success, 1 with one error line otherwise."""
-    args = build_parser().parse_args(argv)
+    args = build_parser(prog).parse_args(argv)
     try:
         lines = _build(args)
     except MkzicError as exc:

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import msgspec
 
-from tools.mkzic import oci
-from tools.mkzic.errors import MkzicError
-from tools.mkzic.names import ImageName
-from tools.mkzic.tarball import gzip_bytes, tar_bytes
-from tools.mkzic.zic import ZicContents
+from . import oci
+from .errors import MkzicError
+from .names import ImageName
+from .tarball import gzip_bytes, tar_bytes
+from .zic import ZicContents
 
 DEFAULT_ARCHITECTURE = "arm64"
 IMAGE_OS = "linux"

@@ -12,7 +12,7 @@ import re
 
 import msgspec
 
-from tools.mkzic.errors import MkzicError
+from .errors import MkzicError
 
 DEFAULT_DOMAIN = "docker.io"
 OFFICIAL_PREFIX = "library"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import msgspec
 
-from tools.mkzic.boot import (
+from .boot import (
     BOOT_DIR,
     DEFAULT_INMATE,
     DESCRIPTION_PATH,
@@ -24,7 +24,7 @@ from tools.mkzic.boot import (
     encode_description,
     named_path,
 )
-from tools.mkzic.errors import MkzicError
+from .errors import MkzicError
 
 # Which description field a guest file supplied on its own is recorded in.
 GUEST_FILE_FIELDS = ("inmate", "kernel", "dtb", "initrd")

@@ -1,7 +1,7 @@
 """Linux cells (``jailhouse cell linux``) under the QEMU engine.
 
 The kernel, initrd and command line the cell's loader would use
-(:class:`~tools.jailhouse_sim.engine.LinuxBoot`) are booted with QEMU's own Linux
+(:class:`~..engine.LinuxBoot`) are booted with QEMU's own Linux
 boot (``-kernel``/``-initrd``/``-append``, bytes from memfds). The guest therefore
 runs with **QEMU's generated device tree**, not the DTB given to ``cell linux``:
 its RAM starts at 0x40000000 with the size of the cell's RAM regions, and the
