@@ -7,10 +7,18 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
+# Installed with --no-install-recommends, so every package the suite needs is named here, none
+# left to a Recommends (QEMU's ipxe-qemu NIC ROMs are one: the suite's QEMU runs say -nodefaults
+# instead). Only what every Debian system has goes unnamed: dpkg, apt, coreutils, dash, bash.
+# tests/test_clean_machine.py checks this list against the commands the code runs.
 DEBIAN_PACKAGES=(
     containerd runc busybox-static          # real containerd end to end
-    qemu-system-arm gcc-aarch64-linux-gnu   # QEMU guest engine and our aarch64 test inmates
-    make python3-venv python3-pip
+    qemu-system-arm                         # QEMU guest engine
+    gcc-aarch64-linux-gnu binutils-aarch64-linux-gnu make   # our aarch64 test inmates
+    gcc binutils libc6-dev                  # cell configs compiled by gcc as the reference (<stdint.h>)
+    device-tree-compiler                    # dtc checks the device trees runphi patches
+    procps                                  # ps, for `runphi ps`
+    python3-venv python3-pip
 )
 # kubectl decodes the Kubernetes example manifests offline in the tests; any kubectl will do.
 command -v kubectl >/dev/null 2>&1 || DEBIAN_PACKAGES+=(kubernetes-client)

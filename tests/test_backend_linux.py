@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from runphi.backends.jailhouse import cellconfig as cc
 from runphi.backends.jailhouse.linux import (LinuxGuestError, encode_fdt, parse_fdt, patch_device_tree,
                                              place_linux)
+from tools.linux_guest.testing import virt_dtb_or_skip
 
 RAM = cc.MEM_READ | cc.MEM_WRITE | cc.MEM_EXECUTE | cc.MEM_DMA | cc.MEM_LOADABLE
 LOW = cc.MEM_READ | cc.MEM_WRITE | cc.MEM_EXECUTE | cc.MEM_LOADABLE
@@ -43,12 +44,7 @@ def arm64_image(size: int, text_offset: int) -> bytes:
 
 @pytest.fixture(scope="module")
 def virt_dtb(tmp_path_factory) -> bytes:
-    if shutil.which("qemu-system-aarch64") is None:
-        pytest.skip("qemu-system-aarch64 not found (apt-get install qemu-system-arm): no real DTB to patch")
-    path = tmp_path_factory.mktemp("dtb") / "virt.dtb"
-    subprocess.run(["qemu-system-aarch64", "-M", f"virt,gic-version=3,dumpdtb={path}", "-cpu", "cortex-a53",
-                    "-nographic"], check=True, capture_output=True, timeout=60)
-    return path.read_bytes()
+    return virt_dtb_or_skip(tmp_path_factory.mktemp("dtb") / "virt.dtb")
 
 
 def test_placement_follows_jailhouse_cell_linux():

@@ -1,5 +1,5 @@
-"""Test helpers for the Linux guest: the built guest (or a skip), a console transcript,
-and the guest booted directly under QEMU on a real pty.
+"""Test helpers for the Linux guest: the built guest (or a skip), QEMU virt's device
+tree, a console transcript, and the guest booted directly under QEMU on a real pty.
 
 Used by this package's tests and by tests that run the guest inside a cell or a ZIC::
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -57,6 +58,33 @@ def guest_or_skip(cache: Path | None = None) -> LinuxGuest:
         return build(cache)
     except LinuxGuestError as exc:
         pytest.fail(exc.line(), pytrace=False)
+
+
+def virt_dtb_argv(path: Path, qemu: str = QEMU) -> list[str]:
+    """QEMU's command line that writes the GICv3 Cortex-A53 ``virt`` device tree to ``path`` and exits.
+
+    It asks for no devices (``-nodefaults``): QEMU's default NIC needs a ROM from
+    ipxe-qemu, which a ``--no-install-recommends`` install of QEMU leaves out, and
+    the NIC is on PCI, so the device tree is the same without it.
+    """
+    return [qemu, "-M", f"virt,gic-version=3,dumpdtb={path}", "-cpu", "cortex-a53",
+            "-nodefaults", "-display", "none"]
+
+
+def virt_dtb_or_skip(path: Path) -> bytes:
+    """QEMU ``virt``'s device tree, written to ``path`` and returned.
+
+    Skips the test without QEMU; fails it with QEMU's own message if QEMU cannot dump it.
+    """
+    import pytest
+
+    if shutil.which(QEMU) is None:
+        pytest.skip(f"{QEMU} not found (apt-get install qemu-system-arm): no QEMU virt device tree")
+    done = subprocess.run(virt_dtb_argv(path), capture_output=True, text=True, timeout=60)
+    if done.returncode != 0:
+        pytest.fail(f"{QEMU} could not dump its device tree (exit {done.returncode}): {done.stderr.strip()}",
+                    pytrace=False)
+    return path.read_bytes()
 
 
 class Transcript:
