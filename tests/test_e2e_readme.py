@@ -3,14 +3,13 @@
 Each ``sh`` block is taken from README.md as written and run; the only edits
 are the ones that keep a test private: its ``/tmp/rphi-*`` paths go to a fresh
 temporary directory, and the containerd commands talk to the test's private
-containerd (``ctr`` gains ``--address``/``--namespace``, runphi's installed path
-and ``/run/runphi`` become the test's).
+containerd (``ctr`` gains ``--address`` and the tests' namespace, runphi's installed
+path and ``/run/runphi`` become the test's). The extraction and these edits are
+shared with the other docs' tests (tests/docblocks.py, tests/test_docs_blocks.py).
 """
 
 from __future__ import annotations
 
-import os
-import platform
 import re
 import shutil
 import subprocess
@@ -18,7 +17,8 @@ import subprocess
 import pytest
 
 from tests.conftest import REPO_ROOT
-from tools.testbed.containerd import NAMESPACE, ZIC_IMAGE_PLATFORM, short_tempdir
+from tests.docblocks import clean_env, ctr_prelude, import_platform, private_paths, sh_block
+from tools.testbed.containerd import short_tempdir
 
 pytestmark = pytest.mark.qemu
 
@@ -29,22 +29,8 @@ HELLO_CONSOLE = ("Hello from runphi inmate hello\n"
                  "hello: done, powering off\n")
 
 
-def sh_block(section: str, index: int = 0) -> str:
-    """The ``index``-th ```sh block under the README heading ``section``."""
-    text = README.read_text()
-    start = text.index(f"\n{section}\n")
-    following = re.search(r"\n#{1,3} ", text[start + 1:])
-    body = text[start: start + 1 + following.start()] if following else text[start:]
-    return re.findall(r"```sh\n(.*?)```", body, re.S)[index]
-
-
-def clean_env() -> dict[str, str]:
-    """This environment without runphi's variables (the README sets its own)."""
-    return {key: value for key, value in os.environ.items() if not key.startswith("RUNPHI_")}
-
-
 def test_by_hand_block_runs_hello_on_the_simulator(built_inmates):
-    block = sh_block("## Try it by hand on the simulator")
+    block = sh_block(README, "Try it by hand on the simulator")
     private = short_tempdir("rphi-readme-")  # the block's `mktemp -t` honours TMPDIR
     try:
         result = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=REPO_ROOT,
@@ -64,8 +50,8 @@ def test_by_hand_block_runs_hello_on_the_simulator(built_inmates):
 
 @pytest.mark.containerd
 def test_containerd_blocks_build_import_run_kill_and_remove(zic_node, zic_events, built_inmates, tmp_path):
-    build = sh_block("## Using runphi with containerd", 0)
-    usage = sh_block("## Using runphi with containerd", 1)
+    build = sh_block(README, "Using runphi with containerd", 0)
+    usage = sh_block(README, "Using runphi with containerd", 1)
     # The build block runs "from a checkout" and writes the archives where it runs.
     (tmp_path / ".venv").symlink_to(REPO_ROOT / ".venv")
     (tmp_path / "tools").symlink_to(REPO_ROOT / "tools")
@@ -75,11 +61,8 @@ def test_containerd_blocks_build_import_run_kill_and_remove(zic_node, zic_events
     assert sorted(p.name for p in tmp_path.glob("*.tar")) == ["echo.tar", "hello.tar", "ticker.tar"]
 
     ctd = zic_node.containerd
-    prelude = (f'ctr() {{ command ctr --address {ctd.address} --namespace {NAMESPACE} "$@"; }}\n')
-    if platform.machine() not in ("aarch64", "arm64"):
-        usage = usage.replace("ctr image import ", f"ctr image import --platform {ZIC_IMAGE_PLATFORM} ")
-    usage = usage.replace("/usr/local/bin/runphi", str(zic_node.runphi)).replace("/run/runphi",
-                                                                                str(ctd.runtime_root))
+    prelude = ctr_prelude(ctd)
+    usage = private_paths(import_platform(usage), ctd, zic_node.runphi)
     [assignment, *commands] = [line for line in usage.splitlines() if line.strip()]
     outputs = {}
     try:
