@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import os
 import signal
-from typing import Any, Literal
+from typing import Literal
 
 import msgspec
 
+from runphi.backends.base import CellRecord
 from runphi.errors import IllegalTransition
 from runphi.oci import State
 
@@ -39,22 +40,6 @@ _LEGAL: dict[str, frozenset[str]] = {
     "running": frozenset({"stopped"}),
     "stopped": frozenset(),
 }
-
-
-class CellRecord(msgspec.Struct, kw_only=True):
-    """What the partitioning backend remembers about the container's cell.
-
-    Filled by the backend (issue #6 onward); the store only persists it.
-    ``allocation`` is the backend's own document (CPUs, memory, devices), kept
-    as plain JSON data so that the store needs no backend types.
-    """
-
-    cell_name: str = ""
-    cell_id: int | None = None
-    allocation: dict[str, Any] = {}
-    uart_device: str = ""
-    exit_code: int | None = None
-    exit_reason: str = ""
 
 
 class ContainerRecord(msgspec.Struct, kw_only=True):

@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Literal
 import msgspec
 
 from runphi.config import RuntimeConfig
-from runphi.errors import BackendNotConfigured
 
 if TYPE_CHECKING:
+    from runphi.backends.base import Backend
     from runphi.log import VerbLog
     from runphi.store import Store
 
@@ -72,24 +72,17 @@ class Context:
             self._store = Store(self.root)
         return self._store
 
-    def backend(self, container_id: str | None = None):
-        """The configured partitioning backend — the one place verbs get it from.
+    def backend(self, container_id: str | None = None) -> Backend:
+        """The configured partitioning backend (see :mod:`runphi.backends.registry`), warnings to the log."""
+        from runphi.backends.registry import open_backend
 
-        Raises :class:`BackendNotConfigured` when ``backend = "none"`` or the
-        backend's package does not provide ``open_backend(ctx)`` yet.
+        return open_backend(self.config, lambda message: self.log.warn(message), container_id)
+
+    @property
+    def monitor_log(self) -> tuple[str, str, str]:
+        """(path, format, level) of the runtime log a ZIC's monitor appends its exit line to.
+
+        The path is absolute: the monitor runs in ``/``.
         """
-        name = self.config.backend
-        where = self.config.config_path_for_messages
-        if name == "none":
-            raise BackendNotConfigured(
-                f"no partitioning backend configured (set backend = \"jailhouse\" in {where})",
-                container_id=container_id)
-        import importlib
-
-        module = importlib.import_module(f"runphi.backends.{name}")
-        opener = getattr(module, "open_backend", None)
-        if opener is None:
-            raise BackendNotConfigured(
-                f"the {name} backend is not available in this runphi build (backend = \"{name}\" in {where})",
-                container_id=container_id)
-        return opener(self)
+        path = os.path.abspath(self.options.log) if self.options.log else ""
+        return path, self.options.log_format, self.log_level

@@ -1,8 +1,10 @@
-"""The backend protocol: everything the verbs and the monitor may ask of a hypervisor.
+"""The backend protocol: everything the core may ask of a hypervisor, and the types it speaks.
 
 A backend turns one container's wishes (OCI config + the image's boot description)
-into a partition, and reports on it afterwards. The verbs and the monitor only talk
-to :class:`Backend`; the Jailhouse backend is one implementation.
+into a partition, and reports on it afterwards. The core (``runphi.core``, the
+monitor) only talks to :class:`Backend`; the Jailhouse backend is one
+implementation. A backend never imports the core, a front end or the monitor:
+everything it receives and returns is defined here.
 
 Lean on purpose: verb processes import this module, so it uses msgspec and the
 standard library only.
@@ -10,11 +12,12 @@ standard library only.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 import msgspec
 
 from runphi.errors import RunphiError
+from runphi.oci import Config
 
 # Cell states exactly as the hypervisor reports them (jailhouse.md §2.3).
 RUNNING = "running"
@@ -22,7 +25,6 @@ RUNNING_LOCKED = "running/locked"
 SHUT_DOWN = "shut down"
 FAILED = "failed"
 COMM_ABI_MISMATCH = "Comm ABI mismatch"
-INVALID = "invalid"
 
 #: Per-container override of the graceful-shutdown deadline (milliseconds).
 SHUTDOWN_TIMEOUT_ANNOTATION = "org.runphi.shutdown-timeout-ms"
@@ -63,6 +65,57 @@ class ToolTimeout(BackendError):
     """The management tool did not answer within its deadline."""
 
 
+class CellRecord(msgspec.Struct, kw_only=True):
+    """What the backend remembers about a container's cell; the store persists it.
+
+    ``allocation`` is the backend's own document (CPUs, memory, devices), kept
+    as plain JSON data so that the store needs no backend types.
+    """
+
+    cell_name: str = ""
+    cell_id: int | None = None
+    allocation: dict[str, Any] = {}
+    uart_device: str = ""
+    exit_code: int | None = None
+    exit_reason: str = ""
+
+
+class LaunchRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """One ZIC to bring to a created, loaded cell."""
+
+    container_id: str
+    bundle: str
+    rootfs: str
+    #: ``<root>/<id>/``: the backend may keep files of the cell there (the `.cell`, a DTB).
+    container_dir: str
+    config: Config
+
+
+class WatchSettings(msgspec.Struct, frozen=True, kw_only=True):
+    """How the ZIC's long-lived process watches the cell: which backend's watch, and its pace."""
+
+    #: The backend whose ``watch`` module makes the :class:`CellWatch` (its registry name).
+    backend: str
+    #: That watch's settings (Jailhouse: ``tool``, ``sysfs``).
+    backend_config: dict[str, str]
+    poll_interval: float
+    probe_interval: float
+    #: The graceful-shutdown deadline before a destroy (seconds).
+    shutdown_timeout: float
+
+
+class LaunchedCell(msgspec.Struct, kw_only=True):
+    """What ``launch`` hands the core: the cell, its open console source, how to watch it.
+
+    The core owns ``console_fd`` from here on (it passes it to the ZIC's process
+    and closes its own copy); -1 when the cell has no console.
+    """
+
+    cell: CellRecord
+    console_fd: int = -1
+    watch: WatchSettings
+
+
 class CellStatistics(msgspec.Struct, frozen=True):
     """Hypervisor exit counters of one cell: totals per kind and per CPU."""
 
@@ -79,10 +132,9 @@ class Backend(Protocol):
     its own steps in reverse order.
     """
 
-    def launch(self, request):  # (runphi.verbs.create.LaunchRequest) -> runphi.verbs.create.Launched
-        """Bring one ZIC to `created`: resources, cell created and loaded, console
-        opened (pty master sent), monitor forked. Returns the cell record and the
-        monitor's pid and start time."""
+    def launch(self, request: LaunchRequest) -> LaunchedCell:
+        """Bring one ZIC's cell to created and loaded: resources, the cell, its images,
+        its console source opened. All or nothing: a failure has undone every step."""
 
     def planned_cell_name(self, container_id: str) -> str:
         """The cell name `launch` gives `container_id`: deterministic, so the cell of a

@@ -9,9 +9,9 @@
    created.
 3. With a backend: ``<root>/<id>/`` is made and locked (record ``creating``,
    held by this process), config.json is copied there (later edits of the
-   bundle have no effect), the start fifo is made, and the backend's
-   ``launch(request)`` does the hypervisor part (allocate, cell create/load,
-   console, fork the monitor). Then prestart/createRuntime/createContainer
+   bundle have no effect), the start fifo is made, and the core's
+   ``launch_zic`` brings the ZIC up (the backend's cell, the terminal, the
+   monitor: :mod:`runphi.core.launch`). Then prestart/createRuntime/createContainer
    hooks, the pid-file, and the record becomes ``created``. Any failure undoes
    the steps already done, in reverse order.
 """
@@ -25,7 +25,9 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from runphi.container import CellRecord, ContainerRecord, current_process_identity, transition
+from runphi.backends.base import LaunchRequest
+from runphi.container import ContainerRecord, current_process_identity, transition
+from runphi.core.launch import Launched, launch_zic
 from runphi.errors import BackendNotConfigured, BundleError, ContainerExists, RunphiError, for_container
 from runphi.forward import exec_runc, is_zic
 from runphi.log import rfc3339_nano
@@ -37,28 +39,6 @@ from runphi.verbs._common import (CONFIG_COPY_NAME, START_FIFO_NAME, state_json,
 
 if TYPE_CHECKING:
     from runphi.backends.base import Backend
-
-
-class LaunchRequest(msgspec.Struct, frozen=True, kw_only=True):
-    """What the backend's ``launch`` gets: one ZIC to bring up to ``created``."""
-
-    container_id: str
-    bundle: str
-    rootfs: str
-    #: ``<root>/<id>/``: the config copy, the start fifo, room for the console log.
-    container_dir: str
-    config: Config
-    #: The shim's console socket ("" = no terminal: the monitor keeps fds 0/1/2).
-    console_socket: str
-    start_fifo: str
-
-
-class Launched(msgspec.Struct, frozen=True, kw_only=True):
-    """What ``launch`` reports back: the cell and the monitor it forked."""
-
-    cell: CellRecord
-    monitor_pid: int
-    monitor_start_time: int
 
 
 def run(args, ctx) -> int:
@@ -99,10 +79,9 @@ def create_loaded(args, ctx, bundle: Path, loaded: tuple[bytes, Config]) -> int:
         pause_point("create:record")
         atomic_write(directory / CONFIG_COPY_NAME, config_bytes)
         os.mkfifo(directory / START_FIFO_NAME, 0o600)
-        launched = _launch(backend, LaunchRequest(
-            container_id=container_id, bundle=str(bundle), rootfs=record.rootfs,
-            container_dir=str(directory), config=config,
-            console_socket=args.console_socket or "", start_fifo=str(directory / START_FIFO_NAME)))
+        request = LaunchRequest(container_id=container_id, bundle=str(bundle), rootfs=record.rootfs,
+                                container_dir=str(directory), config=config)
+        launched = _launch(ctx, backend, request, args.console_socket or "", str(directory / START_FIFO_NAME))
         pause_point("create:launched")
         record = msgspec.structs.replace(record, cell=launched.cell, monitor_pid=launched.monitor_pid,
                                          monitor_start_time=launched.monitor_start_time)
@@ -129,12 +108,13 @@ def _creating_record(container_id: str, bundle: Path, config: Config, config_byt
         config_digest="sha256:" + hashlib.sha256(config_bytes).hexdigest())
 
 
-def _launch(backend: Backend, request: LaunchRequest) -> Launched:
-    """``backend.launch`` with every refusal naming the container."""
+def _launch(ctx, backend: Backend, request: LaunchRequest, console_socket: str, start_fifo: str) -> Launched:
+    """:func:`runphi.core.launch.launch_zic` with every refusal naming the container."""
     try:
-        return backend.launch(request)
+        return launch_zic(backend, request, console_socket=console_socket, start_fifo=start_fifo,
+                          monitor_log=ctx.monitor_log, warn=ctx.log.warn)
     except RunphiError as exc:
-        # The image readers do not know the container: name it here, once.
+        # The backend and the image readers do not know the container: name it here, once.
         if exc.container_id is None:
             raise for_container(exc, "cannot create ZIC", request.container_id) from None
         raise

@@ -8,19 +8,17 @@ and without trio:
 2. render the ``.cell`` into the container's directory;
 3. ``cell create``; ``cell load`` the inmate at its guest address (Omnivisor
    RPU images with ``-r``);
-4. open the console UART (and for a terminal, a pty whose master goes to the
-   shim over ``--console-socket``) and the start fifo;
-5. fork the monitor, which inherits exactly those fds.
+4. open the console UART, the cell's console source.
 
-Every step registers its undo; any failure runs them in reverse order
-(monitor killed, fds closed, cell destroyed, ledger released) and re-raises
-the one error, so a failed create leaves nothing behind.
+Every step registers its undo; any failure runs them in reverse order (fd
+closed, cell destroyed, ledger released) and re-raises the one error, so a
+failed launch leaves nothing behind. The terminal, the start fifo and the
+monitor are the core's (:mod:`runphi.core.launch`).
 """
 
 from __future__ import annotations
 
 import os
-import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,17 +26,17 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from runphi.backends.base import (LINUX_CMDLINE_ANNOTATION, SHUTDOWN_TIMEOUT_ANNOTATION, BackendError,
-                                  CellNotFound, CellStatistics, ResourceBusy)
+                                  CellNotFound, CellRecord, CellStatistics, LaunchedCell, LaunchRequest,
+                                  ResourceBusy, WatchSettings)
 from runphi.backends.jailhouse.driver import JailhouseDriver, LoadImage, RpuImage
-from runphi.container import CellRecord, identify_process
 from runphi.errors import RunphiError
+from runphi.undo import UndoStack
 
 if TYPE_CHECKING:
     from runphi.backends.jailhouse.allocator import Allocation, Allocator
     from runphi.backends.jailhouse.platform import Platform
     from runphi.config import RuntimeConfig
     from runphi.image import BootDescription
-    from runphi.verbs.create import Launched, LaunchRequest
 
 #: Deadline for the `cell destroy` that undoes a failed create.
 UNDO_TIMEOUT = 5.0
@@ -55,38 +53,11 @@ def shutdown_timeout(annotations: dict[str, str], default_ms: int) -> float:
     return int(text) / 1000
 
 
-class UndoStack:
-    """Undo actions run last-in first-out; each one's failure is collected, not raised."""
-
-    def __init__(self) -> None:
-        self._actions: list[tuple[str, Callable[[], None]]] = []
-
-    def push(self, what: str, action: Callable[[], None]) -> None:
-        self._actions.append((what, action))
-
-    def unwind(self) -> list[str]:
-        """Run every action in reverse order; return what failed, one phrase each."""
-        problems = []
-        while self._actions:
-            what, action = self._actions.pop()
-            try:
-                action()
-            except (OSError, RunphiError) as exc:
-                problems.append(f"{what}: {exc}")
-        return problems
-
-    def discard(self) -> None:
-        self._actions.clear()
-
-
 class JailhouseBackend:
     """One node's Jailhouse, as configured in runphi.toml (`[jailhouse]`)."""
 
-    def __init__(self, config: RuntimeConfig, warn: Callable[[str], None] | None = None,
-                 log: tuple[str, str, str] = ("", "json", "info")) -> None:
+    def __init__(self, config: RuntimeConfig, warn: Callable[[str], None] | None = None) -> None:
         self.config = config
-        #: (path, format, level) of the runtime log the monitor appends its exit line to.
-        self.log = log
         self.jh = config.jailhouse
         self.driver = JailhouseDriver(self.jh.tool, self.jh.sysfs)
         self._warn = warn or (lambda message: None)
@@ -152,8 +123,8 @@ class JailhouseBackend:
 
     # ---- create ------------------------------------------------------------
 
-    def launch(self, request: LaunchRequest) -> Launched:
-        """Bring one ZIC to `created` (module docstring); undo everything on failure."""
+    def launch(self, request: LaunchRequest) -> LaunchedCell:
+        """Bring one ZIC's cell to created and loaded (module docstring); undo everything on failure."""
         undo = UndoStack()
         try:
             return self._launch(request, undo)
@@ -165,13 +136,12 @@ class JailhouseBackend:
                 raise BackendError(str(exc)) from None
             raise
 
-    def _launch(self, request: LaunchRequest, undo: UndoStack) -> Launched:
+    def _launch(self, request: LaunchRequest, undo: UndoStack) -> LaunchedCell:
         from runphi.backends.jailhouse.allocator import request_from
         from runphi.backends.jailhouse.cellconfig import write_cell
         from runphi.backends.jailhouse.names import cell_name
         from runphi.backends.jailhouse.plan import plan_cell
         from runphi.image import load_boot_description
-        from runphi.verbs.create import Launched
 
         cid = request.container_id
         grace = shutdown_timeout(request.config.annotations, self.jh.shutdown_timeout_ms)
@@ -205,17 +175,18 @@ class JailhouseBackend:
         else:
             self._load(name, boot, cell_config)
 
-        fds = self._open_console(request, allocation, undo)
-        start_fd = os.open(request.start_fifo, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
-        undo.push("close the start fifo", lambda: os.close(start_fd))
-        monitor_pid, start_time = self._spawn_monitor(request, name, start_fd, fds, grace, undo)
+        device, console_fd = self._open_console(request, allocation, undo)
         cell = CellRecord(cell_name=name, cell_id=self.driver.cell_id(name),
-                          allocation=msgspec.to_builtins(allocation), uart_device=fds.device)
-        # Success: create's own copies of the fds go; the monitor keeps its own.
+                          allocation=msgspec.to_builtins(allocation), uart_device=device)
         undo.discard()
-        fds.close_local()
-        os.close(start_fd)
-        return Launched(cell=cell, monitor_pid=monitor_pid, monitor_start_time=start_time)
+        return LaunchedCell(cell=cell, console_fd=console_fd, watch=self._watch_settings(grace))
+
+    def _watch_settings(self, grace: float) -> WatchSettings:
+        """How the monitor watches a cell of this Jailhouse (runphi.backends.jailhouse.watch)."""
+        tool = os.path.abspath(self.jh.tool) if "/" in self.jh.tool else self.jh.tool
+        return WatchSettings(backend="jailhouse", backend_config={"tool": tool, "sysfs": os.path.abspath(self.jh.sysfs)},
+                             poll_interval=self.jh.poll_interval_ms / 1000,
+                             probe_interval=self.jh.probe_interval_ms / 1000, shutdown_timeout=grace)
 
     def _create_cell(self, cell_file: str, name: str, allocation: Allocation) -> None:
         try:
@@ -355,61 +326,22 @@ class JailhouseBackend:
             images.append(LoadImage(file=str(boot.initrd), address=placed.initrd))
         return _LinuxBoot(cell=cell_config, images=images)
 
-    def _open_console(self, request: LaunchRequest, allocation: Allocation, undo: UndoStack) -> _ConsoleFds:
+    def _open_console(self, request: LaunchRequest, allocation: Allocation, undo: UndoStack) -> tuple[str, int]:
+        """(device, fd) of the ZIC's console UART slot, opened exclusively; ("", -1) without one."""
         from runphi.backends.jailhouse.platform import default_placeholders
 
-        fds = _ConsoleFds()
         platform = self.platform
         if not platform.uarts:
-            return fds
+            return "", -1
         slot = platform.uarts[allocation.uart_slot if allocation.uart_slot is not None else 0]
         device = slot.host_device(default_placeholders(self.jh.sysfs))
-        if device:
-            from runphi.console.uart import UartSettings, open_uart
+        if not device:
+            return "", -1
+        from runphi.console.uart import UartSettings, open_uart
 
-            console = open_uart(device, UartSettings(baudrate=slot.baud), container_id=request.container_id)
-            fds.device, fds.console = device, console.fd
-            undo.push("close the console UART", lambda: _close(console.fd))
-        if request.console_socket:
-            from runphi.console.terminal import open_console_pty, send_console_master
-
-            size = request.config.process.console_size if request.config.process else None
-            pty = open_console_pty(height=size.height if size else None, width=size.width if size else None)
-            undo.push("close the console pty", pty.close)
-            send_console_master(request.console_socket, pty.master, container_id=request.container_id)
-            os.close(pty.master)
-            pty.master = -1
-            fds.terminal = pty.slave
-        return fds
-
-    def _spawn_monitor(self, request: LaunchRequest, name: str, start_fd: int, fds: _ConsoleFds,
-                       grace: float, undo: UndoStack) -> tuple[int, int]:
-        from runphi.monitor import MonitorSetup, spawn_monitor
-
-        setup = MonitorSetup(
-            container_id=request.container_id, container_dir=request.container_dir, cell_name=name,
-            backend="jailhouse",
-            backend_config={"tool": os.path.abspath(self.jh.tool) if "/" in self.jh.tool else self.jh.tool,
-                            "sysfs": os.path.abspath(self.jh.sysfs)},
-            poll_interval=self.jh.poll_interval_ms / 1000,
-            shutdown_timeout=grace, probe_interval=self.jh.probe_interval_ms / 1000,
-            start_fd=start_fd, console_fd=fds.console, terminal_fd=fds.terminal,
-            log_path=self.log[0], log_format=self.log[1], log_level=self.log[2])
-        keep = [fd for fd in (start_fd, fds.console, fds.terminal) if fd >= 0]
-        if fds.terminal >= 0:
-            # Terminal mode: never keep create's fds 0/1/2 (the shim's buffer pipe).
-            null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
-            try:
-                pid = spawn_monitor(setup, (null, null, null), keep)
-            finally:
-                os.close(null)
-        else:
-            pid = spawn_monitor(setup, (0, 1, 2), keep)
-        undo.push("kill the monitor", lambda: _kill(pid))
-        try:
-            return identify_process(pid)
-        except ProcessLookupError:
-            raise BackendError(f"its monitor exited at once") from None
+        console = open_uart(device, UartSettings(baudrate=slot.baud), container_id=request.container_id)
+        undo.push("close the console UART", lambda: _close(console.fd))
+        return device, console.fd
 
 
 class _LinuxBoot:
@@ -420,36 +352,8 @@ class _LinuxBoot:
         self.images = images
 
 
-class _ConsoleFds:
-    """The console fds create opened for the monitor (-1 = none)."""
-
-    def __init__(self) -> None:
-        self.device = ""
-        self.console = -1
-        self.terminal = -1
-
-    def close_local(self) -> None:
-        for fd in (self.console, self.terminal):
-            if fd >= 0:
-                _close(fd)
-
-
 def _close(fd: int) -> None:
     try:
         os.close(fd)
     except OSError:
         pass
-
-
-def _kill(pid: int) -> None:
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
-def open_backend(ctx) -> JailhouseBackend:
-    """The backend for a verb: runphi.toml's `[jailhouse]`, warnings to the verb's log."""
-    log_path = os.path.abspath(ctx.options.log) if ctx.options.log else ""  # the monitor runs in /
-    log = (log_path, ctx.options.log_format, ctx.log_level)
-    return JailhouseBackend(ctx.config, warn=lambda message: ctx.log.warn(message), log=log)

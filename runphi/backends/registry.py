@@ -1,0 +1,40 @@
+"""The one place that maps runphi.toml's ``backend`` to a backend package (DESIGN §1).
+
+Nothing outside ``runphi/backends/<name>/`` imports a backend's modules except
+through here (a test walks the imports). Backends are imported lazily, so a verb
+that needs none pays nothing.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from runphi.errors import BackendNotConfigured
+
+if TYPE_CHECKING:
+    from runphi.backends.base import Backend
+    from runphi.config import RuntimeConfig
+
+
+def open_backend(config: RuntimeConfig, warn: Callable[[str], None],
+                 container_id: str | None = None) -> Backend:
+    """The configured backend, its warnings going to ``warn``.
+
+    Raises :class:`BackendNotConfigured` when ``backend = "none"`` or the named
+    backend's package does not provide ``open_backend(config, warn)``.
+    """
+    name = config.backend
+    where = config.config_path_for_messages
+    if name == "none":
+        raise BackendNotConfigured(
+            f"no partitioning backend configured (set backend = \"jailhouse\" in {where})",
+            container_id=container_id)
+    module = importlib.import_module(f"runphi.backends.{name}")
+    opener = getattr(module, "open_backend", None)
+    if opener is None:
+        raise BackendNotConfigured(
+            f"the {name} backend is not available in this runphi build (backend = \"{name}\" in {where})",
+            container_id=container_id)
+    return opener(config, warn)
