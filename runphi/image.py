@@ -5,6 +5,8 @@ ignored, types are those found in the wild (hex strings for addresses, `net` as 
 string or a bool). Every path it names is a path inside the image: `..` components,
 absolute symlinks and symlinks leading outside the rootfs are refused.
 
+BootDescriptionFile is the file's one schema: runphi decodes it here, mkzic encodes it.
+
 Lean: imported by `create`; msgspec and the stdlib only.
 """
 
@@ -14,9 +16,10 @@ import errno
 import os
 import stat
 from pathlib import Path, PurePosixPath
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import msgspec
+from msgspec import UNSET, UnsetType
 
 from runphi.errors import MALFORMED_INPUT, BundleError
 from runphi.files import FileTooLarge, NotRegularFile, read_regular_file
@@ -33,6 +36,8 @@ MAX_VCPUS = 4096
 
 OS_LINUX = "linux"
 
+T = TypeVar("T")
+
 
 class DebugLog(Protocol):
     """Where ignored keys are reported (runphi.log.VerbLog fits)."""
@@ -45,29 +50,36 @@ class BootDescriptionError(BundleError):
 
 
 class VcpuPin(msgspec.Struct, frozen=True, forbid_unknown_fields=False):
-    """One `vcpu_pinning` entry: virtual CPU `vcpu` runs on physical CPU `pcpu`."""
+    """One `vcpu_pinning` entry: virtual CPU `vcpu` runs on physical CPU `pcpu` (other keys ignored)."""
 
     vcpu: int
     pcpu: int
 
 
-class _RawDescription(msgspec.Struct, frozen=True):
-    """The JSON as found in images (field types as runPHI users write them)."""
+class BootDescriptionFile(msgspec.Struct, frozen=True, omit_defaults=True):
+    """`/boot/config.json` as images carry it: the one schema runphi reads and mkzic writes.
 
-    os_var: str = ""
-    inmate: str = DEFAULT_INMATE
+    A field at its default was absent from the file, and encoding leaves it out again:
+    UNSET for fields runPHI types as non-null (a null there is refused), None for those
+    that may be null. What an absent field means (`inmate` = /boot/boot.bin, ...) is
+    applied when resolving into a BootDescription, never stored here. Field order is
+    the order fields are written.
+    """
+
+    os_var: str | UnsetType = UNSET
+    inmate: str | UnsetType = UNSET
     starting_vaddress: str | int | None = None
     kernel: str | None = None
-    dtb: str | None = None
-    initrd: str | None = None
     ramdisk: str | None = None
+    initrd: str | None = None
     cpio: str | None = None
-    net: str | bool | None = None
-    netconf: str = ""
-    rpu_req: bool = False
+    dtb: str | None = None
     memory: int | None = None
     vcpus: int | None = None
-    vcpu_pinning: list[VcpuPin] = []
+    vcpu_pinning: list[VcpuPin] | UnsetType = UNSET
+    net: str | bool | None = None
+    netconf: str | UnsetType = UNSET
+    rpu_req: bool | UnsetType = UNSET
 
 
 class BootDescription(msgspec.Struct, frozen=True, kw_only=True):
@@ -93,8 +105,26 @@ class BootDescription(msgspec.Struct, frozen=True, kw_only=True):
         return self.os_var.lower() == OS_LINUX
 
 
-_KNOWN_KEYS = frozenset(_RawDescription.__struct_fields__)
+_KNOWN_KEYS = frozenset(BootDescriptionFile.__struct_fields__)
 _IGNORED_QUIETLY = frozenset({"accelerators"})
+_file_decoder = msgspec.json.Decoder(BootDescriptionFile)
+_keys_decoder = msgspec.json.Decoder(dict[str, msgspec.Raw])
+
+
+def decode_description_file(data: bytes) -> tuple[BootDescriptionFile, dict[str, msgspec.Raw]]:
+    """The modelled fields of description bytes, and the keys it does not model (raw, in file order).
+
+    Raises one of MALFORMED_INPUT when `data` is not a JSON object or a modelled field
+    has the wrong type; the caller words the error.
+    """
+    fields = _file_decoder.decode(data)
+    keys = _keys_decoder.decode(data)
+    return fields, {key: value for key, value in keys.items() if key not in _KNOWN_KEYS}
+
+
+def _given(value: T | UnsetType, absent: T) -> T:
+    """The file's `value`, or what runPHI reads the field as when the file leaves it out."""
+    return absent if value is UNSET else value
 
 
 def resolve_in_rootfs(rootfs: Path, path: str, what: str) -> Path:
@@ -203,21 +233,29 @@ def _image_file(rootfs: Path, value: str | None, what: str, source: str, require
     return host
 
 
+def parse_address(value: str | int) -> int:
+    """A guest address as descriptions spell it: `"0x70000000"` (usual), a decimal string or a number.
+
+    Raises ValueError when `value` is not a number, OverflowError when it does not fit 64 bits
+    unsigned; callers word the error.
+    """
+    address = value if isinstance(value, int) else int(value, 0)
+    if not 0 <= address < 1 << 64:
+        raise OverflowError(f"address {value!r} is outside 0..2**64-1")
+    return address
+
+
 def _address(value: str | int | None, source: str) -> int | None:
     if value is None or value == "":
         return None
-    if isinstance(value, int):
-        address = value
-    else:
-        try:
-            address = int(value, 0)
-        except ValueError:
-            raise BootDescriptionError(
-                f"starting_vaddress {value!r} in {source} is not a number (write e.g. \"0x70000000\")"
-            ) from None
-    if not 0 <= address < 1 << 64:
-        raise BootDescriptionError(f"starting_vaddress {value!r} in {source} is out of range")
-    return address
+    try:
+        return parse_address(value)
+    except ValueError:
+        raise BootDescriptionError(
+            f"starting_vaddress {value!r} in {source} is not a number (write e.g. \"0x70000000\")"
+        ) from None
+    except OverflowError:
+        raise BootDescriptionError(f"starting_vaddress {value!r} in {source} is out of range") from None
 
 
 def _net(value: str | bool | None) -> bool:
@@ -232,11 +270,10 @@ def parse_boot_description(data: bytes, rootfs: Path, source: Path, log: DebugLo
     """Decode description bytes (read from `source`) and resolve its paths inside `rootfs`."""
     where = "/" + source.relative_to(Path(os.path.abspath(rootfs))).as_posix()
     try:
-        raw = msgspec.json.decode(data, type=_RawDescription)
-        keys = msgspec.json.decode(data, type=dict[str, msgspec.Raw])
+        raw, unknown = decode_description_file(data)
     except MALFORMED_INPUT as exc:
         raise BootDescriptionError(f"boot description {where} in the image is invalid: {exc}") from None
-    ignored = tuple(sorted(k for k in keys if k not in _KNOWN_KEYS))
+    ignored = tuple(sorted(unknown))
     noisy = [k for k in ignored if k not in _IGNORED_QUIETLY]
     if noisy and log is not None:
         log.debug("boot description: ignoring keys runphi does not use", file=where, keys=",".join(noisy))
@@ -244,24 +281,27 @@ def parse_boot_description(data: bytes, rootfs: Path, source: Path, log: DebugLo
         if value is not None and not 0 < value <= limit:
             raise BootDescriptionError(f"{name} = {value} in {where} must be a positive number "
                                        f"no greater than {limit}")
-    linux = raw.os_var.lower() == OS_LINUX
-    kernel_field = raw.kernel if raw.kernel else (raw.inmate if linux else None)
-    inmate = raw.kernel if (linux and raw.kernel) else raw.inmate
+    os_var = _given(raw.os_var, "")
+    linux = os_var.lower() == OS_LINUX
+    inmate_field = _given(raw.inmate, DEFAULT_INMATE)
+    kernel_field = raw.kernel if raw.kernel else (inmate_field if linux else None)
+    inmate = raw.kernel if (linux and raw.kernel) else inmate_field
     initrd = raw.initrd or raw.ramdisk or raw.cpio
-    pins = frozenset(p.pcpu for p in raw.vcpu_pinning) if raw.vcpu_pinning else None
+    pinning = _given(raw.vcpu_pinning, [])
+    pins = frozenset(p.pcpu for p in pinning) if pinning else None
     if pins is not None and any(not 0 <= p < MAX_VCPUS for p in pins):
         raise BootDescriptionError(f"vcpu_pinning in {where} names a pcpu outside 0..{MAX_VCPUS - 1}")
     return BootDescription(
         source=source,
-        os_var=raw.os_var,
+        os_var=os_var,
         inmate=_image_file(rootfs, inmate, "inmate", where),  # type: ignore[arg-type]
         starting_vaddress=_address(raw.starting_vaddress, where),
         kernel=_image_file(rootfs, kernel_field, "kernel", where),
         dtb=_image_file(rootfs, raw.dtb, "dtb", where),
         initrd=_image_file(rootfs, initrd, "initrd", where),
         net=_net(raw.net),
-        netconf=raw.netconf,
-        rpu_req=raw.rpu_req,
+        netconf=_given(raw.netconf, ""),
+        rpu_req=_given(raw.rpu_req, False),
         memory_mib=raw.memory,
         vcpus=raw.vcpus,
         pinned_cpus=pins,

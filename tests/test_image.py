@@ -6,9 +6,17 @@ import json
 import os
 from pathlib import Path
 
+import msgspec
 import pytest
 
-from runphi.image import BootDescriptionError, find_boot_description, load_boot_description, resolve_in_rootfs
+from runphi.image import (
+    BootDescriptionError,
+    BootDescriptionFile,
+    decode_description_file,
+    find_boot_description,
+    load_boot_description,
+    resolve_in_rootfs,
+)
 
 
 def image(tmp_path: Path, description: dict | str, files: tuple[str, ...] = ("boot/boot.bin",), name: str = "config.json") -> Path:
@@ -103,6 +111,28 @@ def test_bad_descriptions(tmp_path: Path, description, reason: str) -> None:
     with pytest.raises(BootDescriptionError) as err:
         load_boot_description(image(tmp_path, description))
     assert reason in str(err.value)
+
+
+# --- the file schema (what mkzic writes) ---
+
+
+def test_the_file_schema_records_only_what_the_file_gives() -> None:
+    fields, unknown = decode_description_file(b'{"zz": 1, "memory": 8, "aa": {"b": 2}}')
+    assert fields == BootDescriptionFile(memory=8)
+    assert [(key, bytes(raw)) for key, raw in unknown.items()] == [("zz", b"1"), ("aa", b'{"b": 2}')]
+    assert msgspec.json.encode(fields) == b'{"memory":8}'
+    assert msgspec.json.encode(BootDescriptionFile()) == b"{}"
+
+
+def test_the_file_schema_writes_explicit_defaults_back() -> None:
+    given = b'{"os_var":"","inmate":"/boot/boot.bin","vcpu_pinning":[],"netconf":"","rpu_req":false}'
+    assert msgspec.json.encode(decode_description_file(given)[0]) == given
+
+
+@pytest.mark.parametrize("key", ["os_var", "inmate", "vcpu_pinning", "netconf", "rpu_req"])
+def test_null_is_refused_where_an_absent_field_has_a_default(tmp_path: Path, key: str) -> None:
+    with pytest.raises(BootDescriptionError, match=rf"got `null` - at `\$\.{key}`"):
+        load_boot_description(image(tmp_path, {key: None}))
 
 
 # --- traversal ---

@@ -22,6 +22,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from runphi.image import BootDescriptionFile
 from tools.mkzic import (
     BootDescription,
     Description,
@@ -29,6 +30,7 @@ from tools.mkzic import (
     assemble,
     build_image_archive,
     decode_description,
+    encode_description,
     parse_image_name,
 )
 from tools.mkzic.cli import main
@@ -94,9 +96,9 @@ def test_two_builds_give_identical_bytes(tmp_path: Path, inmate: Path) -> None:
 
 
 def test_different_inputs_give_different_digests(tmp_path: Path, inmate: Path) -> None:
-    zic = assemble(Description(known=BootDescription(memory=16)), {"inmate": inmate})
+    zic = assemble(Description(known=BootDescriptionFile(memory=16)), {"inmate": inmate})
     inmate.write_bytes(INMATE + b"\x01")
-    other = assemble(Description(known=BootDescription(memory=16)), {"inmate": inmate})
+    other = assemble(Description(known=BootDescriptionFile(memory=16)), {"inmate": inmate})
     name = parse_image_name("hello")
     assert build_image_archive(zic, name).manifest.digest != build_image_archive(other, name).manifest.digest
 
@@ -410,8 +412,38 @@ def test_normalised_names_are_fixed_points(name: str) -> None:
 
 
 def test_description_struct_roundtrips_through_json() -> None:
-    known = BootDescription(os_var="zephyr", memory=4, net="none")
-    assert msgspec.json.decode(msgspec.json.encode(known), type=BootDescription) == known
+    known = BootDescriptionFile(os_var="zephyr", memory=4, net="none")
+    assert msgspec.json.decode(msgspec.json.encode(known), type=BootDescriptionFile) == known
+
+
+def test_mkzic_writes_through_the_runtime_schema() -> None:
+    assert BootDescription is BootDescriptionFile  # the old name stays for callers
+
+
+def test_description_bytes_keep_schema_order_explicit_defaults_and_passthrough_last() -> None:
+    """Pinned bytes: every field given out of order, some at the value runphi assumes when absent."""
+    data = (b'{"rpu_req": false, "future": [1], "netconf": "", "net": "no", "vcpu_pinning": [], "vcpus": 1,'
+            b' "memory": 8, "dtb": "/boot/d", "cpio": "/boot/c", "initrd": "/boot/i", "ramdisk": "/boot/r",'
+            b' "kernel": null, "starting_vaddress": 4096, "inmate": "/boot/boot.bin", "os_var": ""}')
+    assert encode_description(decode_description(data, "t")) == (
+        b'{\n  "os_var": "",\n  "inmate": "/boot/boot.bin",\n  "starting_vaddress": 4096,\n  "ramdisk": "/boot/r",\n'
+        b'  "initrd": "/boot/i",\n  "cpio": "/boot/c",\n  "dtb": "/boot/d",\n  "memory": 8,\n  "vcpus": 1,\n'
+        b'  "vcpu_pinning": [],\n  "net": "no",\n  "netconf": "",\n  "rpu_req": false,\n  "future": [\n    1\n  ]\n}\n'
+    )
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (b'{"vcpu_pinning": [{"vcpu": 0, "pcpu": 2}, {"vcpu": 1, "pcpu": 3, "note": 1}]}',
+         "boot description t: Object contains unknown field `note` - at `$.vcpu_pinning[1]`"),
+        (b'{"os_var": null}', "boot description t: Expected `str`, got `null` - at `$.os_var`"),
+    ],
+)
+def test_descriptions_runphi_would_refuse_or_mkzic_could_not_carry_are_refused(data: bytes, expected: str) -> None:
+    with pytest.raises(MkzicError) as raised:
+        decode_description(data, "t")
+    assert raised.value.what == expected
 
 
 def test_initrd_file_honours_a_cpio_path_and_missing_synonyms_point_at_initrd(tmp_path: Path, inmate: Path) -> None:

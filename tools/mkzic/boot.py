@@ -1,10 +1,10 @@
 """The ZIC boot description (``/boot/config.json``) as mkzic writes it.
 
-Field names, types and meaning follow the description runPHI images already
-carry (see ``../shared/reference/zic-image.md``): every field is optional, and
-fields mkzic does not model (``accelerators``, the KVM-backend keys, future
-additions) are carried through unchanged so an existing description survives a
-rebuild byte-for-byte in meaning.
+The schema is runphi's own, :class:`runphi.image.BootDescriptionFile`: the fields,
+types and "absent" defaults the runtime reads (see ``../shared/reference/zic-image.md``).
+mkzic adds what a writer needs on top: fields the schema does not model
+(``accelerators``, the KVM-backend keys, future additions) are carried through
+unchanged, and values are checked before anything is written.
 """
 
 from __future__ import annotations
@@ -13,51 +13,24 @@ import posixpath
 
 import msgspec
 
+from runphi import image as runphi_image
+from runphi.image import DESCRIPTION_PATHS, BootDescriptionFile, VcpuPin, decode_description_file
+
 from .errors import MkzicError
 
 BOOT_DIR = "/boot"
-DESCRIPTION_PATH = "/boot/config.json"
-DEFAULT_INMATE = "/boot/boot.bin"
-
-
-class VcpuPin(msgspec.Struct, forbid_unknown_fields=True):
-    """One ``vcpu_pinning`` entry: guest CPU ``vcpu`` runs on physical CPU ``pcpu``."""
-
-    vcpu: int
-    pcpu: int
-
-
-class BootDescription(msgspec.Struct, omit_defaults=True):
-    """The fields of ``/boot/config.json`` that mkzic reads, validates or sets.
-
-    ``None`` means "absent"; absent fields are not written, so the runtime
-    applies its own defaults exactly as it would for a hand-written file.
-    """
-
-    os_var: str | None = None
-    inmate: str | None = None
-    starting_vaddress: str | int | None = None
-    kernel: str | None = None
-    ramdisk: str | None = None
-    initrd: str | None = None
-    cpio: str | None = None
-    dtb: str | None = None
-    memory: int | None = None
-    vcpus: int | None = None
-    vcpu_pinning: list[VcpuPin] | None = None
-    net: str | bool | None = None
-    netconf: str | None = None
-    rpu_req: bool | None = None
-
-
-MODELLED_FIELDS = frozenset(BootDescription.__struct_fields__)
+DESCRIPTION_PATH = DESCRIPTION_PATHS[0]
 PATH_FIELDS = ("inmate", "kernel", "ramdisk", "initrd", "cpio", "dtb")
+PIN_FIELDS = frozenset(VcpuPin.__struct_fields__)
+
+#: The name mkzic's API has always used for the schema (``tools.mkzic.BootDescription``).
+BootDescription = BootDescriptionFile
 
 
 class Description(msgspec.Struct, frozen=True):
-    """A boot description plus the fields mkzic passes through untouched."""
+    """A boot description plus the top-level fields mkzic passes through untouched."""
 
-    known: BootDescription
+    known: BootDescriptionFile
     passthrough: dict[str, msgspec.Raw] = {}
 
 
@@ -68,18 +41,34 @@ def decode_description(data: bytes, source: str) -> Description:
     kept, in file order, in ``passthrough``.
     """
     try:
-        known = msgspec.json.decode(data, type=BootDescription)
-        everything = msgspec.json.decode(data, type=dict[str, msgspec.Raw])
+        known, passthrough = decode_description_file(data)
     except msgspec.ValidationError as exc:
         raise MkzicError(f"boot description {source}: {exc}", "fix the field and run mkzic again") from None
     except msgspec.DecodeError as exc:
         raise MkzicError(f"boot description {source} is not valid JSON: {exc}", "fix the file") from None
-    passthrough = {k: v for k, v in everything.items() if k not in MODELLED_FIELDS}
+    _refuse_unknown_pin_keys(data, source)
     return Description(known=known, passthrough=passthrough)
 
 
+def _refuse_unknown_pin_keys(data: bytes, source: str) -> None:
+    """Refuse ``vcpu_pinning`` entries with keys besides ``vcpu`` and ``pcpu``.
+
+    The runtime ignores such keys, but mkzic could not write them back, and it
+    never drops part of a description silently. Call only on bytes that decoded.
+    """
+    pinning = msgspec.json.decode(data, type=dict[str, msgspec.Raw]).get("vcpu_pinning")
+    if pinning is None:
+        return
+    for index, entry in enumerate(msgspec.json.decode(pinning, type=list[dict[str, msgspec.Raw]])):
+        unknown = [key for key in entry if key not in PIN_FIELDS]
+        if unknown:  # worded as msgspec words it: the message mkzic gave when it decoded pins strictly
+            where = f"$.vcpu_pinning[{index}]"
+            raise MkzicError(f"boot description {source}: Object contains unknown field `{unknown[0]}` - at `{where}`",
+                             "fix the field and run mkzic again")
+
+
 def encode_description(description: Description) -> bytes:
-    """Serialise a description: modelled fields in a fixed order, then passthrough fields.
+    """Serialise a description: the fields it sets in the schema's order, then passthrough fields.
 
     The output is indented JSON ending in a newline; the same description always
     yields the same bytes.
@@ -90,14 +79,13 @@ def encode_description(description: Description) -> bytes:
 
 
 def parse_address(value: str | int) -> int:
-    """Parse a guest address as descriptions spell it: ``"0x70000000"`` (usual), a decimal string or a number."""
+    """Parse a guest address as descriptions spell it (runphi's rule), or raise :class:`MkzicError`."""
     try:
-        address = value if isinstance(value, int) else int(value, 0)
+        return runphi_image.parse_address(value)
     except ValueError:
         raise MkzicError(f"starting_vaddress {value!r} is not an address", "write it like 0x70000000") from None
-    if not 0 <= address < 1 << 64:
-        raise MkzicError(f"starting_vaddress {value!r} is out of range", "give a 64-bit guest address")
-    return address
+    except OverflowError:
+        raise MkzicError(f"starting_vaddress {value!r} is out of range", "give a 64-bit guest address") from None
 
 
 def format_address(value: int) -> str:
@@ -124,12 +112,12 @@ def check_image_path(field: str, path: str) -> str:
     return path
 
 
-def named_path(known: BootDescription, field: str) -> str | None:
-    """The image path a path field names; an empty string counts as absent, as runphi reads it."""
+def named_path(known: BootDescriptionFile, field: str) -> str | None:
+    """The image path a path field names; None when it is unset, null or empty (an empty path names no file)."""
     return getattr(known, field) or None
 
 
-def check_description(known: BootDescription) -> None:
+def check_description(known: BootDescriptionFile) -> None:
     """Validate the values of the modelled fields (not whether their files exist)."""
     for field in PATH_FIELDS:
         value = named_path(known, field)

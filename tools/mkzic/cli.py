@@ -25,7 +25,9 @@ from typing import NoReturn
 
 import msgspec
 
-from .boot import BootDescription, Description, VcpuPin, decode_description, format_address
+from runphi.image import BootDescriptionFile, VcpuPin
+
+from .boot import Description, decode_description, format_address
 from .bundle import Resources, runtime_spec, write_bundle
 from .errors import MkzicError
 from .image import DEFAULT_ARCHITECTURE, build_image_archive, write_archive
@@ -148,7 +150,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
 def _description(args: argparse.Namespace) -> Description:
     """The starting description (``--config`` or empty) with the boot flags applied."""
     if args.config is None:
-        base = Description(known=BootDescription())
+        base = Description(known=BootDescriptionFile())
     else:
         try:
             data = args.config.read_bytes()

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import msgspec
 
+from runphi.image import DEFAULT_INMATE, BootDescriptionFile
+
 from .boot import (
     BOOT_DIR,
-    DEFAULT_INMATE,
     DESCRIPTION_PATH,
     PATH_FIELDS,
-    BootDescription,
     Description,
     check_description,
     check_image_path,
@@ -51,7 +51,7 @@ def _read_host_file(field: str, path: Path) -> bytes:
         raise MkzicError(f"cannot read the {field} file {path}: {exc.strerror}", "check the path") from None
 
 
-def _path_given_for(description: BootDescription, field: str) -> str | None:
+def _path_given_for(description: BootDescriptionFile, field: str) -> str | None:
     """The image path the description already gives a ``field`` file, if any.
 
     An initramfs may be named by any of ``initrd``, ``ramdisk`` or ``cpio``
@@ -64,7 +64,8 @@ def _path_given_for(description: BootDescription, field: str) -> str | None:
     return None
 
 
-def _place_files(known: BootDescription, guest_files: dict[str, Path]) -> tuple[BootDescription, dict[str, bytes]]:
+def _place_files(known: BootDescriptionFile,
+                 guest_files: dict[str, Path]) -> tuple[BootDescriptionFile, dict[str, bytes]]:
     """Read each guest file and put it at its image path, filling in the fields that were absent."""
     files: dict[str, bytes] = {}
     owner: dict[str, str] = {}
@@ -86,7 +87,7 @@ def _place_files(known: BootDescription, guest_files: dict[str, Path]) -> tuple[
     return known, files
 
 
-def _check_files_present(known: BootDescription, files: dict[str, bytes]) -> None:
+def _check_files_present(known: BootDescriptionFile, files: dict[str, bytes]) -> None:
     """Every path the description names, and the inmate, must be a supplied file."""
     if named_path(known, "inmate") is None and DEFAULT_INMATE not in files:
         raise MkzicError("no inmate image given", "pass --inmate FILE (the raw guest binary or Linux Image)")
