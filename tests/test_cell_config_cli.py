@@ -128,3 +128,16 @@ def test_bundle_errors_are_one_line(tmp_path: Path) -> None:
     assert out.returncode == 1 and "nosuchboard.toml does not exist" in out.stderr.decode()
     out = runphi("cell-config", tmp_path=tmp_path)
     assert out.returncode == 1 and "needs a BUNDLE" in out.stderr.decode()
+
+
+def test_a_linux_bundle_previews_the_cell_create_writes(tmp_path: Path) -> None:
+    """A Linux guest starts at Jailhouse's loader at guest 0: the preview says so, as create writes it."""
+    linux = bundle(tmp_path, {"os_var": "linux", "kernel": "/boot/zephyr.bin"}, name="linux-demo")
+    bare = bundle(tmp_path, {"starting_vaddress": "0x70000000"}, name="bare-demo")
+    previews = {}
+    for root in (linux, bare):
+        out = runphi("cell-config", str(root), tmp_path=tmp_path)
+        assert out.returncode == 0, out.stderr
+        previews[root.name] = out.stdout.decode()
+    assert "cpu_reset_address: 0x0\n" in previews["linux-demo"]
+    assert "cpu_reset_address: 0x0\n" not in previews["bare-demo"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from runphi.errors import BackendNotConfigured
 
@@ -20,21 +20,26 @@ if TYPE_CHECKING:
 
 def open_backend(config: RuntimeConfig, warn: Callable[[str], None],
                  container_id: str | None = None) -> Backend:
-    """The configured backend, its warnings going to ``warn``.
+    """The configured backend (runphi.toml's ``backend``), its warnings going to ``warn``.
 
     Raises :class:`BackendNotConfigured` when ``backend = "none"`` or the named
     backend's package does not provide ``open_backend(config, warn)``.
     """
-    name = config.backend
-    where = config.config_path_for_messages
-    if name == "none":
+    if config.backend == "none":
         raise BackendNotConfigured(
-            f"no partitioning backend configured (set backend = \"jailhouse\" in {where})",
-            container_id=container_id)
+            "no partitioning backend configured "
+            f"(set backend = \"jailhouse\" in {config.config_path_for_messages})", container_id=container_id)
+    return backend_named(config.backend, config, warn, container_id)
+
+
+def backend_named(name: str, config: RuntimeConfig, warn: Callable[[str], None],
+                  container_id: str | None = None) -> Any:
+    """The backend called ``name`` whatever runphi.toml selects (tools about one backend's
+    formats, such as ``cell-config`` for Jailhouse, use its own methods beyond the protocol)."""
     module = importlib.import_module(f"runphi.backends.{name}")
     opener = getattr(module, "open_backend", None)
     if opener is None:
         raise BackendNotConfigured(
-            f"the {name} backend is not available in this runphi build (backend = \"{name}\" in {where})",
-            container_id=container_id)
+            f"the {name} backend is not available in this runphi build "
+            f"(backend = \"{name}\" in {config.config_path_for_messages})", container_id=container_id)
     return opener(config, warn)

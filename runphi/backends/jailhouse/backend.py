@@ -34,9 +34,11 @@ from runphi.undo import UndoStack
 
 if TYPE_CHECKING:
     from runphi.backends.jailhouse.allocator import Allocation, Allocator
+    from runphi.backends.jailhouse.cellconfig import CellConfig
     from runphi.backends.jailhouse.platform import Platform
     from runphi.config import RuntimeConfig
     from runphi.image import BootDescription
+    from runphi.log import VerbLog
 
 #: Deadline for the `cell destroy` that undoes a failed create.
 UNDO_TIMEOUT = 5.0
@@ -72,6 +74,12 @@ class JailhouseBackend:
 
             self._platform = load_platform(self.jh.platform, self.jh.templates_path())
         return self._platform
+
+    def use_platform(self, name_or_path: str) -> None:
+        """Plan for another platform than runphi.toml's (``cell-config --platform``)."""
+        from runphi.backends.jailhouse.platform import load_platform
+
+        self._platform = load_platform(name_or_path, self.jh.templates_path())
 
     def allocator(self) -> Allocator:
         from runphi.backends.jailhouse.allocator import Allocator
@@ -140,7 +148,6 @@ class JailhouseBackend:
         from runphi.backends.jailhouse.allocator import request_from
         from runphi.backends.jailhouse.cellconfig import write_cell
         from runphi.backends.jailhouse.names import cell_name
-        from runphi.backends.jailhouse.plan import plan_cell
         from runphi.image import load_boot_description
 
         cid = request.container_id
@@ -157,19 +164,17 @@ class JailhouseBackend:
         if self.driver.cell_id(name) is not None:
             raise ResourceBusy(f"a Jailhouse cell named {name!r} already exists "
                                "(left over, or used by another namespace): destroy it first")
-        cell_config = plan_cell(platform, allocation, boot, cid)
-        linux = (self._prepare_linux(boot, cell_config, request, self._linux_console(allocation))
-                 if boot.is_linux else None)
-        if linux is not None:
-            cell_config = linux.cell
+        cell_config = self.planned_cell(allocation, boot, cid)
+        linux_images = (self._prepare_linux(boot, cell_config, request, self._linux_console(allocation))
+                        if boot.is_linux else None)
         cell_file = Path(request.container_dir, f"{name}.cell")
         cell_file.write_bytes(write_cell(cell_config, platform.profile))
         undo.push("remove the .cell file", lambda: cell_file.unlink(missing_ok=True))
 
         self._create_cell(str(cell_file), name, allocation)
         undo.push(f"destroy cell {name}", lambda: self.driver.destroy(name, UNDO_TIMEOUT))
-        if linux is not None:
-            self.driver.load(name, linux.images)
+        if linux_images is not None:
+            self.driver.load(name, linux_images)
         elif boot.rpu_req:
             self._load_rpu(name, boot, allocation, undo)
         else:
@@ -187,6 +192,29 @@ class JailhouseBackend:
         return WatchSettings(backend="jailhouse", backend_config={"tool": tool, "sysfs": os.path.abspath(self.jh.sysfs)},
                              poll_interval=self.jh.poll_interval_ms / 1000,
                              probe_interval=self.jh.probe_interval_ms / 1000, shutdown_timeout=grace)
+
+    def planned_cell(self, allocation: Allocation, boot: BootDescription, cid: str) -> CellConfig:
+        """The cell ``launch`` writes for this allocation: the planner's, with a Linux guest
+        starting at Jailhouse's loader (placed at guest address 0)."""
+        from runphi.backends.jailhouse.plan import plan_cell
+
+        cell = plan_cell(self.platform, allocation, boot, cid)
+        return msgspec.structs.replace(cell, cpu_reset_address=0) if boot.is_linux else cell
+
+    # ---- cell-config (Jailhouse's own tooling, beyond the protocol) ----------
+
+    def cell_config_preview(self, bundle: Path, platform_name: str | None, fmt: str, log: VerbLog) -> bytes:
+        """What ``runphi cell-config BUNDLE`` prints (runphi.backends.jailhouse.preview)."""
+        from runphi.backends.jailhouse.preview import preview_bundle
+
+        return preview_bundle(self, bundle, platform_name, fmt, log)
+
+    @staticmethod
+    def decode_cell_config(path: Path, fmt: str) -> bytes:
+        """What ``runphi cell-config --decode FILE`` prints."""
+        from runphi.backends.jailhouse.preview import decode_file
+
+        return decode_file(path, fmt)
 
     def _create_cell(self, cell_file: str, name: str, allocation: Allocation) -> None:
         try:
@@ -287,9 +315,9 @@ class JailhouseBackend:
                                "set \"dtb\" in the image or fix linux_dtb in the platform file")
         return path
 
-    def _prepare_linux(self, boot: BootDescription, cell_config, request: LaunchRequest,
-                       console: str | None) -> _LinuxBoot:
-        """Place and patch a Linux guest (see runphi.backends.jailhouse.linux); nothing is loaded yet.
+    def _prepare_linux(self, boot: BootDescription, cell_config: CellConfig, request: LaunchRequest,
+                       console: str | None) -> list[LoadImage]:
+        """Place and patch a Linux guest (see runphi.backends.jailhouse.linux); the images to load.
 
         The kernel command line is the annotation's, with ``console=`` of the ZIC's UART
         slot in front unless the annotation names a console itself."""
@@ -307,8 +335,6 @@ class JailhouseBackend:
             initrd_size = boot.initrd.stat().st_size if boot.initrd is not None else None
         except OSError as exc:
             raise BackendError(f"cannot read the Linux guest's files: {exc}") from None
-        # The loader runs first: the cell starts at the loadable region at guest 0.
-        cell_config = msgspec.structs.replace(cell_config, cpu_reset_address=0)
         placed = place_linux(cell_config, loader_address=0, kernel=kernel, dtb_size=len(dtb) + 0x1000,
                              initrd_size=initrd_size)
         cmdline = with_console(request.config.annotations.get(LINUX_CMDLINE_ANNOTATION, ""), console)
@@ -324,7 +350,7 @@ class JailhouseBackend:
                   LoadImage(file=str(kernel_path), address=placed.kernel)]
         if boot.initrd is not None and placed.initrd is not None:
             images.append(LoadImage(file=str(boot.initrd), address=placed.initrd))
-        return _LinuxBoot(cell=cell_config, images=images)
+        return images
 
     def _open_console(self, request: LaunchRequest, allocation: Allocation, undo: UndoStack) -> tuple[str, int]:
         """(device, fd) of the ZIC's console UART slot, opened exclusively; ("", -1) without one."""
@@ -342,14 +368,6 @@ class JailhouseBackend:
         console = open_uart(device, UartSettings(baudrate=slot.baud), container_id=request.container_id)
         undo.push("close the console UART", lambda: _close(console.fd))
         return device, console.fd
-
-
-class _LinuxBoot:
-    """A Linux guest ready to load: its cell (reset at the loader) and the load list."""
-
-    def __init__(self, cell, images: list[LoadImage]) -> None:
-        self.cell = cell
-        self.images = images
 
 
 def _close(fd: int) -> None:
