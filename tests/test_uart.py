@@ -11,7 +11,7 @@ import termios
 import pytest
 
 from runphi.console import ConsoleError
-from runphi.console.uart import UartSettings, open_hypervisor_console, open_uart
+from runphi.console.uart import UartSettings, open_uart
 from runphi.errors import RunphiError
 
 
@@ -108,22 +108,3 @@ def test_nothing_stays_open_after_a_refusal(board_uart):
         assert set(os.listdir("/proc/self/fd")) == before
     finally:
         first.close()
-
-
-def test_hypervisor_console_skips_history(tmp_path):
-    ring = tmp_path / "jailhouse"
-    ring.write_bytes(b"old output of another cell\n")
-    device = open_hypervisor_console(str(ring), container_id="zic1")
-    try:
-        assert device.kind == "hypervisor"
-        assert os.read(device.fd, 100) == b""
-        with ring.open("ab") as out:
-            out.write(b"new\n")
-        assert os.read(device.fd, 100) == b"new\n"
-    finally:
-        device.close()
-
-
-def test_hypervisor_console_missing(tmp_path):
-    with pytest.raises(ConsoleError, match="hypervisor console .* for container zic1 cannot be opened"):
-        open_hypervisor_console(str(tmp_path / "nope"), container_id="zic1")

@@ -14,13 +14,6 @@ The pyserial object is only used to open and configure the line: the returned
 (which lives on the open file description) and the O_NONBLOCK flag travel with
 it into the monitor, which inherits it across ``fork``/``exec``. The monitor
 needs nothing from pyserial; it waits on the fd with trio.
-
-Optional single-tenant source: the Jailhouse hypervisor console
-(``/dev/jailhouse``, or the simulator's equivalent). It is **one ring shared by
-the hypervisor and every cell** (no per-cell tagging, last 2 KiB only, read-only,
-and the driver offers no readiness notification, so it is polled at the
-driver's own 100 ms rhythm). Use it only on a platform without a per-cell UART,
-and only with one ZIC at a time; what it shows is whatever any cell printed.
 """
 
 from __future__ import annotations
@@ -47,15 +40,10 @@ class UartSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class ConsoleDevice(msgspec.Struct, frozen=True):
-    """An open console source: the descriptor the monitor pumps from.
-
-    ``kind`` is ``"uart"`` for a per-cell tty (pollable, read/write) and
-    ``"hypervisor"`` for the shared hypervisor console (read-only, polled).
-    """
+    """An open console source: the descriptor the monitor pumps from."""
 
     path: str
     fd: int
-    kind: Literal["uart", "hypervisor"] = "uart"
 
     def close(self) -> None:
         """Close this process's copy of the descriptor (other copies keep the lock)."""
@@ -113,7 +101,7 @@ def open_uart(
         ) from None
     finally:
         port.close()
-    return ConsoleDevice(path=path, fd=fd, kind="uart")
+    return ConsoleDevice(path=path, fd=fd)
 
 
 def _wait_for_one_byte(fd: int) -> None:
@@ -149,48 +137,3 @@ def _open_failure(path: str, container_id: str, exc: Exception) -> str:
         # pyserial reports a device that is not a terminal as a configuration failure.
         return f"{what} is not a usable serial device ({exc}); check the platform's console slot"
     return f"{what} cannot be opened: {os.strerror(code)}; check the platform's console slot"
-
-
-def open_hypervisor_console(
-    path: str,
-    *,
-    container_id: str,
-    inheritable: bool = True,
-) -> ConsoleDevice:
-    """Open the shared hypervisor console at ``path`` for reading, positioned at "now".
-
-    Guarantees: the returned fd is non-blocking and positioned after everything
-    already in the ring (history from earlier cells is skipped), so the
-    container sees only what is printed after this call. Shared by all cells:
-    see the module docstring.
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
-    except OSError as exc:
-        raise ConsoleError(
-            f"hypervisor console {path} for container {container_id} cannot be opened: "
-            f"{exc.strerror}; check that the hypervisor is enabled with a virtual debug console",
-            container_id=container_id,
-        ) from None
-    try:
-        _skip_backlog(fd)
-        os.set_inheritable(fd, inheritable)
-    except OSError as exc:
-        os.close(fd)
-        raise ConsoleError(
-            f"hypervisor console {path} for container {container_id} cannot be read: "
-            f"{exc.strerror}; check that the hypervisor is enabled with a virtual debug console",
-            container_id=container_id,
-        ) from None
-    return ConsoleDevice(path=path, fd=fd, kind="hypervisor")
-
-
-def _skip_backlog(fd: int) -> None:
-    """Read and discard everything currently readable on a non-blocking fd."""
-    while True:
-        try:
-            if not os.read(fd, 65536):
-                return
-        except BlockingIOError:
-            # The driver says "not enabled yet": nothing to skip.
-            return

@@ -6,7 +6,7 @@ boot (``-kernel``/``-initrd``/``-append``, bytes from memfds). The guest therefo
 runs with **QEMU's generated device tree**, not the DTB given to ``cell linux``:
 its RAM starts at 0x40000000 with the size of the cell's RAM regions, and the
 cell's UART is QEMU's PL011 (``ttyAMA0``) as for every QEMU guest. The UART, QMP,
-stderr and exit handling are those of :mod:`.qemu`, except that QEMU's
+stderr and exit handling are those of :mod:`.qemu_common`, except that QEMU's
 ``guest_errors`` log is not watched (a Linux guest's device probing is not a fault).
 
 Stopping with ``cell shutdown`` (or a ``load``/``start`` of the running cell) is a
@@ -30,8 +30,8 @@ import trio
 from ..cellfile import MEM_COMM_REGION, MEM_DMA, MEM_EXECUTE, MEM_IO, MEM_READ, MEM_WRITE
 from ..engine import GuestHost, GuestSpec, LinuxBoot
 from ..qmp import QmpClient, QmpError
-from .qemu import (DEFAULT_RAM_MIB, PoweredOff, QemuProcess, _connect_and_resume, _GuestRun, _run_then_set,
-                   _write_all, qemu_channels, report_outcome)
+from .qemu_common import (DEFAULT_RAM_MIB, GuestRun, PoweredOff, QemuProcess, connect_and_resume, qemu_channels,
+                          report_outcome, run_then_set, write_all)
 
 POWERDOWN_TIMEOUT_ENV = "JAILHOUSE_SIM_LINUX_POWERDOWN_S"
 DEFAULT_POWERDOWN_TIMEOUT_S = 5.0
@@ -75,7 +75,7 @@ def linux_argv(spec: GuestSpec, linux: LinuxBoot, *, binary: str, machine: str, 
 
 def _memfd(name: str, data: bytes) -> int:
     fd = os.memfd_create(name)
-    _write_all(fd, data)
+    write_all(fd, data)
     return fd
 
 
@@ -96,7 +96,7 @@ def _spawn(engine, spec: GuestSpec, linux: LinuxBoot, uart: socket.socket, qmp: 
         return QemuProcess.spawn(argv, passed, stderr_fd, cell_name=spec.cell_name)
 
 
-async def _power_button_on_request(run: _GuestRun, qmp: QmpClient | None, requested: trio.Event,
+async def _power_button_on_request(run: GuestRun, qmp: QmpClient | None, requested: trio.Event,
                                    timeout: float) -> None:
     """Once a stop is requested: press the power button, and kill QEMU if the guest is not off in time.
 
@@ -115,7 +115,7 @@ async def _power_button_on_request(run: _GuestRun, qmp: QmpClient | None, reques
     run.process.kill()
 
 
-async def _supervise(run: _GuestRun, uart: trio.SocketStream, qmp_stream: trio.SocketStream,
+async def _supervise(run: GuestRun, uart: trio.SocketStream, qmp_stream: trio.SocketStream,
                      stderr: trio.lowlevel.FdStream, stop_requested: trio.Event) -> None:
     """Wire console and QMP, resume the VM, and stay until QEMU is gone.
 
@@ -124,11 +124,11 @@ async def _supervise(run: _GuestRun, uart: trio.SocketStream, qmp_stream: trio.S
     exited, qmp_done, stderr_done, output_done = (trio.Event() for _ in range(4))
     with trio.CancelScope(shield=True):
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_run_then_set, stderr_done, run.watch_stderr, stderr)
-            nursery.start_soon(_run_then_set, output_done, run.pump_guest_output, uart)
+            nursery.start_soon(run_then_set, stderr_done, run.watch_stderr, stderr)
+            nursery.start_soon(run_then_set, output_done, run.pump_guest_output, uart)
             nursery.start_soon(run.pump_guest_input, uart)
             nursery.start_soon(run.watch_exit, exited, qmp_done, stderr_done)
-            qmp = await _connect_and_resume(nursery, run, qmp_stream, qmp_done)
+            qmp = await connect_and_resume(nursery, run, qmp_stream, qmp_done)
             nursery.start_soon(_power_button_on_request, run, qmp, stop_requested, powerdown_timeout())
             await run.ending.decided.wait()
             if not isinstance(run.ending.outcome, PoweredOff):
@@ -143,7 +143,7 @@ async def run_linux_guest(engine, spec: GuestSpec, host: GuestHost) -> None:
     assert spec.linux is not None
     linux = spec.linux
     with qemu_channels(lambda uart, qmp, stderr_fd: _spawn(engine, spec, linux, uart, qmp, stderr_fd)) as channels:
-        run = _GuestRun(spec, host, channels.process)
+        run = GuestRun(spec, host, channels.process)
         stop_requested = trio.Event()
         try:
             async with trio.open_nursery() as nursery:

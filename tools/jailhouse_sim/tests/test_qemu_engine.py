@@ -323,7 +323,7 @@ async def test_bad_machine_fails_the_cell_with_qemus_reason():
 
 
 async def test_missing_qemu_binary_is_one_clear_error():
-    from tools.jailhouse_sim.engines.qemu import QemuEngineError
+    from tools.jailhouse_sim.engines.qemu_common import QemuEngineError
 
     with pytest.raises(QemuEngineError, match=r'cell "inmate": cannot run /nonexistent/qemu: .*JAILHOUSE_SIM_QEMU'):
         await QemuEngine(binary="/nonexistent/qemu").run(inmate_spec("hello"), RecordingHost())
