@@ -22,7 +22,7 @@ from collections.abc import Callable
 import msgspec
 import trio
 
-from runphi.backends.base import CRASHED_STATES, Backend, BackendError, CellStatistics
+from runphi.backends.base import CRASHED_STATES, Backend, BackendError, CellRecord, CellStatistics
 
 
 class CellStats(msgspec.Struct):
@@ -83,7 +83,7 @@ def _write(data: bytes) -> None:
     sys.stdout.buffer.flush()
 
 
-async def stream(backend: Backend, container_id: str, cell_name: str, *, interval: float, poll: float,
+async def stream(backend: Backend, container_id: str, cell: CellRecord, *, interval: float, poll: float,
                  still_running: Callable[[], bool], write: Callable[[bytes], None] = _write) -> None:
     """Write events until the container stops (see the module docstring)."""
 
@@ -91,22 +91,22 @@ async def stream(backend: Backend, container_id: str, cell_name: str, *, interva
         while True:
             await trio.sleep(interval)
             try:
-                stats = backend.cell_statistics(cell_name)
+                stats = backend.cell_statistics(cell)
             except BackendError:
                 continue  # the watcher reports the cell going away
-            write(stats_line(container_id, cell_name, backend.cell_state(cell_name), stats))
+            write(stats_line(container_id, cell.cell_name, backend.cell_state(cell), stats))
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(stats_ticker)
-        previous = backend.cell_state(cell_name)
+        previous = backend.cell_state(cell)
         write(state_line(container_id, previous, None))
         while True:
             await trio.sleep(poll)  # sysfs offers no change notification
-            state = backend.cell_state(cell_name)
+            state = backend.cell_state(cell)
             if state != previous:
                 write(state_line(container_id, state, previous))
                 if state in CRASHED_STATES:
-                    write(failed_line(container_id, state, sorted(backend.failed_cpus(cell_name))))
+                    write(failed_line(container_id, state, sorted(backend.failed_cpus(cell))))
                 previous = state
             if not still_running():
                 break

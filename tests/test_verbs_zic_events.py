@@ -31,7 +31,7 @@ async def test_stream_reports_transitions_stats_and_the_failure(zic):
     zic.run("start", "ev2", check=True)
     record = Store(zic.root).read("ev2")
     with trio.fail_after(20):
-        await stream(backend_for(zic), "ev2", "ev2", interval=0.05, poll=0.02, still_running=still_running,
+        await stream(backend_for(zic), "ev2", record.cell, interval=0.05, poll=0.02, still_running=still_running,
                      write=lambda data: lines.append(json.loads(data)))
     kinds = [line["type"] for line in lines]
     states = [line["data"]["state"] for line in lines if line["type"] == "cell-state"]

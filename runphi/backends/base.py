@@ -136,20 +136,25 @@ class Backend(Protocol):
         """Bring one ZIC's cell to created and loaded: resources, the cell, its images,
         its console source opened. All or nothing: a failure has undone every step."""
 
+    @property
+    def poll_interval(self) -> float:
+        """How often a cell's state is worth reading (seconds) where nothing announces a change."""
+
     def planned_cell_name(self, container_id: str) -> str:
         """The cell name `launch` gives `container_id`: deterministic, so the cell of a
         create that died before recording it can still be found."""
 
-    def cell_state(self, cell_name: str) -> str | None:
+    def cell_state(self, cell: CellRecord) -> str | None:
         """The cell's current hypervisor state, or None when no such cell exists.
 
+        ``cell`` is the record ``launch`` returned (the backend may use what it noted there).
         Raises :class:`BackendUnavailable` when the hypervisor cannot be asked.
         """
 
-    def cell_statistics(self, cell_name: str) -> CellStatistics:
+    def cell_statistics(self, cell: CellRecord) -> CellStatistics:
         """The cell's exit counters (raises :class:`CellNotFound` when it is gone)."""
 
-    def failed_cpus(self, cell_name: str) -> frozenset[int]:
+    def failed_cpus(self, cell: CellRecord) -> frozenset[int]:
         """The cell's CPUs parked on a fatal trap (empty when none or no such cell)."""
 
     def start_cell(self, cell_name: str) -> None:

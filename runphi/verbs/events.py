@@ -40,18 +40,17 @@ def run(args, ctx) -> int:
     if live_status(record) == "stopped":
         raise RunphiError(f"container with id {record.id} is not running", container_id=record.id)
     backend = ctx.backend(record.id)
-    name = record.cell.cell_name
+    cell = record.cell
     if args.stats:
         from runphi.cell_events import stats_line
 
-        _write(stats_line(record.id, name, backend.cell_state(name), backend.cell_statistics(name)))
+        _write(stats_line(record.id, cell.cell_name, backend.cell_state(cell), backend.cell_statistics(cell)))
         return 0
     import trio
 
     from runphi.cell_events import stream
 
-    poll = ctx.config.jailhouse.poll_interval_ms / 1000
-    trio.run(lambda: stream(backend, record.id, name, interval=interval, poll=poll,
+    trio.run(lambda: stream(backend, record.id, cell, interval=interval, poll=backend.poll_interval,
                             still_running=lambda: live_status(record) != "stopped"))
     return 0
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from runphi.container import oci_state
+from runphi.errors import RunphiError
 from runphi.oci import encode_state
 from runphi.verbs._common import print_bytes
 
@@ -11,7 +12,7 @@ def run(args, ctx) -> int:
     """Print the state JSON exactly as runc does (2-space indent, no trailing newline).
 
     The status comes from the monitor's liveness; for a ``created`` container
-    the cell's sysfs state is read too (see :func:`runphi.container.live_status`).
+    the cell's state is asked of its backend too (see :func:`runphi.container.live_status`).
     """
     record = ctx.store.read(args.container_id)
     cell_state = _cell_state(ctx, record) if record.status == "created" else None
@@ -20,15 +21,10 @@ def run(args, ctx) -> int:
 
 
 def _cell_state(ctx, record) -> str | None:
-    """The cell's state from the hypervisor's sysfs (two small reads), or None."""
-    from pathlib import Path
-
-    if record.cell.cell_id is None or ctx.config.backend != "jailhouse":
+    """The cell's state as its backend reports it, or None when it cannot be asked."""
+    if not record.cell.cell_name:
         return None
-    cell_dir = Path(ctx.config.jailhouse.sysfs) / "cells" / str(record.cell.cell_id)
     try:
-        if (cell_dir / "name").read_text().rstrip("\n") != record.cell.cell_name[:31]:
-            return None
-        return (cell_dir / "state").read_text().rstrip("\n")
-    except OSError:
-        return None
+        return ctx.backend(record.id).cell_state(record.cell)
+    except RunphiError:
+        return None  # no backend any more, or the hypervisor is gone: the monitor decides

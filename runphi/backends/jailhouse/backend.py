@@ -88,19 +88,23 @@ class JailhouseBackend:
 
     # ---- the Backend protocol --------------------------------------------
 
+    @property
+    def poll_interval(self) -> float:
+        return self.jh.poll_interval_ms / 1000
+
     def planned_cell_name(self, container_id: str) -> str:
         from runphi.backends.jailhouse.names import cell_name
 
         return cell_name(container_id)
 
-    def cell_state(self, cell_name: str) -> str | None:
-        return self.driver.cell_state(cell_name)
+    def cell_state(self, cell: CellRecord) -> str | None:
+        return self.driver.cell_state(cell.cell_name, cell.cell_id)
 
-    def cell_statistics(self, cell_name: str) -> CellStatistics:
-        return self.driver.statistics(cell_name)
+    def cell_statistics(self, cell: CellRecord) -> CellStatistics:
+        return self.driver.statistics(cell.cell_name)
 
-    def failed_cpus(self, cell_name: str) -> frozenset[int]:
-        return self.driver.failed_cpus(cell_name)
+    def failed_cpus(self, cell: CellRecord) -> frozenset[int]:
+        return self.driver.failed_cpus(cell.cell_name)
 
     def start_cell(self, cell_name: str) -> None:
         self.driver.start(cell_name)
@@ -190,7 +194,7 @@ class JailhouseBackend:
         """How the monitor watches a cell of this Jailhouse (runphi.backends.jailhouse.watch)."""
         tool = os.path.abspath(self.jh.tool) if "/" in self.jh.tool else self.jh.tool
         return WatchSettings(backend="jailhouse", backend_config={"tool": tool, "sysfs": os.path.abspath(self.jh.sysfs)},
-                             poll_interval=self.jh.poll_interval_ms / 1000,
+                             poll_interval=self.poll_interval,
                              probe_interval=self.jh.probe_interval_ms / 1000, shutdown_timeout=grace)
 
     def planned_cell(self, allocation: Allocation, boot: BootDescription, cid: str) -> CellConfig:
@@ -204,10 +208,30 @@ class JailhouseBackend:
     # ---- cell-config (Jailhouse's own tooling, beyond the protocol) ----------
 
     def cell_config_preview(self, bundle: Path, platform_name: str | None, fmt: str, log: VerbLog) -> bytes:
-        """What ``runphi cell-config BUNDLE`` prints (runphi.backends.jailhouse.preview)."""
-        from runphi.backends.jailhouse.preview import preview_bundle
+        """What ``runphi cell-config BUNDLE`` prints: the cell ``launch`` would write, rendered as ``fmt``.
 
-        return preview_bundle(self, bundle, platform_name, fmt, log)
+        Never touches the hypervisor: the node's ledger is read only, and the root
+        cell's CPUs come from sysfs when Jailhouse is enabled here, else the root is
+        assumed to own every CPU the platform may give away plus CPU 0.
+        """
+        from runphi import oci
+        from runphi.backends.jailhouse.allocator import request_from
+        from runphi.backends.jailhouse.preview import render
+        from runphi.image import load_boot_description
+
+        if platform_name:
+            self.use_platform(platform_name)
+        platform = self.platform
+        config = oci.load_config(bundle)
+        boot = load_boot_description(config.rootfs(bundle), log)
+        container_id = Path(bundle).resolve().name
+        root_cpus = None
+        if not (Path(self.jh.sysfs) / "cells" / "0" / "cpus_assigned_list").exists():
+            root_cpus = platform.cell_cpu_set | {0}
+            log.info("Jailhouse is not enabled here: planning as if the root cell owned all cell CPUs and CPU 0",
+                     sysfs=self.jh.sysfs)
+        allocation = self.allocator().preview(container_id, request_from(config, boot, platform), root_cpus)
+        return render(self.planned_cell(allocation, boot, container_id), platform.profile, fmt, None)
 
     @staticmethod
     def decode_cell_config(path: Path, fmt: str) -> bytes:

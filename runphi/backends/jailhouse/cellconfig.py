@@ -750,13 +750,32 @@ def candidate_profiles(data: bytes) -> list[FormatProfile]:
     return out
 
 
+class AmbiguousCellConfigError(CellConfigError):
+    """The bytes decode strictly under more than one profile, to different configurations."""
+
+    def __init__(self, message: str, profiles: tuple[FormatProfile, ...]) -> None:
+        super().__init__(message)
+        self.profiles = profiles
+
+
 def read_cell(data: bytes, profile: FormatProfile | None = None) -> tuple[FormatProfile, CellConfig]:
     """Decode a `.cell` file; with `profile=None` the profile is detected.
 
-    Detection uses signature + revision, then the exact file length to tell an upstream
-    layout from its fork (JHCELL rev 13: upstream vs runPHI; JHCLL rev 14: upstream vs
-    Omnivisor). Raises CellConfigError with a precise reason for short, foreign,
-    garbled, or ambiguous input.
+    Detection returns the one profile whose signature and revision match and under which
+    the whole file decodes strictly (exact length, every array, no reserved bits). If
+    none does it raises CellConfigError with each profile's reason; if two do it raises
+    AmbiguousCellConfigError naming both, and the caller must name the profile: there is
+    no tie-break, because the two readings are always different configurations.
+
+    Only upstream rev14 and omnivisor-rev14 (both JHCLL revision 14) can share bytes.
+    The fork's `rcpu_set_size` sits before the counts, so every header field after
+    `cpu_set_size` is read 4 bytes apart (upstream's num_memory_regions is the fork's
+    rcpu_set_size, and so on); with the fork's counts R (rcpu_set_size), M, C, I, P,
+    D, K, S, Q (regions, caches, irqchips, pios, pci devices, caps, stream ids, qos)
+    the two lengths agree iff 31R + 20C + 52P == 8 + 28M + 28I + 48D + 4K + 4S + 20Q,
+    which needs no fork-only content (R = Q = 0 and C = 1, K = 2, S = 1 is one case).
+    Upstream rev13 and runphi-rev13 never do: their counts share offsets and for equal
+    counts the fork's file is 4 + 8M + 20Q bytes longer.
     """
     if profile is not None:
         return profile, _read_with(data, profile)
@@ -782,4 +801,8 @@ def read_cell(data: bytes, profile: FormatProfile | None = None) -> tuple[Format
     if not decoded:
         raise CellConfigError("; ".join(errors))
     names = " and ".join(p.name for p, _ in decoded)
-    raise CellConfigError(f"cell configuration is valid as both {names}; name the profile explicitly")
+    raise AmbiguousCellConfigError(
+        f"cell configuration is valid as both {names}, which read it as different configurations; "
+        "name the profile explicitly",
+        tuple(p for p, _ in decoded),
+    )

@@ -270,8 +270,19 @@ class JailhouseDriver:
         except OSError:
             return None
 
-    def cell_state(self, name: str) -> str | None:
-        """The cell's live state string, or None if no such cell exists."""
+    def cell_state(self, name: str, known_id: int | None = None) -> str | None:
+        """The cell's live state string, or None if no such cell exists.
+
+        With the cell's ``known_id`` (recorded at create) this is two small reads
+        (name, state) when that ID still holds the cell; else the cell is looked up by name.
+        """
+        if known_id is not None:
+            cell_dir = self.cells_dir / str(known_id)
+            try:
+                if (cell_dir / "name").read_text().rstrip("\n") == name[:31]:
+                    return (cell_dir / "state").read_text().rstrip("\n")
+            except OSError:
+                pass
         return self._cell_file(name, "state")
 
     def cell_cpus(self, name: str) -> frozenset[int] | None:

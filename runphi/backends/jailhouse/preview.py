@@ -1,45 +1,17 @@
-"""``runphi cell-config`` on Jailhouse: the cell a bundle would get, or a `.cell` decoded.
+"""``runphi cell-config`` output: a cell configuration rendered as text, C or binary,
+and any `.cell` file decoded (its profile detected).
 
-The preview plans exactly as ``launch`` does (:meth:`JailhouseBackend.planned_cell`),
-Linux placement included, but never touches the hypervisor: it uses the node's
-ledger read-only and the root cell's CPUs from sysfs when Jailhouse is enabled
-here, else assumes the root owns every CPU the platform may give away plus CPU 0.
+The preview of a bundle is planned by the backend itself
+(:meth:`JailhouseBackend.cell_config_preview`), exactly as ``launch`` plans.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from runphi.backends.jailhouse.cellconfig import CellConfig, FormatProfile, read_cell, write_cell
 from runphi.backends.jailhouse.errors import CellConfigError
 from runphi.errors import BundleError
-
-if TYPE_CHECKING:
-    from runphi.backends.jailhouse.backend import JailhouseBackend
-    from runphi.log import VerbLog
-
-
-def preview_bundle(backend: JailhouseBackend, bundle: Path, platform_name: str | None, fmt: str,
-                   log: VerbLog) -> bytes:
-    """The cell config ``create`` would write for the ZIC in ``bundle``, rendered as ``fmt``."""
-    from runphi import oci
-    from runphi.backends.jailhouse.allocator import request_from
-    from runphi.image import load_boot_description
-
-    if platform_name:
-        backend.use_platform(platform_name)
-    platform = backend.platform
-    config = oci.load_config(bundle)
-    boot = load_boot_description(config.rootfs(bundle), log)
-    container_id = Path(bundle).resolve().name
-    root_cpus = None
-    if not (Path(backend.jh.sysfs) / "cells" / "0" / "cpus_assigned_list").exists():
-        root_cpus = platform.cell_cpu_set | {0}
-        log.info("Jailhouse is not enabled here: planning as if the root cell owned all cell CPUs and CPU 0",
-                 sysfs=backend.jh.sysfs)
-    allocation = backend.allocator().preview(container_id, request_from(config, boot, platform), root_cpus)
-    return render(backend.planned_cell(allocation, boot, container_id), platform.profile, fmt, None)
 
 
 def decode_file(path: Path, fmt: str) -> bytes:
