@@ -22,7 +22,7 @@ from collections.abc import Callable
 import msgspec
 import trio
 
-from runphi.backends.base import CRASHED_STATES, Backend, BackendError, CellRecord, CellStatistics
+from runphi.backends.base import Backend, BackendError, CellRecord, CellState, CellStatistics
 
 
 class CellStats(msgspec.Struct):
@@ -94,20 +94,21 @@ async def stream(backend: Backend, container_id: str, cell: CellRecord, *, inter
                 stats = backend.cell_statistics(cell)
             except BackendError:
                 continue  # the watcher reports the cell going away
-            write(stats_line(container_id, cell.cell_name, backend.cell_state(cell), stats))
+            write(stats_line(container_id, cell.cell_name, backend.cell_state(cell).detail, stats))
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(stats_ticker)
         previous = backend.cell_state(cell)
-        write(state_line(container_id, previous, None))
+        write(state_line(container_id, previous.detail, None))
         while True:
-            await trio.sleep(poll)  # sysfs offers no change notification
-            state = backend.cell_state(cell)
-            if state != previous:
-                write(state_line(container_id, state, previous))
-                if state in CRASHED_STATES:
-                    write(failed_line(container_id, state, sorted(backend.failed_cpus(cell))))
-                previous = state
+            await trio.sleep(poll)  # the backend offers no change notification
+            status = backend.cell_state(cell)
+            if status != previous:
+                write(state_line(container_id, status.detail, previous.detail))
+                if status.state is CellState.FAILED:
+                    write(failed_line(container_id, status.detail or status.state.value,
+                                      sorted(backend.failed_cpus(cell))))
+                previous = status
             if not still_running():
                 break
         nursery.cancel_scope.cancel()

@@ -24,7 +24,7 @@ from typing import Literal
 
 import msgspec
 
-from runphi.backends.base import CellRecord
+from runphi.backends.base import CellRecord, CellState
 from runphi.errors import IllegalTransition
 from runphi.oci import State
 
@@ -102,7 +102,7 @@ def monitor_alive(record: ContainerRecord) -> bool:
     return process_start_time(record.monitor_pid) == record.monitor_start_time
 
 
-def live_status(record: ContainerRecord, cell_state: str | None = None) -> ContainerStatus:
+def live_status(record: ContainerRecord, cell_state: CellState | None = None) -> ContainerStatus:
     """The status right now: the stored one, or ``stopped`` if its process is gone.
 
     ``cell_state`` (the hypervisor's view, when the caller read it) turns a
@@ -111,12 +111,12 @@ def live_status(record: ContainerRecord, cell_state: str | None = None) -> Conta
     """
     if record.status == "stopped" or not monitor_alive(record):
         return "stopped"
-    if record.status == "created" and cell_state in ("running", "running/locked"):
+    if record.status == "created" and cell_state is CellState.RUNNING:
         return "running"
     return record.status
 
 
-def oci_state(record: ContainerRecord, owner: str = "", cell_state: str | None = None) -> State:
+def oci_state(record: ContainerRecord, owner: str = "", cell_state: CellState | None = None) -> State:
     """The OCI state document of ``record`` with its live status (pid 0 when stopped)."""
     status = live_status(record, cell_state)
     return State(

@@ -1,4 +1,5 @@
-"""Reading small untrusted files (a bundle's config.json, an image's boot description).
+"""Reading small untrusted files (a bundle's config.json, an image's boot description),
+and telling whether a directory is safe to keep state in.
 
 Lean: verb processes import this module, so the stdlib only.
 """
@@ -59,3 +60,23 @@ def read_regular_file(path: Path, limit: int, *, follow_symlinks: bool = True) -
     if len(data) > limit:
         raise FileTooLarge(None, limit)
     return data
+
+
+def unsafe_dir_reason(path: Path) -> str | None:
+    """Why ``path`` is no place for runphi's state (None if it is fine).
+
+    State lives in directories only this user can change: anyone else able to
+    write there could plant symlinks or records and steer a root process. So a
+    world-writable directory, or one owned by another user, is refused.
+    """
+    try:
+        info = os.stat(path)
+    except OSError as exc:
+        return f"cannot be inspected: {exc.strerror}"
+    if info.st_uid != os.geteuid():
+        return (f"is owned by uid {info.st_uid}, not by this user (uid {os.geteuid()}): "
+                "refusing to keep state there")
+    if info.st_mode & 0o002:
+        return (f"is world-writable (mode {info.st_mode & 0o7777:o}): refusing to keep state there; "
+                f"chmod o-w {path}")
+    return None

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import msgspec
 
-from runphi.backends.base import ALIVE_STATES, CRASHED_STATES, SHUT_DOWN, CellWatch
+from runphi.backends.base import CellState, CellStatus, CellWatch
 from runphi.container import GRACEFUL_STOP_SIGNALS
 
 #: Signals that turn into a graceful cell shutdown (SIGKILL cannot be caught:
@@ -89,23 +89,23 @@ class MonitorExit(msgspec.Struct, frozen=True):
     dropped_console_bytes: int = 0
 
 
-def decide_exit(state: str | None, *, available: bool, started: bool,
+def decide_exit(status: CellStatus, *, available: bool, started: bool,
                 signal_number: int | None) -> tuple[int, str] | None:
     """The DESIGN §4 exit status for what the cell looks like now, or None to keep watching.
 
-    ``state`` is None when no such cell exists; ``available`` is False when the
-    hypervisor cannot be asked at all.
+    ``available`` is False when the hypervisor cannot be asked at all.
     """
+    state = status.state
     if not available:
         return EXIT_VANISHED, "the hypervisor is unreachable"
-    if state in CRASHED_STATES:
-        return EXIT_CRASHED, f"the cell is `{state}`"
-    if signal_number is not None and (state is None or state == SHUT_DOWN):
+    if state is CellState.FAILED:
+        return EXIT_CRASHED, f"the cell is `{status.detail or state.value}`"
+    if signal_number is not None and state in (CellState.GONE, CellState.SHUT_DOWN):
         name = signal.Signals(signal_number).name
         return 128 + signal_number, f"stopped by {name}"
-    if state is None:
+    if state is CellState.GONE:
         return EXIT_VANISHED, "the cell vanished (destroyed outside runphi)"
-    if state == SHUT_DOWN and started:
+    if state is CellState.SHUT_DOWN and started:
         return EXIT_SELF_SHUTDOWN, "the guest shut itself down"
     return None
 
@@ -235,9 +235,9 @@ class _Watch:
 async def _supervise(setup: MonitorSetup, early: list[int]) -> MonitorExit:
     import trio
 
-    import importlib
+    from runphi.backends.registry import open_cell_watch
 
-    cell = importlib.import_module(f"runphi.backends.{setup.backend}.watch").open_cell_watch(setup)
+    cell = open_cell_watch(setup.backend, setup.backend_config, setup.cell_name, setup.tool_timeout)
     watch = _Watch()
     outcome: MonitorExit | None = None
     console = _console_tasks(setup)
@@ -325,11 +325,11 @@ async def _watch_cell(setup: MonitorSetup, cell: CellWatch, watch: _Watch) -> Mo
 
     shut_down_seen = False
     while True:
-        available, state = cell.read_state()
+        available, status = cell.read_state()
         available = available and not watch.unreachable
-        if state in ALIVE_STATES:
+        if status.state is CellState.RUNNING:
             watch.started.set()  # the cell runs, whatever the fifo says
-        decision = decide_exit(state, available=available, started=watch.started.is_set(),
+        decision = decide_exit(status, available=available, started=watch.started.is_set(),
                                signal_number=watch.signal_number)
         if decision is not None and decision[0] == EXIT_SELF_SHUTDOWN and not shut_down_seen:
             # A destroy also passes through `shut down` just before the cell disappears:
@@ -337,7 +337,7 @@ async def _watch_cell(setup: MonitorSetup, cell: CellWatch, watch: _Watch) -> Mo
             shut_down_seen = True
         elif decision is not None:
             code, reason = decision
-            return MonitorExit(code=code, reason=reason, signal=watch.signal_number, cell_state=state)
+            return MonitorExit(code=code, reason=reason, signal=watch.signal_number, cell_state=status.detail)
         else:
             shut_down_seen = False
         await trio.sleep(setup.poll_interval)  # sysfs offers no change notification

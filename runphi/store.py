@@ -37,6 +37,7 @@ import msgspec
 
 from runphi.container import ContainerRecord
 from runphi.errors import MALFORMED_INPUT, ContainerExists, ContainerNotFound, StateError
+from runphi.files import unsafe_dir_reason
 from runphi.pausepoint import pause_point
 
 RECORD_NAME = "runphi.json"
@@ -76,26 +77,6 @@ def commit_temp(tmp: Path, path: Path) -> None:
     """Second half: rename the temp file over ``path`` and make the rename durable."""
     os.replace(tmp, path)
     fsync_dir(path.parent)
-
-
-def unsafe_dir_reason(path: Path) -> str | None:
-    """Why ``path`` is no place for runphi's state (None if it is fine).
-
-    State lives in directories only this user can change: anyone else able to
-    write there could plant symlinks or records and steer a root process. So a
-    world-writable directory, or one owned by another user, is refused.
-    """
-    try:
-        info = os.stat(path)
-    except OSError as exc:
-        return f"cannot be inspected: {exc.strerror}"
-    if info.st_uid != os.geteuid():
-        return (f"is owned by uid {info.st_uid}, not by this user (uid {os.geteuid()}): "
-                "refusing to keep state there")
-    if info.st_mode & 0o002:
-        return (f"is world-writable (mode {info.st_mode & 0o7777:o}): refusing to keep state there; "
-                f"chmod o-w {path}")
-    return None
 
 
 def atomic_write(path: Path, data: bytes) -> None:

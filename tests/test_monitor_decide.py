@@ -1,4 +1,8 @@
-"""The monitor's exit-status rule (DESIGN §4) as a pure function, state by state."""
+"""The monitor's exit-status rule (DESIGN §4) as a pure function, state by state.
+
+States are written as Jailhouse reports them and mapped by the backend's own
+``cell_status``, so each row also checks that mapping.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import signal
 
 import pytest
 
+from runphi.backends.jailhouse.driver import cell_status
 from runphi.monitor import decide_exit
 
 TERM, KILL, INT, HUP, QUIT = (int(s) for s in (signal.SIGTERM, signal.SIGKILL, signal.SIGINT,
@@ -36,7 +41,7 @@ TERM, KILL, INT, HUP, QUIT = (int(s) for s in (signal.SIGTERM, signal.SIGKILL, s
     ],
 )
 def test_decided_exit_status(state, available, started, sig, code):
-    decision = decide_exit(state, available=available, started=started, signal_number=sig)
+    decision = decide_exit(cell_status(state), available=available, started=started, signal_number=sig)
     assert decision is not None and decision[0] == code
     assert decision[1]
 
@@ -53,4 +58,9 @@ def test_decided_exit_status(state, available, started, sig, code):
     ],
 )
 def test_keeps_watching(state, started, sig):
-    assert decide_exit(state, available=True, started=started, signal_number=sig) is None
+    assert decide_exit(cell_status(state), available=True, started=started, signal_number=sig) is None
+
+
+def test_a_crash_names_the_hypervisors_word():
+    assert decide_exit(cell_status("Comm ABI mismatch"), available=True, started=True,
+                       signal_number=None) == (139, "the cell is `Comm ABI mismatch`")

@@ -12,6 +12,7 @@ standard library only.
 
 from __future__ import annotations
 
+import enum
 from typing import Any, Protocol
 
 import msgspec
@@ -19,22 +20,37 @@ import msgspec
 from runphi.errors import RunphiError
 from runphi.oci import Config
 
-# Cell states exactly as the hypervisor reports them (jailhouse.md §2.3).
-RUNNING = "running"
-RUNNING_LOCKED = "running/locked"
-SHUT_DOWN = "shut down"
-FAILED = "failed"
-COMM_ABI_MISMATCH = "Comm ABI mismatch"
-
 #: Per-container override of the graceful-shutdown deadline (milliseconds).
 SHUTDOWN_TIMEOUT_ANNOTATION = "org.runphi.shutdown-timeout-ms"
 #: Kernel command line of a Linux guest (absent: keep the device tree's bootargs).
 LINUX_CMDLINE_ANNOTATION = "org.runphi.linux.cmdline"
 
-#: States in which the guest is alive.
-ALIVE_STATES = frozenset({RUNNING, RUNNING_LOCKED})
-#: States that mean the guest crashed (DESIGN §4: exit status 139).
-CRASHED_STATES = frozenset({FAILED, COMM_ABI_MISMATCH})
+class CellState(enum.Enum):
+    """A cell's state in runphi's terms; each backend maps its hypervisor's own words onto it."""
+
+    #: Made and loaded, never started (for backends that can tell it from SHUT_DOWN).
+    CREATED = "created"
+    RUNNING = "running"
+    #: Stopped, still there (never started, if the backend cannot tell CREATED).
+    SHUT_DOWN = "shut down"
+    #: Crashed (DESIGN §4: exit status 139).
+    FAILED = "failed"
+    #: No such cell any more.
+    GONE = "gone"
+    #: Something the backend reported that runphi does not know: keep watching.
+    UNKNOWN = "unknown"
+
+
+class CellStatus(msgspec.Struct, frozen=True):
+    """A cell's state, and the backend's own word for it (what users see: "running/locked")."""
+
+    state: CellState
+    #: The hypervisor's text; None when the cell is gone.
+    detail: str | None = None
+
+
+#: The status of a cell that no longer exists.
+GONE = CellStatus(CellState.GONE)
 
 
 class BackendError(RunphiError):
@@ -144,8 +160,8 @@ class Backend(Protocol):
         """The cell name `launch` gives `container_id`: deterministic, so the cell of a
         create that died before recording it can still be found."""
 
-    def cell_state(self, cell: CellRecord) -> str | None:
-        """The cell's current hypervisor state, or None when no such cell exists.
+    def cell_state(self, cell: CellRecord) -> CellStatus:
+        """The cell's current state (``GONE`` when no such cell exists).
 
         ``cell`` is the record ``launch`` returned (the backend may use what it noted there).
         Raises :class:`BackendUnavailable` when the hypervisor cannot be asked.
@@ -173,12 +189,12 @@ class Backend(Protocol):
 class CellWatch(Protocol):
     """The monitor's view of its one cell (async where the backend must be asked).
 
-    Made by ``runphi.backends.<backend>.watch.open_cell_watch(setup)`` inside the
-    monitor, after trio is imported; never used by the verbs.
+    Made by ``runphi.backends.registry.open_cell_watch`` inside the monitor, after
+    trio is imported; never used by the verbs.
     """
 
-    def read_state(self) -> tuple[bool, str | None]:
-        """(hypervisor available, the cell's state or None when it is gone); cheap, no process."""
+    def read_state(self) -> tuple[bool, CellStatus]:
+        """(hypervisor available, the cell's status); cheap, no process."""
 
     async def request_shutdown(self) -> bool:
         """Ask the cell to stop (graceful); True when it is stopped or gone."""

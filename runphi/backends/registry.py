@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from runphi.errors import BackendNotConfigured
 
 if TYPE_CHECKING:
-    from runphi.backends.base import Backend
+    from runphi.backends.base import Backend, CellWatch
     from runphi.config import RuntimeConfig
 
 
@@ -43,3 +43,11 @@ def backend_named(name: str, config: RuntimeConfig, warn: Callable[[str], None],
             f"the {name} backend is not available in this runphi build "
             f"(backend = \"{name}\" in {config.config_path_for_messages})", container_id=container_id)
     return opener(config, warn)
+
+
+def open_cell_watch(backend: str, backend_config: dict[str, str], cell_name: str,
+                    tool_timeout: float) -> CellWatch:
+    """The :class:`CellWatch` of a monitor's cell, from the backend that launched it
+    (its ``watch`` module, imported in the monitor after trio)."""
+    module = importlib.import_module(f"runphi.backends.{backend}.watch")
+    return module.open_cell_watch(backend_config, cell_name, tool_timeout)

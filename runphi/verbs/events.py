@@ -44,7 +44,7 @@ def run(args, ctx) -> int:
     if args.stats:
         from runphi.cell_events import stats_line
 
-        _write(stats_line(record.id, cell.cell_name, backend.cell_state(cell), backend.cell_statistics(cell)))
+        _write(stats_line(record.id, cell.cell_name, backend.cell_state(cell).detail, backend.cell_statistics(cell)))
         return 0
     import trio
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from runphi.backends.base import CellState
 from runphi.container import oci_state
 from runphi.errors import RunphiError
 from runphi.oci import encode_state
@@ -20,11 +21,11 @@ def run(args, ctx) -> int:
     return 0
 
 
-def _cell_state(ctx, record) -> str | None:
+def _cell_state(ctx, record) -> CellState | None:
     """The cell's state as its backend reports it, or None when it cannot be asked."""
     if not record.cell.cell_name:
         return None
     try:
-        return ctx.backend(record.id).cell_state(record.cell)
+        return ctx.backend(record.id).cell_state(record.cell).state
     except RunphiError:
         return None  # no backend any more, or the hypervisor is gone: the monitor decides

@@ -214,7 +214,7 @@ class Allocator:
     @contextmanager
     def _locked(self, exclusive: bool = True) -> Iterator[Ledger]:
         """Hold the ledger lock (shared for readers); yields the current ledger (writers save explicitly)."""
-        from runphi.store import unsafe_dir_reason
+        from runphi.files import unsafe_dir_reason
 
         try:
             self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)

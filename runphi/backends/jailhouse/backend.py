@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from runphi.backends.base import (LINUX_CMDLINE_ANNOTATION, SHUTDOWN_TIMEOUT_ANNOTATION, BackendError,
-                                  CellNotFound, CellRecord, CellStatistics, LaunchedCell, LaunchRequest,
+                                  CellNotFound, CellRecord, CellStatistics, CellStatus, LaunchedCell, LaunchRequest,
                                   ResourceBusy, WatchSettings)
 from runphi.backends.jailhouse.driver import JailhouseDriver, LoadImage, RpuImage
 from runphi.errors import RunphiError
@@ -97,8 +97,10 @@ class JailhouseBackend:
 
         return cell_name(container_id)
 
-    def cell_state(self, cell: CellRecord) -> str | None:
-        return self.driver.cell_state(cell.cell_name, cell.cell_id)
+    def cell_state(self, cell: CellRecord) -> CellStatus:
+        from runphi.backends.jailhouse.driver import cell_status
+
+        return cell_status(self.driver.cell_state(cell.cell_name, cell.cell_id))
 
     def cell_statistics(self, cell: CellRecord) -> CellStatistics:
         return self.driver.statistics(cell.cell_name)

@@ -25,19 +25,39 @@ from pathlib import Path
 
 import msgspec
 
-from runphi.pausepoint import pause_point
 from runphi.backends.base import (
+    GONE,
     BackendError,
     BackendUnavailable,
     CellNotFound,
+    CellState,
     CellStatistics,
+    CellStatus,
     InvalidConfiguration,
     OperationDenied,
     ResourceBusy,
     ToolTimeout,
 )
+from runphi.pausepoint import pause_point
 
 DEFAULT_TOOL_TIMEOUT = 10.0
+
+#: Jailhouse's cell states (sysfs `state`, jailhouse.md §2.3) in runphi's terms. A
+#: cell never started reads `shut down` too: Jailhouse cannot tell CREATED.
+_STATES = {
+    "running": CellState.RUNNING,
+    "running/locked": CellState.RUNNING,
+    "shut down": CellState.SHUT_DOWN,
+    "failed": CellState.FAILED,
+    "Comm ABI mismatch": CellState.FAILED,
+}
+
+
+def cell_status(text: str | None) -> CellStatus:
+    """A cell's sysfs `state` text (None: no such cell) as a :class:`CellStatus`."""
+    if text is None:
+        return GONE
+    return CellStatus(_STATES.get(text, CellState.UNKNOWN), text)
 
 
 class LoadImage(msgspec.Struct, frozen=True):

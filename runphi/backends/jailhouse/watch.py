@@ -15,8 +15,9 @@ import subprocess
 
 import trio
 
-from runphi.backends.base import BackendError, BackendUnavailable, CellNotFound
-from runphi.backends.jailhouse.driver import JailhouseDriver, check_result, destroy_argv, shutdown_argv
+from runphi.backends.base import GONE, BackendError, BackendUnavailable, CellNotFound, CellStatus
+from runphi.backends.jailhouse.driver import (JailhouseDriver, cell_status, check_result, destroy_argv,
+                                              shutdown_argv)
 
 
 def _read_attribute(path: str) -> str | None:
@@ -47,24 +48,24 @@ class JailhouseCellWatch:
         self._cells_dir = str(self.driver.cells_dir)
         self._cell_id: int | None = None
 
-    def read_state(self) -> tuple[bool, str | None]:
-        """(hypervisor reachable through sysfs, the cell's state or None if it is gone).
+    def read_state(self) -> tuple[bool, CellStatus]:
+        """(hypervisor reachable through sysfs, the cell's status: GONE if it is gone).
 
         The common poll is two small reads (name, state) of the cell's known ID;
         only when those fail is the hypervisor checked and the ID looked up again.
         """
         state = self._known_cell_state()
         if state is not None:
-            return True, state
+            return True, cell_status(state)
         try:
             if not self.driver.available():
-                return False, None
+                return False, GONE
             self._cell_id = self.driver.cell_id(self.name)
         except BackendUnavailable:
-            return False, None
+            return False, GONE
         if self._cell_id is None:
-            return True, None
-        return True, _read_attribute(f"{self._cells_dir}/{self._cell_id}/state")
+            return True, GONE
+        return True, cell_status(_read_attribute(f"{self._cells_dir}/{self._cell_id}/state"))
 
     def _known_cell_state(self) -> str | None:
         """The state under the cached ID if that ID still belongs to our cell, else None."""
@@ -109,7 +110,6 @@ class JailhouseCellWatch:
         return False
 
 
-def open_cell_watch(setup) -> JailhouseCellWatch:
-    """The watch for a monitor's :class:`~runphi.monitor.MonitorSetup`."""
-    return JailhouseCellWatch(setup.backend_config["tool"], setup.backend_config["sysfs"], setup.cell_name,
-                              setup.tool_timeout)
+def open_cell_watch(backend_config: dict[str, str], cell_name: str, tool_timeout: float) -> JailhouseCellWatch:
+    """The watch of one cell, with the settings ``launch`` put in its WatchSettings."""
+    return JailhouseCellWatch(backend_config["tool"], backend_config["sysfs"], cell_name, tool_timeout)
