@@ -11,7 +11,7 @@ from pathlib import Path
 
 import msgspec
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from runphi.backends.jailhouse.cellconfig import (
@@ -19,6 +19,7 @@ from runphi.backends.jailhouse.cellconfig import (
     CELL_VIRTUAL_CONSOLE_PERMITTED,
     MEM_COMM_REGION,
     PROFILES,
+    AmbiguousCellConfigError,
     Architecture,
     CacheRegion,
     CellConfig,
@@ -183,6 +184,68 @@ def cell_configs(draw, profile):
     )
 
 
+# The only profiles whose files can share bytes (see read_cell).
+AMBIGUOUS_PAIR = {"rev14", "omnivisor-rev14"}
+
+_ZERO_CACHE = CacheRegion(start=0, size=0, type=0)
+_ZERO_CAP = PciCapability(id=0, start=0, len=0)
+_ZERO_IRQCHIP = IrqChip(address=0, pin_base=0)
+_ZERO_QOS = QosDevice(name="", flags=0, base=0)
+_X86_EMPTY = CellConfig(name="0", architecture=Architecture.X86, cpu_set_size=0, rcpu_set_size=0)
+
+
+def _rpu_demo_region(index: int) -> MemoryRegion:
+    """1 MiB of RAM at 0x40000000 + index MiB; the first one colored."""
+    base = 0x40000000 + index * 0x100000
+    return MemoryRegion(phys_start=base, virt_start=base, size=0x100000, flags=3, colors=0xF0 if index == 0 else 0)
+
+
+# An Omnivisor cell with rCPUs and colored RAM (fork-only content) whose bytes are also a rev14 file:
+# 8-byte rCPU set, 5 regions, 2 PCI devices, 1 stream id solve read_cell's length equation.
+RPU_DEMO = CellConfig(
+    name="rpu-demo", architecture=Architecture.ARM64, cpus=frozenset({2, 3}), rcpus=frozenset({0, 1}),
+    memory_regions=tuple(_rpu_demo_region(i) for i in range(5)), stream_ids=(0x870,),
+    pci_devices=(PciDevice(type=3, bdf=8), PciDevice(type=3, bdf=16)),
+)  # fmt: skip
+
+# Configs whose bytes are also a valid file of the other profile of the pair: the first three
+# are what hypothesis found (shrunk), the last is RPU_DEMO.
+FOUND_EXAMPLES: dict[str, list[CellConfig]] = {
+    "omnivisor-rev14": [
+        msgspec.structs.replace(_X86_EMPTY, cache_regions=(_ZERO_CACHE,), pci_caps=(_ZERO_CAP,) * 2, stream_ids=(0,)),
+        msgspec.structs.replace(
+            _X86_EMPTY, cache_regions=(_ZERO_CACHE,) * 2, irqchips=(_ZERO_IRQCHIP,), stream_ids=(0,)
+        ),
+        msgspec.structs.replace(
+            _X86_EMPTY, pio_regions=(PioRegion(base=0, length=0),), stream_ids=(0,), qos_devices=(_ZERO_QOS,) * 2
+        ),
+        RPU_DEMO,
+    ],
+}
+
+
+def assert_ambiguous(data: bytes, error: AmbiguousCellConfigError, written: str) -> None:
+    """`data` is a file of both profiles of the pair, read as two configs that each re-encode to it."""
+    assert {p.name for p in error.profiles} == AMBIGUOUS_PAIR and written in AMBIGUOUS_PAIR
+    assert "valid as both rev14 and omnivisor-rev14" in str(error)
+    readings = [read_cell(data, p)[1] for p in error.profiles]
+    assert readings[0] != readings[1]
+    for p, config in zip(error.profiles, readings):
+        assert write_cell(config, p) == data
+
+
+def check_round_trip(config: CellConfig, profile) -> None:
+    """Exact round trip in `profile`; detection finds `profile`, or refuses the bytes as ambiguous."""
+    data = write_cell(config, profile)
+    assert read_cell(data, profile) == (profile, config)
+    try:
+        detected, decoded = read_cell(data)
+    except AmbiguousCellConfigError as exc:
+        assert_ambiguous(data, exc, profile.name)
+        return
+    assert detected == profile and decoded == config
+
+
 @pytest.mark.parametrize("profile_name", list(PROFILES))
 def test_round_trip_random_configs(profile_name: str) -> None:
     profile = get_profile(profile_name)
@@ -190,12 +253,43 @@ def test_round_trip_random_configs(profile_name: str) -> None:
     @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(cell_configs(profile))
     def check(config: CellConfig) -> None:
-        data = write_cell(config, profile)
-        assert read_cell(data, profile) == (profile, config)
-        detected, decoded = read_cell(data)
-        assert detected == profile and decoded == config
+        check_round_trip(config, profile)
 
+    for found in FOUND_EXAMPLES.get(profile_name, ()):
+        check = example(found)(check)
     check()
+
+
+def test_bytes_of_both_rev14_profiles_are_refused_by_detection() -> None:
+    omnivisor, rev14 = PROFILES["omnivisor-rev14"], PROFILES["rev14"]
+    data = write_cell(FOUND_EXAMPLES["omnivisor-rev14"][0], omnivisor)
+    with pytest.raises(AmbiguousCellConfigError, match="valid as both rev14 and omnivisor-rev14") as info:
+        read_cell(data)
+    assert_ambiguous(data, info.value, "omnivisor-rev14")
+    # rev14 reads the fork's counts 4 bytes early: its cache region as an irqchip, its caps as stream ids
+    _, upstream = read_cell(data, rev14)
+    assert upstream.irqchips == (_ZERO_IRQCHIP,) and upstream.stream_ids == (0, 0) and not upstream.cache_regions
+    assert upstream.vpci_irq_base == 1  # the fork's num_stream_ids
+
+
+def test_a_fork_file_with_fork_only_content_can_be_ambiguous() -> None:
+    """So "upstream wins" would misread real fork files: detection refuses instead."""
+    data = write_cell(RPU_DEMO, PROFILES["omnivisor-rev14"])
+    with pytest.raises(AmbiguousCellConfigError):
+        read_cell(data)
+    _, upstream = read_cell(data, PROFILES["rev14"])
+    assert len(upstream.memory_regions) == 8 and not upstream.cpus  # rcpu_set_size read as a count
+
+
+def test_rev14_config_with_the_same_bytes_is_refused_too() -> None:
+    """Ambiguity is a property of the bytes: writing the rev14 reading gives the same refusal."""
+    omnivisor, rev14 = PROFILES["omnivisor-rev14"], PROFILES["rev14"]
+    for found in FOUND_EXAMPLES["omnivisor-rev14"]:
+        data = write_cell(found, omnivisor)
+        _, upstream = read_cell(data, rev14)
+        check_round_trip(upstream, rev14)
+        with pytest.raises(AmbiguousCellConfigError):
+            read_cell(write_cell(upstream, rev14))
 
 
 # --- reader errors ---

@@ -765,17 +765,20 @@ def read_cell(data: bytes, profile: FormatProfile | None = None) -> tuple[Format
     the whole file decodes strictly (exact length, every array, no reserved bits). If
     none does it raises CellConfigError with each profile's reason; if two do it raises
     AmbiguousCellConfigError naming both, and the caller must name the profile: there is
-    no tie-break, because the two readings are always different configurations.
+    no tie-break, because the two readings are always different configurations (both
+    account for every byte, so neither is more faithful to the file).
 
     Only upstream rev14 and omnivisor-rev14 (both JHCLL revision 14) can share bytes.
     The fork's `rcpu_set_size` sits before the counts, so every header field after
     `cpu_set_size` is read 4 bytes apart (upstream's num_memory_regions is the fork's
-    rcpu_set_size, and so on); with the fork's counts R (rcpu_set_size), M, C, I, P,
-    D, K, S, Q (regions, caches, irqchips, pios, pci devices, caps, stream ids, qos)
-    the two lengths agree iff 31R + 20C + 52P == 8 + 28M + 28I + 48D + 4K + 4S + 20Q,
-    which needs no fork-only content (R = Q = 0 and C = 1, K = 2, S = 1 is one case).
-    Upstream rev13 and runphi-rev13 never do: their counts share offsets and for equal
-    counts the fork's file is 4 + 8M + 20Q bytes longer.
+    rcpu_set_size, upstream's num_cache_regions the fork's num_memory_regions, ...).
+    With the fork's counts R (rcpu_set_size), M, C, I, P, D, K, S, Q (regions, caches,
+    irqchips, pios, pci devices, caps, stream ids, qos) the two lengths agree iff
+    31R + 20C + 52P == 8 + 28M + 28I + 48D + 4K + 4S + 20Q, and the arrays must then
+    pass both strict checks too. That needs no fork-only content (R = Q = 0, C = 1,
+    K = 2, S = 1 is one case), and equal readings would need all counts equal, which
+    the equation rules out. Upstream rev13 and runphi-rev13 never share bytes: their
+    counts share offsets and for equal counts the fork's file is 4 + 8M + 20Q longer.
     """
     if profile is not None:
         return profile, _read_with(data, profile)
