@@ -73,8 +73,11 @@ def _terminal_columns() -> int:
         return int(os.environ["COLUMNS"])
     except (KeyError, ValueError):
         pass
+    stdout = sys.__stdout__
+    if stdout is None:
+        return 80
     try:
-        return os.get_terminal_size(sys.__stdout__.fileno()).columns
+        return os.get_terminal_size(stdout.fileno()).columns
     except (AttributeError, ValueError, OSError):
         return 80
 
@@ -237,6 +240,7 @@ def _p_cell_config(p):
     _flag(p, "format", choices=("c", "text", "binary"), default="text")
     _flag(p, "output", "-o", help="write here instead of stdout")
     _flag(p, "decode", metavar="FILE", help="decode an existing .cell file instead")
+    _flag(p, "profile", help="with --decode: the cell format profile (default: detected from the file)")
 
 
 def _p_logs(p):

@@ -141,3 +141,20 @@ def test_a_linux_bundle_previews_the_cell_create_writes(tmp_path: Path) -> None:
         previews[root.name] = out.stdout.decode()
     assert "cpu_reset_address: 0x0\n" in previews["linux-demo"]
     assert "cpu_reset_address: 0x0\n" not in previews["bare-demo"]
+
+
+def test_an_ambiguous_file_is_refused_until_its_profile_is_named(tmp_path: Path) -> None:
+    from tests.test_cellconfig import RPU_DEMO
+
+    cell = tmp_path / "rpu-demo.cell"
+    cell.write_bytes(cc.write_cell(RPU_DEMO, cc.PROFILES["omnivisor-rev14"]))
+    refused = runphi("cell-config", "--decode", str(cell), tmp_path=tmp_path)
+    assert refused.returncode == 1 and b"valid as both rev14 and omnivisor-rev14" in refused.stderr
+    named = runphi("cell-config", "--decode", str(cell), "--profile", "omnivisor-rev14", tmp_path=tmp_path)
+    assert named.returncode == 0, named.stderr
+    assert b"profile:           omnivisor-rev14" in named.stdout
+    again = runphi("cell-config", "--decode", str(cell), "--profile", "omnivisor-rev14", "--format", "binary",
+                   tmp_path=tmp_path)
+    assert again.stdout == cell.read_bytes()
+    misused = runphi("cell-config", "--profile", "rev14", str(cell), tmp_path=tmp_path)
+    assert misused.returncode == 1 and b"--profile names the format of a --decode FILE" in misused.stderr

@@ -1,7 +1,7 @@
 """`runphi cell-config`: show the cell configuration create would generate, or decode a `.cell`.
 
     runphi cell-config BUNDLE [--platform P] [--format text|c|binary] [-o FILE]
-    runphi cell-config --decode FILE [--format text|c|binary] [-o FILE]
+    runphi cell-config --decode FILE [--profile P] [--format text|c|binary] [-o FILE]
 
 A tool about Jailhouse's cell format, so it asks the registry for the Jailhouse
 backend whatever runphi.toml selects; the preview is planned exactly as create
@@ -25,12 +25,14 @@ def run(args, ctx: Context) -> int:
     """Render or decode; the result goes to `args.output` or stdout."""
     if args.decode and args.bundle:
         raise UsageError("cell-config takes either BUNDLE or --decode FILE, not both")
+    if args.profile and not args.decode:
+        raise UsageError("cell-config --profile names the format of a --decode FILE")
     if not args.decode and not args.bundle:
         raise UsageError("cell-config needs a BUNDLE (or --decode FILE)")
     jailhouse = backend_named("jailhouse", ctx.config, ctx.log.warn)
     fmt = args.format or "text"
     if args.decode:
-        data = jailhouse.decode_cell_config(Path(args.decode), fmt)
+        data = jailhouse.decode_cell_config(Path(args.decode), fmt, args.profile)
     else:
         data = jailhouse.cell_config_preview(Path(args.bundle), args.platform, fmt, ctx.log)
     emit(data, args.output)

@@ -236,11 +236,11 @@ class JailhouseBackend:
         return render(self.planned_cell(allocation, boot, container_id), platform.profile, fmt, None)
 
     @staticmethod
-    def decode_cell_config(path: Path, fmt: str) -> bytes:
-        """What ``runphi cell-config --decode FILE`` prints."""
+    def decode_cell_config(path: Path, fmt: str, profile: str | None = None) -> bytes:
+        """What ``runphi cell-config --decode FILE [--profile P]`` prints."""
         from runphi.backends.jailhouse.preview import decode_file
 
-        return decode_file(path, fmt)
+        return decode_file(path, fmt, profile)
 
     def _create_cell(self, cell_file: str, name: str, allocation: Allocation) -> None:
         try:

@@ -9,19 +9,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from runphi.backends.jailhouse.cellconfig import CellConfig, FormatProfile, read_cell, write_cell
+from runphi.backends.jailhouse.cellconfig import CellConfig, FormatProfile, get_profile, read_cell, write_cell
 from runphi.backends.jailhouse.errors import CellConfigError
 from runphi.errors import BundleError
 
 
-def decode_file(path: Path, fmt: str) -> bytes:
-    """The `.cell` at ``path`` (any profile, detected) rendered as ``fmt``."""
+def decode_file(path: Path, fmt: str, profile_name: str | None = None) -> bytes:
+    """The `.cell` at ``path`` rendered as ``fmt``: read as ``profile_name``, else its profile detected."""
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise BundleError(f"cannot read cell configuration {path}: {exc.strerror}") from None
     try:
-        profile, config = read_cell(data)
+        profile, config = read_cell(data, get_profile(profile_name) if profile_name else None)
     except CellConfigError as exc:
         raise CellConfigError(f"{path}: {exc}") from None
     return render(config, profile, fmt, len(data))
