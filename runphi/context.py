@@ -18,6 +18,7 @@ from runphi.config import RuntimeConfig
 
 if TYPE_CHECKING:
     from runphi.backends.base import Backend
+    from runphi.core.node import Node
     from runphi.log import VerbLog
     from runphi.store import Store
 
@@ -46,6 +47,7 @@ class Context:
         self.log_level = log_level
         self._log: VerbLog | None = None
         self._store: Store | None = None
+        self._node: Node | None = None
 
     @property
     def root(self) -> Path:
@@ -77,6 +79,15 @@ class Context:
         from runphi.backends.registry import open_backend
 
         return open_backend(self.config, lambda message: self.log.warn(message), container_id)
+
+    @property
+    def node(self) -> Node:
+        """This node as the core sees it: the store, the backend (opened on demand), the log."""
+        if self._node is None:
+            from runphi.core.node import Node
+
+            self._node = Node(self.store, self.backend, self.log, self.monitor_log)
+        return self._node
 
     @property
     def monitor_log(self) -> tuple[str, str, str]:

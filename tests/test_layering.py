@@ -40,11 +40,11 @@ ABOVE_BACKENDS = ("runphi.verbs", "runphi.cli", "runphi.core", "runphi.monitor",
 # Edges the walker must see, one per way of importing, so a broken walker cannot pass
 # every rule by finding nothing: (file, module, kind, dynamic).
 KNOWN_RUNPHI_EDGES = (
-    ("runphi/verbs/create.py", "runphi.core.launch", RUNTIME, False),
+    ("runphi/verbs/create.py", "runphi.core.create", RUNTIME, False),
     ("runphi/backends/jailhouse/backend.py", "runphi.backends.base", RUNTIME, False),
     ("runphi/verbs/run.py", "runphi.verbs.create", RUNTIME, False),
-    ("runphi/verbs/_common.py", "runphi.context", TYPE_ONLY, False),
-    ("runphi/verbs/start.py", "runphi.hooks", LAZY, False),
+    ("runphi/context.py", "runphi.core.node", TYPE_ONLY, False),
+    ("runphi/core/start.py", "runphi.hooks", LAZY, False),
     ("runphi/backends/registry.py", "runphi.backends", LAZY, True),
 )
 KNOWN_SIMULATOR_EDGES = (

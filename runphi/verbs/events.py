@@ -39,13 +39,15 @@ def run(args, ctx) -> int:
     record = ctx.store.read(args.container_id)
     if live_status(record) == "stopped":
         raise RunphiError(f"container with id {record.id} is not running", container_id=record.id)
-    backend = ctx.backend(record.id)
     cell = record.cell
     if args.stats:
         from runphi.cell_events import stats_line
+        from runphi.core.state import zic_stats
 
-        _write(stats_line(record.id, cell.cell_name, backend.cell_state(cell).detail, backend.cell_statistics(cell)))
+        status, stats = zic_stats(ctx.node, record)
+        _write(stats_line(record.id, cell.cell_name, status.detail, stats))
         return 0
+    backend = ctx.backend(record.id)
     import trio
 
     from runphi.cell_events import stream

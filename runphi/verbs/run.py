@@ -15,17 +15,19 @@ comes back over a private console socket and ``run`` relays it to its stdio
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import signal
 from collections.abc import Iterator
 from pathlib import Path
 
+from runphi.core.create import load_zic_config
+from runphi.core.delete import delete_zic
+from runphi.core.start import start_zic
 from runphi.errors import RunphiError
 from runphi.forward import exec_runc
 from runphi.oci import Config
-from runphi.verbs import create, delete, start
+from runphi.verbs import create
 
 _PR_SET_CHILD_SUBREAPER = 36
 
@@ -66,11 +68,11 @@ def run(args, ctx) -> int:
     bundle = Path(args.bundle).absolute()
     if not create.decide_zic(bundle, args.container_id):
         exec_runc(ctx)
-    loaded = create.load_zic_config(ctx, bundle, args.container_id)
+    loaded = load_zic_config(ctx.node, bundle, args.container_id)
     if args.detach:
         create.create_loaded(args, ctx, bundle, loaded)
         with _deleted_on_failure(args, ctx):
-            start.run(args, ctx)
+            start_zic(ctx.node, args.container_id)
         return 0
     _become_subreaper()
     master = None
@@ -82,7 +84,7 @@ def run(args, ctx) -> int:
         with _deleted_on_failure(args, ctx):
             record = ctx.store.read(args.container_id)
             previous = _forward_signals_to(record.monitor_pid)
-            start.run(args, ctx)
+            start_zic(ctx.node, args.container_id)
             if master is not None:
                 from runphi.console.foreground import relay_terminal
 
@@ -95,7 +97,7 @@ def run(args, ctx) -> int:
     for sig, handler in previous.items():
         signal.signal(sig, handler)
     if not args.keep:
-        delete.run(_delete_args(args), ctx)
+        delete_zic(ctx.node, args.container_id, force=True)
     return _exit_status(wait_status)
 
 
@@ -124,9 +126,7 @@ def _deleted_on_failure(args, ctx) -> Iterator[None]:
     try:
         yield
     except BaseException:
-        delete.run(_delete_args(args), ctx)
+        delete_zic(ctx.node, args.container_id, force=True)
         raise
 
 
-def _delete_args(args) -> argparse.Namespace:
-    return argparse.Namespace(verb="delete", container_id=args.container_id, force=True)
