@@ -31,12 +31,19 @@ from runphi.errors import RunphiError
 
 
 class HookSpec(Protocol):
-    """The fields of an OCI hook entry that runphi reads."""
+    """The fields of an OCI hook entry that runphi reads (read-only, so frozen structs fit)."""
 
-    path: str
-    args: list[str] | None
-    env: list[str] | None
-    timeout: int | None
+    @property
+    def path(self) -> str: ...
+
+    @property
+    def args(self) -> list[str] | None: ...
+
+    @property
+    def env(self) -> list[str] | None: ...
+
+    @property
+    def timeout(self) -> int | None: ...
 
 
 class HookFailed(RunphiError):

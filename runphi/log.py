@@ -23,7 +23,8 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import Any
+from collections.abc import Mapping, MutableMapping
+from typing import Any, TextIO, cast
 
 import msgspec
 
@@ -61,7 +62,7 @@ def _text_value(value: Any) -> str:
     return msgspec.json.encode(text).decode()
 
 
-def format_line(fmt: str, level: str, msg: str, context: dict[str, Any]) -> bytes:
+def format_line(fmt: str, level: str, msg: str, context: Mapping[str, Any]) -> bytes:
     """One complete log line (with newline) in ``fmt`` ("json" or "text")."""
     wire_level = _WIRE_NAME.get(level, level)
     stamp = rfc3339_now()
@@ -102,7 +103,7 @@ class LogSink:
 
     def fileno(self) -> int:
         """The fd to write to; opens ``--log`` append-only on first use."""
-        if self.is_stderr:
+        if self.is_stderr or self.path is None:
             return 2
         if self._fd is None:
             flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_SYNC | os.O_CLOEXEC
@@ -185,14 +186,15 @@ class _SinkFile:
 def _structlog_logger(sink: LogSink, fmt: str, level: str, **bind: Any):
     import structlog
 
-    def render(_logger: Any, method: str, event: dict[str, Any]) -> str:
+    def render(_logger: Any, method: str, event: MutableMapping[str, Any]) -> str:
         line_level = event.pop("_level", None) or ("warn" if method == "warning" else method)
         msg = str(event.pop("event", ""))
         return format_line(fmt, line_level, msg, event).decode().rstrip("\n")
 
     numeric = {"error": 40, "warn": 30, "info": 20, "debug": 10, "trace": 10}[level]
     return structlog.wrap_logger(
-        structlog.WriteLogger(_SinkFile(sink)),
+        # WriteLogger is annotated TextIO but uses only write() and flush().
+        structlog.WriteLogger(cast(TextIO, _SinkFile(sink))),
         processors=[render],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         cache_logger_on_first_use=False,

@@ -11,9 +11,9 @@ class UndoStack:
     """Undo actions run last-in first-out; each one's failure is collected, not raised."""
 
     def __init__(self) -> None:
-        self._actions: list[tuple[str, Callable[[], None]]] = []
+        self._actions: list[tuple[str, Callable[[], object]]] = []
 
-    def push(self, what: str, action: Callable[[], None]) -> None:
+    def push(self, what: str, action: Callable[[], object]) -> None:
         self._actions.append((what, action))
 
     def unwind(self) -> list[str]:

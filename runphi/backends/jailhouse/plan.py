@@ -51,7 +51,8 @@ def irqchips_for(irqs: set[int], platform: Platform, cell: str) -> tuple[cc.IrqC
         words = chips.setdefault(index, [0, 0, 0, 0])
         words[pin // 32] |= 1 << (pin % 32)
     return tuple(
-        cc.IrqChip(address=platform.gic.gicd, id=0, pin_base=base + IRQS_PER_CHIP * index, pin_bitmap=tuple(words))
+        cc.IrqChip(address=platform.gic.gicd, id=0, pin_base=base + IRQS_PER_CHIP * index,
+                   pin_bitmap=(words[0], words[1], words[2], words[3]))
         for index, words in sorted(chips.items())
     )
 

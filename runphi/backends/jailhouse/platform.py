@@ -32,10 +32,14 @@ _ARCHITECTURES = {a.name.lower(): a for a in cc.Architecture}
 
 
 class _Table(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    """Base of every template table: unknown keys are typos and refused."""
+    """Base of every template table: unknown keys are typos and refused.
+
+    Subclasses repeat ``frozen=True``: msgspec inherits it anyway, but type checkers
+    read each class's own keywords.
+    """
 
 
-class RamPool(_Table, kw_only=True):
+class RamPool(_Table, frozen=True, kw_only=True):
     """Physical RAM [start, end) the root cell can give to cells."""
 
     start: int
@@ -46,7 +50,7 @@ class RamPool(_Table, kw_only=True):
         return self.end - self.start
 
 
-class MemoryLayout(_Table, kw_only=True):
+class MemoryLayout(_Table, frozen=True, kw_only=True):
     """Where cell RAM comes from and how a cell sees it.
 
     `qemu`: `low_ram_size` bytes at guest 0 (R|W|X|LOADABLE) plus the main RAM at
@@ -62,7 +66,7 @@ class MemoryLayout(_Table, kw_only=True):
     default_size: int = 64 * MiB
 
 
-class UartSlot(_Table, kw_only=True):
+class UartSlot(_Table, frozen=True, kw_only=True):
     """One console UART a cell can own (or, with `shared`, that every cell shares).
 
     `irq` is the pin put in the cell's irqchip bitmap (the guest-visible one);
@@ -101,7 +105,7 @@ class UartSlot(_Table, kw_only=True):
         return cc.Console(address=self.guest, size=self.size, type=_CONSOLE_TYPES[self.console_type], flags=flags)
 
 
-class Gic(_Table, kw_only=True):
+class Gic(_Table, frozen=True, kw_only=True):
     """The interrupt controller as cells' irqchip entries need it."""
 
     version: int = 3
@@ -110,7 +114,7 @@ class Gic(_Table, kw_only=True):
     pin_base: int = 32
 
 
-class Ivshmem(_Table, kw_only=True):
+class Ivshmem(_Table, frozen=True, kw_only=True):
     """ivshmem virtual-ethernet links to the root: slot n uses window base + (n-1)*window."""
 
     base: int
@@ -128,7 +132,7 @@ class Ivshmem(_Table, kw_only=True):
         return 32 + self.vpci_irq_base + (slot & 3)
 
 
-class TcmRegion(_Table, kw_only=True):
+class TcmRegion(_Table, frozen=True, kw_only=True):
     """A tightly coupled memory bank mapped into an RPU cell."""
 
     phys: int
@@ -137,21 +141,21 @@ class TcmRegion(_Table, kw_only=True):
     flag: Literal["TCM_A", "TCM_B"]
 
 
-class Rpu(_Table, kw_only=True):
+class Rpu(_Table, frozen=True, kw_only=True):
     """A real-time core (Omnivisor rCPU) and the TCM banks its cell maps."""
 
     id: int
     tcm: list[TcmRegion] = []
 
 
-class CommRegion(_Table, kw_only=True):
+class CommRegion(_Table, frozen=True, kw_only=True):
     """Where cells see their communication page."""
 
     guest: int = 0x80000000
     size: int = 0x1000
 
 
-class Platform(_Table, kw_only=True):
+class Platform(_Table, frozen=True, kw_only=True):
     """One board as runphi sees it; built by `load_platform`."""
 
     name: str
