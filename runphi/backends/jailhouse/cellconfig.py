@@ -644,6 +644,62 @@ def _read_with(data: bytes, profile: FormatProfile) -> CellConfig:
     cur = _Cursor(data, profile)
     layout, fields = _header_layout(profile)
     h = dict(zip(fields, cur.unpack(layout, "the header")))
+    arch = _check_header(h, profile)
+    name = _decode_name(h["name"], "the cell name")
+    counts = _Counts.of(h)
+    _check_length(data, profile, name, h, counts)
+    # the length check above guarantees every array below is complete
+    cpus = _decode_cpus(cur.take(counts.cpu_set, "the CPU set"))
+    rcpus = _decode_cpus(cur.take(counts.rcpu_set, "the rCPU set")) if profile.has_rcpu_set else frozenset()
+    region = _REGION[profile.region_size]
+    regions = [
+        MemoryRegion(phys_start=v[0], virt_start=v[1], size=v[2], flags=v[3], colors=v[4] if len(v) > 4 else 0)
+        for v in cur.array(region, counts.mem)
+    ]
+    caches = _read_caches(cur, counts.cache, name)
+    irqchips = [
+        IrqChip(address=v[0], id=v[1], pin_base=v[2], pin_bitmap=v[3:7]) for v in cur.array(_IRQCHIP, counts.irq)
+    ]
+    pios = [PioRegion(base=b, length=n) for b, n in cur.array(_PIO, counts.pio)]
+    pcis = [_pci_from(v, name, i) for i, v in enumerate(cur.array(_PCI, counts.pci))]
+    caps = [PciCapability(id=v[0], start=v[1], len=v[2], flags=v[3]) for v in cur.array(_PCI_CAP, counts.caps)]
+    sids = tuple(v[0] for v in cur.array(_STREAM_ID, counts.sids))
+    qos = [
+        QosDevice(name=_decode_qos_name(qname, name, i), flags=qflags, base=qbase)
+        for i, (qname, qflags, qbase) in enumerate(cur.array(_QOS, counts.qos))
+    ]
+    return CellConfig(
+        name=name, flags=h["flags"], id=h["id"], architecture=arch, cpus=cpus, cpu_set_size=counts.cpu_set,
+        rcpus=rcpus, rcpu_set_size=counts.rcpu_set, memory_regions=tuple(regions), cache_regions=tuple(caches),
+        irqchips=tuple(irqchips), pio_regions=tuple(pios), pci_devices=tuple(pcis), pci_caps=tuple(caps),
+        stream_ids=sids, qos_devices=tuple(qos), vpci_irq_base=h["vpci_irq_base"],
+        cpu_reset_address=h["cpu_reset_address"], msg_reply_timeout=h["msg_reply_timeout"], console=_console_from(h),
+    )  # fmt: skip
+
+
+class _Counts(msgspec.Struct, frozen=True):
+    """The sizes and counts a header announces (the fork-only ones default as upstream has none)."""
+
+    cpu_set: int
+    rcpu_set: int
+    mem: int
+    cache: int
+    irq: int
+    pio: int
+    pci: int
+    caps: int
+    sids: int
+    qos: int
+
+    @classmethod
+    def of(cls, h: dict) -> _Counts:
+        mem, cache, irq, pio, pci, caps, sids = (h[f] for f in _COUNT_FIELDS)
+        return cls(cpu_set=h["cpu_set_size"], rcpu_set=h.get("rcpu_set_size", 8), mem=mem, cache=cache, irq=irq,
+                   pio=pio, pci=pci, caps=caps, sids=sids, qos=h.get("num_qos_devices", 0))
+
+
+def _check_header(h: dict, profile: FormatProfile) -> Architecture | None:
+    """Refuse a foreign signature, architecture byte or revision; the architecture (None if the profile has none)."""
     if h["signature"] != profile.signature:
         raise CellConfigError(
             f"not a {profile.name} cell configuration: signature {h['signature']!r}, expected {profile.signature!r}"
@@ -660,57 +716,39 @@ def _read_with(data: bytes, profile: FormatProfile) -> CellConfig:
         raise CellConfigError(
             f"cell configuration revision {h['revision']}, profile {profile.name} is {profile.revision}"
         )
-    name = _decode_name(h["name"], "the cell name")
-    cpu_set_size = h["cpu_set_size"]
-    rcpu_set_size = h.get("rcpu_set_size", 8)
-    n_mem, n_cache, n_irq, n_pio, n_pci, n_caps, n_sids = (h[f] for f in _COUNT_FIELDS)
-    n_qos = h.get("num_qos_devices", 0)
-    console = Console(
-        address=h["con_address"], size=h["con_size"], type=h["con_type"], flags=h["con_flags"],
-        divider=h["con_divider"], gate_nr=h["con_gate_nr"], clock_reg=h["con_clock_reg"],
-    )  # fmt: skip
+    return arch
+
+
+def _check_length(data: bytes, profile: FormatProfile, name: str, h: dict, counts: _Counts) -> None:
+    """The file must be exactly as long as its header says: no truncation, no trailing bytes."""
     expected = (
-        profile.header_size + cpu_set_size + (rcpu_set_size if profile.has_rcpu_set else 0)
-        + n_mem * profile.region_size + n_cache * _CACHE.size + n_irq * _IRQCHIP.size
-        + n_pio * _PIO.size + n_pci * _PCI.size + n_caps * _PCI_CAP.size
-        + n_sids * _STREAM_ID.size + n_qos * _QOS.size
+        profile.header_size + counts.cpu_set + (counts.rcpu_set if profile.has_rcpu_set else 0)
+        + counts.mem * profile.region_size + counts.cache * _CACHE.size + counts.irq * _IRQCHIP.size
+        + counts.pio * _PIO.size + counts.pci * _PCI.size + counts.caps * _PCI_CAP.size
+        + counts.sids * _STREAM_ID.size + counts.qos * _QOS.size
     )  # fmt: skip
     if expected != len(data):
         raise CellConfigError(
             f"{profile.name} cell configuration {name!r}: its header describes {expected} bytes "
             f"but the file has {len(data)} bytes (truncated, trailing data, or another profile)"
         )
-    # the length check above guarantees every array below is complete
-    cpus = _decode_cpus(cur.take(cpu_set_size, "the CPU set"))
-    rcpus = _decode_cpus(cur.take(rcpu_set_size, "the rCPU set")) if profile.has_rcpu_set else frozenset()
-    region = _REGION[profile.region_size]
-    regions = [
-        MemoryRegion(phys_start=v[0], virt_start=v[1], size=v[2], flags=v[3], colors=v[4] if len(v) > 4 else 0)
-        for v in cur.array(region, n_mem)
-    ]
+
+
+def _console_from(h: dict) -> Console:
+    return Console(
+        address=h["con_address"], size=h["con_size"], type=h["con_type"], flags=h["con_flags"],
+        divider=h["con_divider"], gate_nr=h["con_gate_nr"], clock_reg=h["con_clock_reg"],
+    )  # fmt: skip
+
+
+def _read_caches(cur: _Cursor, count: int, name: str) -> list[CacheRegion]:
+    """Cache regions; a non-zero padding byte is refused (it would not survive a rewrite)."""
     caches = []
-    for i, (start, size, ctype, pad, cflags) in enumerate(cur.array(_CACHE, n_cache)):
+    for i, (start, size, ctype, pad, cflags) in enumerate(cur.array(_CACHE, count)):
         if pad:
             raise CellConfigError(f"garbled cell configuration {name!r}: cache region {i} has a non-zero padding byte")
         caches.append(CacheRegion(start=start, size=size, type=ctype, flags=cflags))
-    irqchips = [
-        IrqChip(address=v[0], id=v[1], pin_base=v[2], pin_bitmap=v[3:7]) for v in cur.array(_IRQCHIP, n_irq)
-    ]
-    pios = [PioRegion(base=b, length=n) for b, n in cur.array(_PIO, n_pio)]
-    pcis = [_pci_from(v, name, i) for i, v in enumerate(cur.array(_PCI, n_pci))]
-    caps = [PciCapability(id=v[0], start=v[1], len=v[2], flags=v[3]) for v in cur.array(_PCI_CAP, n_caps)]
-    sids = tuple(v[0] for v in cur.array(_STREAM_ID, n_sids))
-    qos = [
-        QosDevice(name=_decode_qos_name(qname, name, i), flags=qflags, base=qbase)
-        for i, (qname, qflags, qbase) in enumerate(cur.array(_QOS, n_qos))
-    ]
-    return CellConfig(
-        name=name, flags=h["flags"], id=h["id"], architecture=arch, cpus=cpus, cpu_set_size=cpu_set_size,
-        rcpus=rcpus, rcpu_set_size=rcpu_set_size, memory_regions=tuple(regions), cache_regions=tuple(caches),
-        irqchips=tuple(irqchips), pio_regions=tuple(pios), pci_devices=tuple(pcis), pci_caps=tuple(caps),
-        stream_ids=sids, qos_devices=tuple(qos), vpci_irq_base=h["vpci_irq_base"],
-        cpu_reset_address=h["cpu_reset_address"], msg_reply_timeout=h["msg_reply_timeout"], console=console,
-    )  # fmt: skip
+    return caches
 
 
 def _decode_qos_name(field: bytes, cell: str, index: int) -> str:

@@ -18,10 +18,15 @@ from runphi.backends.jailhouse.cellconfig import (
     MEM_FLAG_NAMES,
     PCI_TYPE_NAMES,
     QOS_FLAG_NAMES,
+    CacheRegion,
     CellConfig,
     FormatProfile,
+    IrqChip,
     MemoryRegion,
+    PciCapability,
     PciDevice,
+    PioRegion,
+    QosDevice,
     format_flags,
     shmem_protocol_name,
     write_cell,
@@ -48,15 +53,40 @@ def bdf_text(bdf: int) -> str:
 
 def describe_cell(config: CellConfig, profile: FormatProfile, size: int | None = None) -> str:
     """Every field of `config` as readable text, flags with their names."""
+    sections = (
+        _describe_header(config, profile, size),
+        _describe_console(config, profile),
+        _describe_memory_regions(config, profile),
+        _describe_cache_regions(config),
+        _describe_irqchips(config),
+        _describe_pio_regions(config),
+        _describe_pci_devices(config),
+        _describe_pci_caps(config),
+        _describe_stream_ids(config),
+        _describe_qos_devices(config, profile),
+    )
+    return "\n".join(line for section in sections for line in section) + "\n"
+
+
+def _architecture_text(config: CellConfig, profile: FormatProfile) -> str:
+    """The architecture name, saying when the file has none or the profile drops it."""
+    if config.architecture is None:
+        return "not recorded (no architecture byte)"
+    return config.architecture.name.lower() + ("" if profile.has_architecture else " (not written by this profile)")
+
+
+def _cpu_set_text(cpus: frozenset[int]) -> str:
+    """A CPU set as list syntax and bitmask: `0-1 (mask 0x3)`."""
+    return f"{cpu_list(cpus)} (mask {sum(1 << n for n in cpus):#x})"
+
+
+def _describe_header(config: CellConfig, profile: FormatProfile, size: int | None) -> list[str]:
+    """Format, identity and CPU lines of the header; `size:` only when `size` is given."""
     c = config
-    if c.architecture is None:
-        arch = "not recorded (no architecture byte)"
-    else:
-        arch = c.architecture.name.lower() + ("" if profile.has_architecture else " (not written by this profile)")
     lines = [
         f"profile:           {profile.name} ({profile.description})",
         f"signature:         {profile.signature.decode()} revision {profile.revision}",
-        f"architecture:      {arch}",
+        f"architecture:      {_architecture_text(c, profile)}",
     ]
     if size is not None:
         lines.append(f"size:              {size} bytes (header {profile.header_size})")
@@ -65,47 +95,77 @@ def describe_cell(config: CellConfig, profile: FormatProfile, size: int | None =
         f"id:                {c.id}",
         f"flags:             {format_flags(c.flags, CELL_FLAG_NAMES)}",
         f"cpu_set_size:      {c.cpu_set_size}",
-        f"cpus:              {cpu_list(c.cpus)} (mask {sum(1 << n for n in c.cpus):#x})",
+        f"cpus:              {_cpu_set_text(c.cpus)}",
     ]
     if profile.has_rcpu_set:
         lines += [
             f"rcpu_set_size:     {c.rcpu_set_size}",
-            f"rcpus:             {cpu_list(c.rcpus)} (mask {sum(1 << n for n in c.rcpus):#x})",
+            f"rcpus:             {_cpu_set_text(c.rcpus)}",
         ]
-    lines += [
+    return lines + [
         f"vpci_irq_base:     {c.vpci_irq_base}",
         f"cpu_reset_address: {c.cpu_reset_address:#x}",
         f"msg_reply_timeout: {c.msg_reply_timeout}",
-        "console:",
-        f"  address {c.console.address:#x} size {c.console.size:#x} "
-        f"type {c.console.type} ({console_type_name(c.console.type, profile)}) "
-        f"flags {format_flags(c.console.flags, CONSOLE_FLAG_NAMES)}",
-        f"  divider {c.console.divider} gate_nr {c.console.gate_nr} clock_reg {c.console.clock_reg:#x}",
-        f"memory regions ({len(c.memory_regions)}):",
     ]
-    for i, r in enumerate(c.memory_regions):
+
+
+def _describe_console(config: CellConfig, profile: FormatProfile) -> list[str]:
+    """The `console:` block: every field, type and flags named."""
+    con = config.console
+    return [
+        "console:",
+        f"  address {con.address:#x} size {con.size:#x} "
+        f"type {con.type} ({console_type_name(con.type, profile)}) "
+        f"flags {format_flags(con.flags, CONSOLE_FLAG_NAMES)}",
+        f"  divider {con.divider} gate_nr {con.gate_nr} clock_reg {con.clock_reg:#x}",
+    ]
+
+
+def _describe_memory_regions(config: CellConfig, profile: FormatProfile) -> list[str]:
+    """One line per memory region; `colors` only in 40-byte-region profiles."""
+    lines = [f"memory regions ({len(config.memory_regions)}):"]
+    for i, r in enumerate(config.memory_regions):
         colors = f" colors {r.colors:#x}" if profile.region_size == 40 else ""
         lines.append(
             f"  [{i:2}] phys {r.phys_start:#012x} -> virt {r.virt_start:#012x} size {r.size:#010x}"
             f" flags {format_flags(r.flags, MEM_FLAG_NAMES)}{colors}"
         )
-    lines.append(f"cache regions ({len(c.cache_regions)}):")
-    for i, cr in enumerate(c.cache_regions):
+    return lines
+
+
+def _describe_cache_regions(config: CellConfig) -> list[str]:
+    """One line per cache region, its type named."""
+    lines = [f"cache regions ({len(config.cache_regions)}):"]
+    for i, cr in enumerate(config.cache_regions):
         lines.append(
             f"  [{i}] start {cr.start} size {cr.size} type {cr.type} ({CACHE_TYPE_NAMES.get(cr.type, 'unknown')})"
             f" flags {format_flags(cr.flags, {1: 'ROOTSHARED'})}"
         )
-    lines.append(f"irqchips ({len(c.irqchips)}):")
-    for i, ic in enumerate(c.irqchips):
+    return lines
+
+
+def _describe_irqchips(config: CellConfig) -> list[str]:
+    """Two lines per irqchip: its raw fields, then the IRQ numbers its bitmap grants."""
+    lines = [f"irqchips ({len(config.irqchips)}):"]
+    for i, ic in enumerate(config.irqchips):
         bitmap = ", ".join(f"{w:#x}" for w in ic.pin_bitmap)
         irqs = ", ".join(str(n) for n in ic.irqs()) or "none"
         lines.append(f"  [{i}] address {ic.address:#x} id {ic.id} pin_base {ic.pin_base} bitmap {{{bitmap}}}")
         lines.append(f"      irqs: {irqs}")
-    lines.append(f"pio regions ({len(c.pio_regions)}):")
-    for i, pio in enumerate(c.pio_regions):
-        lines.append(f"  [{i}] base {pio.base:#x} length {pio.length:#x}")
-    lines.append(f"pci devices ({len(c.pci_devices)}):")
-    for i, d in enumerate(c.pci_devices):
+    return lines
+
+
+def _describe_pio_regions(config: CellConfig) -> list[str]:
+    """One line per port-I/O region."""
+    lines = [f"pio regions ({len(config.pio_regions)}):"]
+    lines += [f"  [{i}] base {pio.base:#x} length {pio.length:#x}" for i, pio in enumerate(config.pio_regions)]
+    return lines
+
+
+def _describe_pci_devices(config: CellConfig) -> list[str]:
+    """Five lines per PCI device: every field, type, BDF and shmem protocol named."""
+    lines = [f"pci devices ({len(config.pci_devices)}):"]
+    for i, d in enumerate(config.pci_devices):
         lines += [
             f"  [{i}] type {d.type} ({PCI_TYPE_NAMES.get(d.type, 'unknown')}) domain {d.domain} "
             f"bdf {d.bdf:#x} ({bdf_text(d.bdf)}) iommu {d.iommu}",
@@ -117,19 +177,35 @@ def describe_cell(config: CellConfig, profile: FormatProfile, size: int | None =
             f"      shmem_regions_start {d.shmem_regions_start} shmem_dev_id {d.shmem_dev_id} "
             f"shmem_peers {d.shmem_peers} shmem_protocol {d.shmem_protocol:#x} ({shmem_protocol_name(d.shmem_protocol)})",
         ]
-    lines.append(f"pci capabilities ({len(c.pci_caps)}):")
-    for i, cap in enumerate(c.pci_caps):
+    return lines
+
+
+def _describe_pci_caps(config: CellConfig) -> list[str]:
+    """One line per PCI capability, extended ones marked."""
+    lines = [f"pci capabilities ({len(config.pci_caps)}):"]
+    for i, cap in enumerate(config.pci_caps):
         ext = " (extended)" if cap.id & 0x8000 else ""
         lines.append(
             f"  [{i}] id {cap.id:#x}{ext} start {cap.start:#x} len {cap.len} "
             f"flags {format_flags(cap.flags, {1: 'WRITE'})}"
         )
-    lines.append(f"stream ids ({len(c.stream_ids)}): {', '.join(f'{s:#x}' for s in c.stream_ids) or 'none'}")
-    if profile.has_qos_devices:
-        lines.append(f"qos devices ({len(c.qos_devices)}):")
-        for i, q in enumerate(c.qos_devices):
-            lines.append(f"  [{i}] name {q.name!r} flags {format_flags(q.flags, QOS_FLAG_NAMES)} base {q.base:#x}")
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def _describe_stream_ids(config: CellConfig) -> list[str]:
+    """All stream IDs on one line (`none` when there are none)."""
+    ids = ", ".join(f"{s:#x}" for s in config.stream_ids) or "none"
+    return [f"stream ids ({len(config.stream_ids)}): {ids}"]
+
+
+def _describe_qos_devices(config: CellConfig, profile: FormatProfile) -> list[str]:
+    """One line per QoS device; nothing at all in profiles without them."""
+    if not profile.has_qos_devices:
+        return []
+    lines = [f"qos devices ({len(config.qos_devices)}):"]
+    for i, q in enumerate(config.qos_devices):
+        lines.append(f"  [{i}] name {q.name!r} flags {format_flags(q.flags, QOS_FLAG_NAMES)} base {q.base:#x}")
+    return lines
 
 
 # --- C source ---
@@ -247,27 +323,78 @@ def _bitmap_words(cpus: frozenset[int], size: int) -> str:
 
 def cell_to_c(config: CellConfig, profile: FormatProfile) -> str:
     """A self-contained C translation unit whose `.data` is exactly `write_cell(config, profile)`."""
-    write_cell(config, profile)  # same validation as the binary path
-    c = config
-    members = ["\tstruct cell_desc cell;", f"\tuint8_t cpus[{c.cpu_set_size}];"]
-    if profile.has_rcpu_set:
-        members.append(f"\tuint8_t rcpus[{c.rcpu_set_size}];")
-    arrays = [
-        ("struct memory", "mem_regions", c.memory_regions),
-        ("struct cache", "cache_regions", c.cache_regions),
-        ("struct irqchip", "irqchips", c.irqchips),
-        ("struct pio", "pio_regions", c.pio_regions),
-        ("struct pci_device", "pci_devices", c.pci_devices),
-        ("struct pci_capability", "pci_caps", c.pci_caps),
-        ("uint32_t", "stream_ids", c.stream_ids),
-        ("struct qos_device", "qos_devices", c.qos_devices),
+    write_cell(config, profile)  # same validation as the binary path, before anything is rendered
+    arrays = _c_arrays(config, profile)
+    body = [
+        *_c_cell_initializer(config, profile),
+        *_c_cpu_sets(config, profile),
+        *(line for _, field, items in arrays for line in _c_array(field, items)),
     ]
-    members += [f"\t{ctype} {field}[{len(items)}];" for ctype, field, items in arrays if items]
-    con = c.console
-    head = [f".signature = {{{', '.join(repr(chr(b)) for b in profile.signature)}}},"]
+    return (
+        _c_file_comment(config, profile)
+        + _c_struct_defs(profile)
+        + "\nstruct {\n"
+        + "\n".join(_c_members(config, profile, arrays))
+        + "\n} PACKED config = {\n"
+        + "\n".join(body)
+        + "\n};\n"
+    )
+
+
+_CArray = tuple[str, str, list[str]]
+
+
+def _c_file_comment(config: CellConfig, profile: FormatProfile) -> str:
+    """The opening comment (cell name, profile, build command) and `#include <stdint.h>`."""
+    # A name containing `*/` would end the comment early and break the file.
+    name = config.name.replace("*/", "* /")
+    return (
+        f"/* Cell configuration {name!r}, format profile {profile.name}, generated by runphi.\n"
+        " * Build: gcc -c -o cell.o cell.c && objcopy -O binary -j .data cell.o cell.cell */\n"
+        "#include <stdint.h>\n\n"
+    )
+
+
+def _c_arrays(config: CellConfig, profile: FormatProfile) -> list[_CArray]:
+    """(C type, member name, initializer items) of every array after the CPU sets, in file order."""
+    c = config
+    return [
+        ("struct memory", "mem_regions", [_c_region(r, profile) for r in c.memory_regions]),
+        ("struct cache", "cache_regions", [_c_cache(x) for x in c.cache_regions]),
+        ("struct irqchip", "irqchips", [_c_irqchip(x) for x in c.irqchips]),
+        ("struct pio", "pio_regions", [_c_pio(x) for x in c.pio_regions]),
+        ("struct pci_device", "pci_devices", [_c_pci(d) for d in c.pci_devices]),
+        ("struct pci_capability", "pci_caps", [_c_pci_cap(x) for x in c.pci_caps]),
+        ("uint32_t", "stream_ids", [f"{s:#x}" for s in c.stream_ids]),
+        ("struct qos_device", "qos_devices", [_c_qos(q) for q in c.qos_devices]),
+    ]
+
+
+def _c_members(config: CellConfig, profile: FormatProfile, arrays: list[_CArray]) -> list[str]:
+    """Member declarations of the outer struct; empty arrays are left out (they occupy no bytes)."""
+    members = ["\tstruct cell_desc cell;", f"\tuint8_t cpus[{config.cpu_set_size}];"]
+    if profile.has_rcpu_set:
+        members.append(f"\tuint8_t rcpus[{config.rcpu_set_size}];")
+    return members + [f"\t{ctype} {field}[{len(items)}];" for ctype, field, items in arrays if items]
+
+
+def _c_cell_initializer(config: CellConfig, profile: FormatProfile) -> list[str]:
+    """The `.cell = { ... },` initializer of the header, in `struct cell_desc` field order."""
+    fields = [
+        *_c_header_identity(config, profile),
+        *_c_header_counts(config, profile),
+        *_c_header_tail(config),
+    ]
+    return ["\t.cell = {", *(f"\t\t{line}" for line in fields), "\t},"]
+
+
+def _c_header_identity(config: CellConfig, profile: FormatProfile) -> list[str]:
+    """Header fields from `signature` to `rcpu_set_size` (those the profile has)."""
+    c = config
+    fields = [f".signature = {{{', '.join(repr(chr(b)) for b in profile.signature)}}},"]
     if profile.has_architecture:
-        head.append(f".architecture = {int(c.architecture)},")  # type: ignore[arg-type]
-    head += [
+        fields.append(f".architecture = {int(c.architecture)},")  # type: ignore[arg-type]
+    fields += [
         f".revision = {profile.revision},",
         f".name = {_c_string(c.name.encode())},",
         f".id = {c.id},",
@@ -275,8 +402,14 @@ def cell_to_c(config: CellConfig, profile: FormatProfile) -> str:
         f".cpu_set_size = {c.cpu_set_size},",
     ]
     if profile.has_rcpu_set:
-        head.append(f".rcpu_set_size = {c.rcpu_set_size},")
-    head += [
+        fields.append(f".rcpu_set_size = {c.rcpu_set_size},")
+    return fields
+
+
+def _c_header_counts(config: CellConfig, profile: FormatProfile) -> list[str]:
+    """The `num_*` header fields, one per array (`num_qos_devices` only if the profile has it)."""
+    c = config
+    fields = [
         f".num_memory_regions = {len(c.memory_regions)},",
         f".num_cache_regions = {len(c.cache_regions)},",
         f".num_irqchips = {len(c.irqchips)},",
@@ -286,8 +419,14 @@ def cell_to_c(config: CellConfig, profile: FormatProfile) -> str:
         f".num_stream_ids = {len(c.stream_ids)},",
     ]
     if profile.has_qos_devices:
-        head.append(f".num_qos_devices = {len(c.qos_devices)},")
-    head += [
+        fields.append(f".num_qos_devices = {len(c.qos_devices)},")
+    return fields
+
+
+def _c_header_tail(config: CellConfig) -> list[str]:
+    """Header fields after the counts: `vpci_irq_base` through the console."""
+    c, con = config, config.console
+    return [
         f".vpci_irq_base = {c.vpci_irq_base},",
         f".cpu_reset_address = {c.cpu_reset_address:#x}ULL,",
         f".msg_reply_timeout = {c.msg_reply_timeout:#x}ULL,",
@@ -295,45 +434,15 @@ def cell_to_c(config: CellConfig, profile: FormatProfile) -> str:
         f".flags = {con.flags:#x}, .divider = {con.divider:#x}, .gate_nr = {con.gate_nr}, "
         f".clock_reg = {con.clock_reg:#x}ULL }},",
     ]
-    body = ["\t.cell = {", *(f"\t\t{line}" for line in head), "\t},"]
-    body.append(f"\t.cpus = {{ {_bitmap_words(c.cpus, c.cpu_set_size)} }}, /* {cpu_list(c.cpus)} */")
+
+
+def _c_cpu_sets(config: CellConfig, profile: FormatProfile) -> list[str]:
+    """The `.cpus` bitmap initializer, and `.rcpus` when the profile has it."""
+    c = config
+    lines = [f"\t.cpus = {{ {_bitmap_words(c.cpus, c.cpu_set_size)} }}, /* {cpu_list(c.cpus)} */"]
     if profile.has_rcpu_set:
-        body.append(f"\t.rcpus = {{ {_bitmap_words(c.rcpus, c.rcpu_set_size)} }},")
-    body += _c_array("mem_regions", [_c_region(r, profile) for r in c.memory_regions])
-    body += _c_array(
-        "cache_regions",
-        [f"{{ .start = {x.start}, .size = {x.size}, .type = {x.type}, .flags = {x.flags} }}" for x in c.cache_regions],
-    )
-    body += _c_array(
-        "irqchips",
-        [
-            f"{{ .address = {x.address:#x}ULL, .id = {x.id}, .pin_base = {x.pin_base}, "
-            f".pin_bitmap = {{ {', '.join(f'{w:#x}' for w in x.pin_bitmap)} }} }}"
-            for x in c.irqchips
-        ],
-    )
-    body += _c_array("pio_regions", [f"{{ .base = {x.base:#x}, .length = {x.length:#x} }}" for x in c.pio_regions])
-    body += _c_array("pci_devices", [_c_pci(d) for d in c.pci_devices])
-    body += _c_array(
-        "pci_caps",
-        [f"{{ .id = {x.id:#x}, .start = {x.start:#x}, .len = {x.len}, .flags = {x.flags} }}" for x in c.pci_caps],
-    )
-    body += _c_array("stream_ids", [f"{s:#x}" for s in c.stream_ids])
-    body += _c_array(
-        "qos_devices",
-        [f"{{ .name = {_c_string(q.name.encode())}, .flags = {q.flags:#x}, .base = {q.base:#x} }}" for q in c.qos_devices],
-    )
-    return (
-        f"/* Cell configuration {c.name.replace('*/', '* /')!r}, format profile {profile.name}, generated by runphi.\n"
-        " * Build: gcc -c -o cell.o cell.c && objcopy -O binary -j .data cell.o cell.cell */\n"
-        "#include <stdint.h>\n\n"
-        + _c_struct_defs(profile)
-        + "\nstruct {\n"
-        + "\n".join(members)
-        + "\n} PACKED config = {\n"
-        + "\n".join(body)
-        + "\n};\n"
-    )
+        lines.append(f"\t.rcpus = {{ {_bitmap_words(c.rcpus, c.rcpu_set_size)} }},")
+    return lines
 
 
 def _c_array(field: str, items: list[str]) -> list[str]:
@@ -344,6 +453,7 @@ def _c_array(field: str, items: list[str]) -> list[str]:
 
 
 def _c_region(r: MemoryRegion, profile: FormatProfile) -> str:
+    """One memory-region initializer, flags named in a comment; `.colors` only in 40-byte regions."""
     colors = f", .colors = {r.colors:#x}ULL" if profile.region_size == 40 else ""
     return (
         f"{{ .phys_start = {r.phys_start:#x}ULL, .virt_start = {r.virt_start:#x}ULL, .size = {r.size:#x}ULL, "
@@ -351,7 +461,36 @@ def _c_region(r: MemoryRegion, profile: FormatProfile) -> str:
     )
 
 
+def _c_cache(x: CacheRegion) -> str:
+    """One cache-region initializer."""
+    return f"{{ .start = {x.start}, .size = {x.size}, .type = {x.type}, .flags = {x.flags} }}"
+
+
+def _c_irqchip(x: IrqChip) -> str:
+    """One irqchip initializer, all four bitmap words."""
+    return (
+        f"{{ .address = {x.address:#x}ULL, .id = {x.id}, .pin_base = {x.pin_base}, "
+        f".pin_bitmap = {{ {', '.join(f'{w:#x}' for w in x.pin_bitmap)} }} }}"
+    )
+
+
+def _c_pio(x: PioRegion) -> str:
+    """One port-I/O region initializer."""
+    return f"{{ .base = {x.base:#x}, .length = {x.length:#x} }}"
+
+
+def _c_pci_cap(x: PciCapability) -> str:
+    """One PCI capability initializer."""
+    return f"{{ .id = {x.id:#x}, .start = {x.start:#x}, .len = {x.len}, .flags = {x.flags} }}"
+
+
+def _c_qos(q: QosDevice) -> str:
+    """One QoS device initializer, the name as an escaped C string."""
+    return f"{{ .name = {_c_string(q.name.encode())}, .flags = {q.flags:#x}, .base = {q.base:#x} }}"
+
+
 def _c_pci(d: PciDevice) -> str:
+    """One PCI device initializer; `msi_64bits`/`msi_maskable` packed into `msi_flags` bits 0/1."""
     msi = int(d.msi_64bits) | int(d.msi_maskable) << 1
     return (
         f"{{ .type = {d.type}, .iommu = {d.iommu}, .domain = {d.domain}, .bdf = {d.bdf:#x}, "
