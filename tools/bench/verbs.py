@@ -25,7 +25,7 @@ bytecode (see ``zic.python_env``).
 
 Import audit: every verb also runs once under a driver that records
 ``sys.modules`` when the verb process exits (the forked monitor excluded);
-trio, trio_util, structlog, asyncio or serial there fails the suite (DESIGN §2),
+trio, structlog, asyncio or serial there fails the suite (DESIGN §2),
 except pyserial in ``create``, which opens the console UART itself. (An
 unknown id is forwarded to runc by ``exec``, so there is nothing to audit.)
 """
@@ -47,7 +47,7 @@ from .zic import ExitWatch, Node, guest_script, sim_node
 
 STATE_BUDGET = 1.25
 CREATE_BUDGET = 2.0
-FORBIDDEN_IN_VERBS = ("trio", "trio_util", "structlog", "asyncio", "serial")
+FORBIDDEN_IN_VERBS = ("trio", "structlog", "asyncio", "serial")
 #: create opens the console UART itself (before the fork, so no guest byte is lost):
 #: pyserial is needed there and only there (DESIGN §2, §8).
 NEEDED_BY = {"create": ("serial",)}
