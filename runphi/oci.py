@@ -74,23 +74,26 @@ class Hooks(msgspec.Struct, frozen=True, rename="camel"):
     poststop: list[Hook] = []
 
 
-class CpuResources(msgspec.Struct, frozen=True):
-    """``linux.resources.cpu``: explicit cpuset and/or a quota/period share."""
+class CpuResources(msgspec.Struct, frozen=True, omit_defaults=True):
+    """``linux.resources.cpu``: explicit cpuset and/or a quota/period share.
 
-    cpus: str | None = None
+    Read by create, written by mkzic (fields in the order mkzic writes them; unset ones omitted).
+    """
+
     quota: int | None = None
     period: int | None = None
+    cpus: str | None = None
     shares: int | None = None
 
 
-class MemoryResources(msgspec.Struct, frozen=True):
+class MemoryResources(msgspec.Struct, frozen=True, omit_defaults=True):
     """``linux.resources.memory``: the limit in bytes (a ZIC's RAM size)."""
 
     limit: int | None = None
 
 
-class Resources(msgspec.Struct, frozen=True):
-    """``linux.resources`` subset."""
+class Resources(msgspec.Struct, frozen=True, omit_defaults=True):
+    """``linux.resources`` subset (read by create, written by mkzic)."""
 
     cpu: CpuResources | None = None
     memory: MemoryResources | None = None

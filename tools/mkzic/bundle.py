@@ -15,6 +15,9 @@ from pathlib import Path
 
 import msgspec
 
+from runphi.oci import CpuResources, MemoryResources
+from runphi.oci import Resources as OciResources
+
 from . import oci
 from .errors import MkzicError
 from .zic import ZicContents
@@ -37,20 +40,20 @@ class Resources(msgspec.Struct, frozen=True, omit_defaults=True):
     memory_mib: int | None = None
 
 
-def linux_resources(resources: Resources) -> oci.LinuxResources | None:
+def linux_resources(resources: Resources) -> OciResources | None:
     """Translate limits to OCI ``linux.resources`` exactly as a kubelet's CRI request would."""
     cpu = None
     if resources.cpus is not None or resources.cpuset is not None:
         quota = None if resources.cpus is None else math.ceil(resources.cpus * CPU_PERIOD_US)
-        cpu = oci.LinuxCpu(
+        cpu = CpuResources(
             quota=quota,
             period=None if quota is None else CPU_PERIOD_US,
             cpus=resources.cpuset,
         )
-    memory = None if resources.memory_mib is None else oci.LinuxMemory(limit=resources.memory_mib * MIB)
+    memory = None if resources.memory_mib is None else MemoryResources(limit=resources.memory_mib * MIB)
     if cpu is None and memory is None:
         return None
-    return oci.LinuxResources(cpu=cpu, memory=memory)
+    return OciResources(cpu=cpu, memory=memory)
 
 
 def runtime_spec(

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import msgspec
 
+from runphi.oci import Resources
+
 OCI_RUNTIME_VERSION = "1.0.2"
 
 MEDIA_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -40,28 +42,13 @@ class Root(msgspec.Struct):
     readonly: bool = True
 
 
-class LinuxCpu(msgspec.Struct, omit_defaults=True):
-    quota: int | None = None
-    period: int | None = None
-    cpus: str | None = None
-
-
-class LinuxMemory(msgspec.Struct, omit_defaults=True):
-    limit: int | None = None
-
-
-class LinuxResources(msgspec.Struct, omit_defaults=True):
-    cpu: LinuxCpu | None = None
-    memory: LinuxMemory | None = None
-
-
 class Namespace(msgspec.Struct):
     type: str
 
 
 class Linux(msgspec.Struct, omit_defaults=True):
     namespaces: list[Namespace] = msgspec.field(default_factory=list)
-    resources: LinuxResources | None = None
+    resources: Resources | None = None
 
 
 class RuntimeSpec(msgspec.Struct, omit_defaults=True):
