@@ -138,18 +138,8 @@ class Zic:
 
     def run(self, *args: str, check: bool = False, timeout: float = 60,
             stdin=subprocess.DEVNULL) -> subprocess.CompletedProcess[str]:
-        """Run `runphi --root R ARGS`; stdout/stderr go through files, never pipes a
-        monitor could inherit and keep open."""
-        with tempfile.TemporaryFile(dir=self.logs) as out, tempfile.TemporaryFile(dir=self.logs) as err:
-            proc = subprocess.run([str(RUNPHI), "--root", str(self.root), *args], stdout=out, stderr=err,
-                                  stdin=stdin, env=self.env, timeout=timeout)
-            out.seek(0)
-            err.seek(0)
-            result = subprocess.CompletedProcess(proc.args, proc.returncode, out.read().decode(errors="replace"),
-                                                 err.read().decode(errors="replace"))
-        if check and result.returncode != 0:
-            raise AssertionError(f"runphi {' '.join(args)} exited {result.returncode}: {result.stderr}")
-        return result
+        """Run `runphi --root R ARGS` (see :func:`run_runphi`)."""
+        return run_runphi(self.root, args, self.env, self.logs, check=check, timeout=timeout, stdin=stdin)
 
     def create(self, cid: str, bundle: Path, *extra: str, check: bool = True) -> int:
         """`runphi create`; returns the pid from the pid file (the monitor)."""
@@ -171,6 +161,22 @@ class Zic:
 
     def status(self, cid: str) -> str:
         return self.state(cid)["status"]
+
+
+def run_runphi(root: Path, args, env: dict[str, str], logs: Path, *, check: bool = False,
+               timeout: float = 60, stdin=subprocess.DEVNULL) -> subprocess.CompletedProcess[str]:
+    """Run `runphi --root ROOT ARGS`; stdout/stderr go through files in ``logs``, never
+    pipes a monitor could inherit and keep open. With ``check``, a failure raises."""
+    with tempfile.TemporaryFile(dir=logs) as out, tempfile.TemporaryFile(dir=logs) as err:
+        proc = subprocess.run([str(RUNPHI), "--root", str(root), *args], stdout=out, stderr=err,
+                              stdin=stdin, env=env, timeout=timeout)
+        out.seek(0)
+        err.seek(0)
+        result = subprocess.CompletedProcess(proc.args, proc.returncode, out.read().decode(errors="replace"),
+                                             err.read().decode(errors="replace"))
+    if check and result.returncode != 0:
+        raise AssertionError(f"runphi {' '.join(args)} exited {result.returncode}: {result.stderr}")
+    return result
 
 
 def wait_exit(pid: int, timeout: float = 20.0) -> int:
