@@ -26,6 +26,7 @@ import msgspec
 
 from runphi.backends.base import CellRecord, CellState
 from runphi.errors import IllegalTransition
+from runphi.procfs import process_start_time
 from runphi.oci import State
 
 ContainerStatus = Literal["creating", "created", "running", "stopped"]
@@ -70,21 +71,6 @@ def transition(record: ContainerRecord, new_status: ContainerStatus) -> Containe
             f"container {record.id} cannot go from {record.status} to {new_status}",
             container_id=record.id)
     return msgspec.structs.replace(record, status=new_status)
-
-
-def process_start_time(pid: int) -> int | None:
-    """Start time (clock ticks since boot) of a live, non-zombie ``pid``; None if gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            data = stat.read()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    # The command name may contain spaces and parentheses: split after the last ')'.
-    fields = data[data.rindex(b")") + 2:].split()
-    state, start_time = fields[0], fields[19]
-    if state in (b"Z", b"X"):
-        return None
-    return int(start_time)
 
 
 def identify_process(pid: int) -> tuple[int, int]:

@@ -35,7 +35,7 @@ FRONT_ENDS = ("runphi.verbs", "runphi.cli")
 FRONT_END_MODULES = ("runphi.cli", "runphi.__main__")
 ABOVE_BACKENDS = ("runphi.verbs", "runphi.cli", "runphi.core", "runphi.monitor",
                   "runphi.monitor_console", "runphi.cell_events", "runphi.context",
-                  "runphi.forward", "runphi.store", "runphi.hooks")
+                  "runphi.forward", "runphi.store", "runphi.hooks", "runphi.container")
 
 # Edges the walker must see, one per way of importing, so a broken walker cannot pass
 # every rule by finding nothing: (file, module, kind, dynamic).

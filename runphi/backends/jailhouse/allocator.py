@@ -308,7 +308,7 @@ class Allocator:
         return frozenset(names)
 
     def _write_claim(self, allocation: Allocation) -> None:
-        from runphi.container import process_start_time
+        from runphi.procfs import process_start_time
 
         pid = os.getpid()
         claim = Claim(allocation=allocation, cell_name=cell_name(allocation.container_id), pid=pid,
@@ -519,7 +519,7 @@ class Allocator:
 
 
 def _alive(pid: int, start_time: int) -> bool:
-    from runphi.container import process_start_time
+    from runphi.procfs import process_start_time
 
     return pid > 0 and process_start_time(pid) == start_time
 
