@@ -25,7 +25,12 @@ command -v kubectl >/dev/null 2>&1 || DEBIAN_PACKAGES+=(kubernetes-client)
 VENV=${RUNPHI_VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 
-as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then "$@"
+    elif command -v sudo >/dev/null 2>&1; then sudo "$@"
+    else echo "setup: installing Debian packages needs root: run as root (or install sudo)" >&2; exit 1
+    fi
+}
 
 install_debian_packages() {
     local missing=()

@@ -446,6 +446,12 @@ def test_descriptions_runphi_would_refuse_or_mkzic_could_not_carry_are_refused(d
     assert raised.value.what == expected
 
 
+def test_an_absurdly_nested_description_is_one_error_not_a_traceback() -> None:
+    with pytest.raises(MkzicError) as raised:
+        decode_description(b'{"future": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "t")
+    assert raised.value.what == "boot description t nests too deeply to be a boot description"
+
+
 def test_initrd_file_honours_a_cpio_path_and_missing_synonyms_point_at_initrd(tmp_path: Path, inmate: Path) -> None:
     (tmp_path / "r.cpio").write_bytes(b"cpio")
     description = decode_description(b'{"os_var": "linux", "cpio": "/boot/rootfs.cpio"}', "t")

@@ -46,6 +46,9 @@ def decode_description(data: bytes, source: str) -> Description:
         raise MkzicError(f"boot description {source}: {exc}", "fix the field and run mkzic again") from None
     except msgspec.DecodeError as exc:
         raise MkzicError(f"boot description {source} is not valid JSON: {exc}", "fix the file") from None
+    except RecursionError:
+        raise MkzicError(f"boot description {source} nests too deeply to be a boot description",
+                         "fix the file") from None
     _refuse_unknown_pin_keys(data, source)
     return Description(known=known, passthrough=passthrough)
 
