@@ -26,15 +26,12 @@ import msgspec
 
 from runphi.backends.base import CellRecord, LaunchedCell, LaunchRequest
 from runphi.container import identify_process
+from runphi.core.node import DESTROY_TIMEOUT
 from runphi.errors import RunphiError
 from runphi.undo import UndoStack
 
 if TYPE_CHECKING:
     from runphi.backends.base import Backend
-
-#: Deadline for the `destroy` that undoes a failed launch (seconds).
-UNDO_TIMEOUT = 5.0
-
 
 class Launched(msgspec.Struct, frozen=True, kw_only=True):
     """A ZIC at `created`: its cell and the monitor that now owns it."""
@@ -58,7 +55,7 @@ def launch_zic(backend: Backend, request: LaunchRequest, *, console_socket: str,
     launched = backend.launch(request)
     undo = UndoStack()
     name = launched.cell.cell_name
-    undo.push(f"destroy cell {name}", lambda: backend.destroy_cell(name, UNDO_TIMEOUT))
+    undo.push(f"destroy cell {name}", lambda: backend.destroy_cell(name, DESTROY_TIMEOUT))
     if launched.console_fd >= 0:
         undo.push("close the console source", lambda: _close(launched.console_fd))
     try:

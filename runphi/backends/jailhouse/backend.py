@@ -265,7 +265,7 @@ class JailhouseBackend:
     def _refuse_unsupported(boot: BootDescription) -> None:
         """Refuse, before touching anything, the guests this build cannot boot yet."""
         if boot.rpu_req and boot.is_linux:
-            raise BackendError(f"a Linux guest cannot run on an RPU "
+            raise BackendError("a Linux guest cannot run on an RPU "
                                "(remove rpu_req or use a bare-metal/RTOS image)")
 
     def _load(self, name: str, boot: BootDescription, cell_config) -> None:
@@ -299,8 +299,8 @@ class JailhouseBackend:
             link.unlink(missing_ok=True)
             link.symlink_to(boot.inmate)
         except OSError as exc:
-            raise BackendError(f"cannot link its RPU image into "
-                               f"{self.jh.firmware_dir}: {exc.strerror} (check [jailhouse] firmware_dir)") from None
+            raise BackendError(f"cannot link its RPU image into {self.jh.firmware_dir}: {exc.strerror} "
+                               "(check [jailhouse] firmware_dir)") from None
         undo.push("remove the RPU image link", lambda: link.unlink(missing_ok=True))
         self.driver.load(name, [], [RpuImage(firmware=link.name, rcpu=min(allocation.rpus))])
 
@@ -329,7 +329,7 @@ class JailhouseBackend:
         from runphi.backends.jailhouse.platform import PlatformError, default_placeholders
 
         if not self.platform.linux_dtb:
-            raise BackendError(f"a Linux guest needs a device tree: set \"dtb\" "
+            raise BackendError("a Linux guest needs a device tree: set \"dtb\" "
                                "in the image's /boot/config.json (or linux_dtb in the platform file)")
         try:
             path = Path(self.platform.linux_dtb.format_map(default_placeholders(self.jh.sysfs)))

@@ -10,31 +10,13 @@ Imported by the monitor only (trio is already loaded there).
 
 from __future__ import annotations
 
-import os
 import subprocess
 
 import trio
 
 from runphi.backends.base import GONE, BackendError, BackendUnavailable, CellNotFound, CellStatus
 from runphi.backends.jailhouse.driver import (JailhouseDriver, cell_status, check_result, destroy_argv,
-                                              shutdown_argv)
-
-
-def _read_attribute(path: str) -> str | None:
-    """One small sysfs attribute without its newline, or None if it cannot be read.
-
-    Plain ``os`` calls: this runs 20 times a second in every idle monitor.
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        return os.read(fd, 4096).decode(errors="replace").rstrip("\n")
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
+                                              read_attribute, shutdown_argv)
 
 
 class JailhouseCellWatch:
@@ -45,7 +27,6 @@ class JailhouseCellWatch:
         self.name = cell_name
         self.tool_timeout = tool_timeout
         self.driver = JailhouseDriver(tool, sysfs, timeout=tool_timeout)
-        self._cells_dir = str(self.driver.cells_dir)
         self._cell_id: int | None = None
 
     def read_state(self) -> tuple[bool, CellStatus]:
@@ -65,16 +46,13 @@ class JailhouseCellWatch:
             return False, GONE
         if self._cell_id is None:
             return True, GONE
-        return True, cell_status(_read_attribute(f"{self._cells_dir}/{self._cell_id}/state"))
+        return True, cell_status(read_attribute(f"{self.driver.cells_dir / str(self._cell_id)}/state"))
 
     def _known_cell_state(self) -> str | None:
         """The state under the cached ID if that ID still belongs to our cell, else None."""
         if self._cell_id is None:
             return None
-        base = f"{self._cells_dir}/{self._cell_id}"
-        if _read_attribute(f"{base}/name") != self.name[:31]:
-            return None
-        return _read_attribute(f"{base}/state")
+        return self.driver.state_under_id(self._cell_id, self.name)
 
     async def request_shutdown(self) -> bool:
         return await self._run("shutdown", shutdown_argv(self.tool, self.name))
