@@ -1,6 +1,7 @@
-"""The monitor's console: a :class:`~runphi.console.session.ConsoleSession` wired to its fds.
+"""A ZIC's console as its supervisor drives it: a :class:`~runphi.console.session.ConsoleSession`.
 
-Imported by the monitor only, after the fork (trio is already there).
+Imported by the ZIC's long-lived owner only (the monitor after the fork, the shim
+server), where trio is already there.
 Guarantees: output is read from the UART from the moment the monitor runs (the
 UART was opened by ``create`` before the cell could start, so no byte is lost);
 a stalled reader only costs dropped bytes, never blocks the cell watcher; at
@@ -16,16 +17,11 @@ from runphi.console.session import ConsoleSession
 
 
 class ConsoleTasks:
-    """One container's console session: UART → stdout or pty slave, stdin or slave → UART."""
+    """One container's console session: UART → ``output_fd``, ``input_fd`` → UART (None: no input)."""
 
-    def __init__(self, setup) -> None:
-        terminal = setup.terminal_fd >= 0
-        self.session = ConsoleSession(
-            console_fd=setup.console_fd,
-            output_fd=setup.terminal_fd if terminal else 1,
-            input_fd=setup.terminal_fd if terminal else 0,
-            log_dir=setup.container_dir,
-        )
+    def __init__(self, *, console_fd: int, output_fd: int, input_fd: int | None, log_dir: str) -> None:
+        self.session = ConsoleSession(console_fd=console_fd, output_fd=output_fd, input_fd=input_fd,
+                                      log_dir=log_dir)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Pump both directions until :meth:`drain` (or cancellation) ends them."""

@@ -11,7 +11,7 @@ import signal
 import pytest
 
 from runphi.backends.jailhouse.driver import cell_status
-from runphi.monitor import decide_exit
+from runphi.core.outcome import decide_exit
 
 TERM, KILL, INT, HUP, QUIT = (int(s) for s in (signal.SIGTERM, signal.SIGKILL, signal.SIGINT,
                                                signal.SIGHUP, signal.SIGQUIT))

@@ -101,13 +101,11 @@ def _spawn_monitor(request: LaunchRequest, launched: LaunchedCell, start_fd: int
     """Fork the monitor with the console source, the terminal and the start fifo; (pid, start time)."""
     from runphi.monitor import MonitorSetup, spawn_monitor
 
-    watch = launched.watch
     setup = MonitorSetup(
         container_id=request.container_id, container_dir=request.container_dir,
-        cell_name=launched.cell.cell_name, backend=watch.backend, backend_config=watch.backend_config,
-        poll_interval=watch.poll_interval, shutdown_timeout=watch.shutdown_timeout,
-        probe_interval=watch.probe_interval, start_fd=start_fd, console_fd=launched.console_fd,
-        terminal_fd=terminal, log_path=monitor_log[0], log_format=monitor_log[1], log_level=monitor_log[2])
+        cell_name=launched.cell.cell_name, watch=launched.watch, start_fd=start_fd,
+        console_fd=launched.console_fd, terminal_fd=terminal, log_path=monitor_log[0],
+        log_format=monitor_log[1], log_level=monitor_log[2])
     keep = [fd for fd in (start_fd, launched.console_fd, terminal) if fd >= 0]
     if terminal >= 0:
         # Terminal mode: never keep create's fds 0/1/2 (the shim's buffer pipe).
