@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
@@ -49,8 +51,16 @@ def has_boot_description(rootfs: Path) -> bool:
     return find_boot_description(rootfs) is not None
 
 
-def is_zic(bundle: Path) -> bool:
+#: Opens a read-only view of an image's rootfs that is not mounted yet (the shim's
+#: ``start`` runs before containerd sends the mounts); yields None when there is no image.
+RootfsView = Callable[[], AbstractContextManager[Path | None]]
+
+
+def is_zic(bundle: Path, unmounted_rootfs: RootfsView | None = None) -> bool:
     """Whether the bundle is a partitioned container (runphi's) rather than runc's.
+
+    ``unmounted_rootfs`` is asked for the image's files when the bundle's rootfs is
+    still an empty directory.
 
     A bundle without config.json counts as plain: runc then reports its own error.
     Raises :class:`BundleError` for a config.json that exists but cannot be
@@ -73,7 +83,19 @@ def is_zic(bundle: Path) -> bool:
     rootfs = Path(root.path if root else "rootfs")
     if not rootfs.is_absolute():
         rootfs = Path(bundle).absolute() / rootfs
+    if unmounted_rootfs is not None and _empty_directory(rootfs):
+        with unmounted_rootfs() as view:
+            return view is not None and has_boot_description(view)
     return has_boot_description(rootfs)
+
+
+def _empty_directory(path: Path) -> bool:
+    """Whether ``path`` is a directory with nothing in it (a mount point not mounted yet)."""
+    try:
+        with os.scandir(path) as entries:
+            return next(entries, None) is None
+    except OSError:
+        return False
 
 
 def exec_runc(ctx: Context) -> NoReturn:

@@ -8,7 +8,8 @@
 # What it does, and nothing else:
 #   1. creates (or reuses) a Python venv at $RUNPHI_PREFIX and installs runphi into it
 #      (the platform templates come with it, inside the runphi package);
-#   2. links $RUNPHI_BINDIR/runphi to the venv's runphi;
+#   2. links $RUNPHI_BINDIR/runphi and $RUNPHI_BINDIR/containerd-shim-runphi-v2 (runphi's
+#      containerd shim, runtime io.containerd.runphi.v2) to the venv's;
 #   3. writes $RUNPHI_CONFIG from target/runphi.toml if that file does not exist
 #      yet (an existing configuration is never touched);
 #   4. prints the containerd snippet to merge into /etc/containerd/config.toml.
@@ -16,7 +17,8 @@
 #
 # Environment (defaults in brackets):
 #   RUNPHI_PREFIX   [/opt/runphi]               the venv
-#   RUNPHI_BINDIR   [/usr/local/bin]            where the `runphi` link goes (containerd's BinaryName)
+#   RUNPHI_BINDIR   [/usr/local/bin]            where the links go: a directory on containerd's
+#                                               PATH (it finds shims there; BinaryName names runphi)
 #   RUNPHI_CONFIG   [/etc/runphi/runphi.toml]   runphi's configuration file
 #   PYTHON          [python3]                   interpreter for the venv (3.11 or newer)
 #   PIP_*                                       passed through to pip (index, proxy, ...)
@@ -49,6 +51,7 @@ install_venv() {
 link_binary() {
     mkdir -p "$bindir"
     ln -sf "$prefix/bin/runphi" "$bindir/runphi"
+    ln -sf "$prefix/bin/containerd-shim-runphi-v2" "$bindir/containerd-shim-runphi-v2"
 }
 
 write_config() {

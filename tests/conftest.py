@@ -172,19 +172,20 @@ def built_inmates() -> Path:
     return ensure_built()
 
 
-@pytest.fixture(scope="module")
-def zic_node(runphi_bin: Path, built_inmates: Path):
-    """A simulated board (QEMU engine) and a private containerd whose runphi drives it.
+@pytest.fixture(scope="module", params=["shim", "runc-cli"])
+def zic_node(request, runphi_bin: Path, built_inmates: Path):
+    """A simulated board (QEMU engine) and a private containerd whose runphi drives it,
+    once per mode: runphi's own shim, and runc's shim with runphi as its runc.
 
-    One per test module; tests use their own container ids and remove what they
-    start. Teardown removes every container, stops containerd and the board.
+    One per test module and mode; tests use their own container ids and remove what
+    they start. Teardown removes every container, stops containerd and the board.
     """
     from tools.testbed.containerd import ZicNode
 
     reason = missing_requirements()
     if reason:
         pytest.skip(f"real containerd test: {reason}")
-    node = ZicNode(short_tempdir("rphi-zic-"), runphi_bin)
+    node = ZicNode(short_tempdir("rphi-zic-"), runphi_bin, mode=request.param)
     node.start()
     try:
         yield node

@@ -40,13 +40,13 @@ MANIFEST_IMAGES = {"docker.io/library/hello:latest": zic_image("hello"),
 HELLO, TICKER, LOCKED, CRASH = (zic_image(n) for n in ("hello", "ticker", "locked", "crash"))
 
 
-@pytest.fixture(scope="module")
-def node(runphi_bin):
-    """One node (board + CRI containerd + images) for the module's tests."""
+@pytest.fixture(scope="module", params=["shim", "runc-cli"])
+def node(request, runphi_bin):
+    """One node (board + CRI containerd + images) for the module's tests, per runphi mode."""
     reason = missing_requirements()
     if reason:
         pytest.skip(f"real containerd test: {reason}")
-    with Node.running(runphi_bin) as started:
+    with Node.running(runphi_bin, mode=request.param) as started:
         yield started
 
 

@@ -21,22 +21,29 @@ def runtimes(config: dict) -> dict:
     return config["plugins"][CRI]["containerd"]["runtimes"]
 
 
-def node_config(tmp_path: Path) -> dict:
-    daemon = CriContainerd(tmp_path, Path("/opt/runphi/bin/runphi"), env={})
+def node_config(tmp_path: Path, mode: str = "shim") -> dict:
+    daemon = CriContainerd(tmp_path, Path("/opt/runphi/bin/runphi"), env={}, mode=mode)
     return tomllib.loads(daemon.config_text())
 
 
-def test_the_shipped_handler_is_the_tested_handler(tmp_path: Path):
+#: The shipped handler the CRI tests' ``runphi`` handler is, per mode.
+SHIPPED_HANDLER = {"shim": "runphi", "runc-cli": "runphi-runc"}
+
+
+@pytest.mark.parametrize("mode", sorted(SHIPPED_HANDLER))
+def test_the_shipped_handler_is_the_tested_handler(tmp_path: Path, mode: str):
     """Same runtime_type and annotation pass-through, same option keys; only paths differ."""
     shipped = tomllib.loads((KUBERNETES / "containerd-cri.toml").read_text())
-    tested = node_config(tmp_path)
-    for name in ("runphi", "runc"):
-        ours, theirs = runtimes(shipped)[name], runtimes(tested)[name]
-        assert ours["runtime_type"] == theirs["runtime_type"] == "io.containerd.runc.v2"
-    ours, theirs = runtimes(shipped)["runphi"], runtimes(tested)["runphi"]
+    tested = node_config(tmp_path, mode)
+    assert runtimes(shipped)["runc"]["runtime_type"] == runtimes(tested)["runc"]["runtime_type"] \
+        == "io.containerd.runc.v2"
+    ours, theirs = runtimes(shipped)[SHIPPED_HANDLER[mode]], runtimes(tested)["runphi"]
+    expected_type = "io.containerd.runphi.v2" if mode == "shim" else "io.containerd.runc.v2"
+    assert ours["runtime_type"] == theirs["runtime_type"] == expected_type
     assert ours["pod_annotations"] == theirs["pod_annotations"] == ["org.runphi.*"]
     assert ours["container_annotations"] == theirs["container_annotations"] == ["org.runphi.*"]
-    assert sorted(ours["options"]) == sorted(theirs["options"]) == ["BinaryName", "Root"]
+    expected_options = [] if mode == "shim" else ["BinaryName", "Root"]
+    assert sorted(ours.get("options", {})) == sorted(theirs.get("options", {})) == expected_options
     assert shipped["plugins"][CRI]["containerd"]["default_runtime_name"] == "runc"
     assert tested["plugins"][CRI]["containerd"]["default_runtime_name"] == "runc"
 
@@ -45,7 +52,8 @@ def test_the_kubernetes_snippet_agrees_with_the_plain_containerd_snippet():
     """target/containerd-runphi.toml (ctr users) and the Kubernetes snippet declare one handler."""
     kubernetes = runtimes(tomllib.loads((KUBERNETES / "containerd-cri.toml").read_text()))
     plain = runtimes(tomllib.loads((REPO / "target" / "containerd-runphi.toml").read_text()))
-    assert kubernetes["runphi"] == plain["runphi"]
+    for handler in SHIPPED_HANDLER.values():
+        assert kubernetes[handler] == plain[handler]
 
 
 def test_the_tested_node_sets_what_an_offline_board_needs(tmp_path: Path):

@@ -41,12 +41,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import trio
 
 from tests.docblocks import (REPO_ROOT, clean_env, ctr_prelude, import_platform, indented_code_lines,
                              private_paths, sh_block, shell_blocks)
 from tests.fdread import read_until
 from tests.test_e2e_readme import HELLO_CONSOLE
-from tools.testbed.containerd import short_tempdir
+from tools.testbed.containerd import NAMESPACE, short_tempdir
 
 DOCS = (*sorted(REPO_ROOT.glob("tools/*/README.md")), *sorted((REPO_ROOT / "docs").glob("*.md")))
 #: Fewer run blocks than this means the extraction broke, not that the docs shrank.
@@ -516,3 +517,74 @@ def test_linux_on_the_simulator_block_gives_a_shell_and_poweroff_exits_0(linux_g
         assert not (sim / "run" / "jailhouse-sim.pid").exists()
     text = term.text.replace("\r\n", "\n")
     assert SHUTDOWN_MESSAGE in text and f"jailhouse-sim: stopped in {sim}\n" in text
+
+
+# ---- docs/shim-events.md -------------------------------------------------------------------
+
+SHIM_EVENTS_SUBSCRIBER = ("docs/shim-events.md", "An example subscriber", 0)
+
+
+class _Lines:
+    """Lines of a trio receive stream (None at its end)."""
+
+    def __init__(self, stream) -> None:
+        self.stream, self.buffer = stream, b""
+
+    async def next(self) -> str | None:
+        while b"\n" not in self.buffer:
+            chunk = await self.stream.receive_some()
+            if not chunk:
+                return None
+            self.buffer += chunk
+        line, _, self.buffer = self.buffer.partition(b"\n")
+        return line.decode()
+
+
+async def _until_subscribed(publisher, lines: _Lines, errors: Path) -> None:
+    """Publish probe failures until the subscriber prints one: from then on it sees every event."""
+    from runphi.shim.events import CELL_FAILED
+    from runphi.shim.proto.runphi_events_pb2 import CellFailed
+
+    for attempt in range(1, 1000):
+        publisher.publish(CELL_FAILED, CellFailed(container_id=f"probe-{attempt}", state="failed"))
+        with trio.move_on_after(0.5):
+            line = await lines.next()
+            assert line is not None, f"the block ended: {errors.read_text()}"
+            assert json.loads(line)["container_id"].startswith("probe-"), line
+            return
+
+
+@runs(SHIM_EVENTS_SUBSCRIBER)
+async def test_subscriber_block_prints_the_cell_failed_runphis_publisher_sent(containerd, scratch, nursery):
+    """The block, run as written against a private containerd, decodes what the shim's publisher sends."""
+    from google.protobuf import timestamp_pb2
+
+    from runphi.shim.events import CELL_FAILED, Publisher
+    from runphi.shim.proto.runphi_events_pb2 import CellFailed
+
+    warnings: list[str] = []
+    publisher = Publisher(str(containerd.base / "ttrpc.sock"), NAMESPACE, warnings.append)
+    await nursery.start(publisher.run)
+    errors = scratch / "stderr"
+    env = shell_env(TMPDIR=str(scratch), CONTAINERD_ADDRESS=str(containerd.address))
+    with open(errors, "wb") as stderr:
+        process = await trio.lowlevel.open_process(
+            ["bash", "-euo", "pipefail", "-c", block(SHIM_EVENTS_SUBSCRIBER)], cwd=REPO_ROOT, env=env,
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr, start_new_session=True)
+    try:
+        lines = _Lines(process.stdout)
+        failed_at = timestamp_pb2.Timestamp(seconds=1_796_000_000, nanos=123_456_789)
+        with trio.fail_after(60):
+            await _until_subscribed(publisher, lines, errors)
+            publisher.publish(CELL_FAILED, CellFailed(container_id="zic-1", cell="runphi-zic-1", failed_cpus=[3],
+                                                      state="Comm ABI mismatch", failed_at=failed_at, cpus=[2, 3]))
+            while (line := await lines.next()) is not None and '"zic-1"' not in line:
+                pass
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        await process.wait()
+    assert line is not None, errors.read_text()
+    assert json.loads(line) == {"namespace": NAMESPACE, "container_id": "zic-1", "cell": "runphi-zic-1",
+                                "failed_cpus": [3], "state": "Comm ABI mismatch",
+                                "failed_at": "2026-11-30T00:53:20.123456789Z", "cpus": [2, 3]}
+    assert warnings == []

@@ -60,17 +60,21 @@ def test_example_config_loads_and_only_differs_from_defaults_in_backend() -> Non
 # --- containerd snippet and Kubernetes manifests ----------------------------
 
 
-def test_containerd_snippet_declares_the_runphi_handler() -> None:
+def test_containerd_snippet_declares_the_runphi_handlers() -> None:
     snippet = tomllib.loads((TARGET / "containerd-runphi.toml").read_text())
     assert snippet["version"] == 2
     assert dig(snippet, *CRI_RUNTIMES[:-1])["default_runtime_name"] == "runc"
     # declaring any runtime drops containerd's built-in table: runc must be declared too
     assert dig(snippet, *CRI_RUNTIMES, "runc")["runtime_type"] == "io.containerd.runc.v2"
-    runphi = dig(snippet, *CRI_RUNTIMES, "runphi")
-    assert runphi["runtime_type"] == "io.containerd.runc.v2"
-    assert runphi["pod_annotations"] == runphi["container_annotations"] == ["org.runphi.*"]
-    assert runphi["options"]["BinaryName"].endswith("/runphi")
-    assert runphi["options"]["Root"] == RuntimeConfig().state_dir
+    shim = dig(snippet, *CRI_RUNTIMES, "runphi")
+    assert shim["runtime_type"] == "io.containerd.runphi.v2"
+    assert "options" not in shim  # runc's shim would refuse runphi-typed options on handed-over containers
+    runc_cli = dig(snippet, *CRI_RUNTIMES, "runphi-runc")
+    assert runc_cli["runtime_type"] == "io.containerd.runc.v2"
+    for handler in (shim, runc_cli):
+        assert handler["pod_annotations"] == handler["container_annotations"] == ["org.runphi.*"]
+    assert runc_cli["options"]["BinaryName"].endswith("/runphi")
+    assert runc_cli["options"]["Root"] == RuntimeConfig().state_dir
 
 
 @pytest.mark.containerd
@@ -84,11 +88,13 @@ def test_real_containerd_accepts_the_snippet() -> None:
     )
     assert result.returncode == 0, result.stderr
     merged = dig(tomllib.loads(result.stdout), *CRI_RUNTIMES)
-    expected = dig(tomllib.loads((TARGET / "containerd-runphi.toml").read_text()), *CRI_RUNTIMES, "runphi")
-    assert merged["runphi"]["runtime_type"] == expected["runtime_type"]
-    assert merged["runphi"]["pod_annotations"] == expected["pod_annotations"]
-    assert merged["runphi"]["container_annotations"] == expected["container_annotations"]
-    assert merged["runphi"]["options"] == expected["options"]
+    for handler in ("runphi", "runphi-runc"):
+        expected = dig(tomllib.loads((TARGET / "containerd-runphi.toml").read_text()), *CRI_RUNTIMES, handler)
+        assert merged[handler]["runtime_type"] == expected["runtime_type"]
+        assert merged[handler]["pod_annotations"] == expected["pod_annotations"]
+        assert merged[handler]["container_annotations"] == expected["container_annotations"]
+        if "options" in expected:
+            assert merged[handler]["options"] == expected["options"]
     assert merged["runc"]["runtime_type"] == "io.containerd.runc.v2"  # the default runtime survives
 
 
@@ -106,7 +112,7 @@ def test_runtimeclass_and_pod_select_the_containerd_handler() -> None:
     assert yaml_value(runtime_class, "apiVersion") == "node.k8s.io/v1"
     assert yaml_value(runtime_class, "kind") == "RuntimeClass"
     assert yaml_value(runtime_class, "handler") == "runphi"
-    assert dig(snippet, *CRI_RUNTIMES, "runphi")["runtime_type"] == "io.containerd.runc.v2"
+    assert dig(snippet, *CRI_RUNTIMES, "runphi")["runtime_type"] == "io.containerd.runphi.v2"
     assert yaml_value(pod, "kind") == "Pod"
     assert yaml_value(pod, "runtimeClassName") == yaml_value(runtime_class, "name")
     assert yaml_value(pod, "org.runphi.runtime") == "runphi"
@@ -248,7 +254,11 @@ def test_install_script_installs_a_working_runphi_and_keeps_existing_config(tmp_
     assert version.returncode == 0 and "backend: jailhouse" in version.stdout, version.stderr
 
     snippet = tomllib.loads(result.stdout.split("# Merge into /etc/containerd/config.toml, then restart containerd:\n")[1])
-    assert dig(snippet, *CRI_RUNTIMES, "runphi", "options")["BinaryName"] == str(runphi)
+    assert dig(snippet, *CRI_RUNTIMES, "runphi-runc", "options")["BinaryName"] == str(runphi)
+    shim = tmp_path / "bin/containerd-shim-runphi-v2"
+    assert shim.resolve() == (tmp_path / "opt/bin/containerd-shim-runphi-v2").resolve()
+    shown = subprocess.run([str(shim), "-v"], capture_output=True, text=True, check=False)
+    assert shown.returncode == 0 and "io.containerd.runphi.v2" in shown.stdout, shown.stderr
 
     edited = (tmp_path / "etc/runphi.toml").read_text().replace('level = "info"', 'level = "debug"')
     (tmp_path / "etc/runphi.toml").write_text(edited)

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from google.protobuf import any_pb2, timestamp_pb2
 
-from runphi.shim.proto import events_pb2, events_service_pb2, generate, mount_pb2, task_pb2, task_types_pb2
+from runphi.shim.proto import (cgroups_v1_pb2, cgroups_v2_pb2, events_pb2, events_service_pb2, generate, mount_pb2,
+                               runc_pb2, runphi_events_pb2, task_pb2, task_types_pb2)
 
 CHECKED_IN = Path(generate.__file__).resolve().parent
 
@@ -88,3 +89,19 @@ def test_event_envelope_carries_a_task_exit():
     assert events_pb2.TaskExit.FromString(decoded.envelope.event.value) == exit_event
     assert events_service_pb2.DESCRIPTOR.services_by_name["Events"].full_name == (
         "containerd.services.events.ttrpc.v1.Events")
+
+
+def test_subset_protos_keep_containerds_package_names():
+    # The bare full name is the type_url containerd looks up (reference/shim-v2.md §7, §10 fact 11).
+    assert cgroups_v1_pb2.Metrics.DESCRIPTOR.full_name == "io.containerd.cgroups.v1.Metrics"
+    assert cgroups_v2_pb2.Metrics.DESCRIPTOR.full_name == "io.containerd.cgroups.v2.Metrics"
+    assert runc_pb2.ProcessDetails.DESCRIPTOR.full_name == "containerd.runc.v1.ProcessDetails"
+
+
+def test_cell_failed_round_trips():
+    failed = runphi_events_pb2.CellFailed(container_id="c1", cell="runphi-c1", failed_cpus=[2, 3],
+                                          state="failed", cpus=[1, 2, 3])
+    failed.failed_at.FromNanoseconds(1_796_000_000_000_000_001)
+    decoded = runphi_events_pb2.CellFailed.FromString(failed.SerializeToString())
+    assert decoded == failed and decoded.failed_at.ToNanoseconds() == 1_796_000_000_000_000_001
+    assert runphi_events_pb2.CellFailed.DESCRIPTOR.full_name == "runphi.events.v1.CellFailed"

@@ -22,7 +22,7 @@ import msgspec
 
 from runphi.backends.base import Backend, LaunchRequest
 from runphi.container import ContainerRecord, current_process_identity, transition
-from runphi.core.launch import Launched, launch_zic
+from runphi.core.launch import Adopt, Launched, launch_zic
 from runphi.core.node import CONFIG_COPY_NAME, START_FIFO_NAME, Node, state_json, stop_monitor
 from runphi.errors import BackendNotConfigured, BundleError, ContainerExists, RunphiError, for_container
 from runphi.log import rfc3339_nano
@@ -54,10 +54,15 @@ def load_zic_config(node: Node, bundle: Path, container_id: str) -> tuple[bytes,
         raise for_container(exc, "cannot create ZIC", container_id) from None
 
 
-def create_zic(node: Node, request: CreateRequest) -> ContainerRecord:
-    """Bring the ZIC to ``created`` (module docstring); nothing is left behind on failure."""
+def create_zic(node: Node, request: CreateRequest, adopt: Adopt | None = None) -> ContainerRecord:
+    """Bring the ZIC to ``created`` (module docstring); nothing is left behind on failure.
+
+    With ``adopt`` the caller becomes the ZIC's long-lived process instead of a forked
+    monitor (see :func:`runphi.core.launch.launch_zic`) and serves a terminal itself.
+    """
     container_id, config = request.container_id, request.config
-    _check_terminal(config, request.console_socket, container_id)
+    if adopt is None:
+        _check_terminal(config, request.console_socket, container_id)
     backend = _backend_for(node, container_id)
     record = _creating_record(request)
     directory = node.store.container_dir(container_id)
@@ -67,7 +72,8 @@ def create_zic(node: Node, request: CreateRequest) -> ContainerRecord:
         os.mkfifo(directory / START_FIFO_NAME, 0o600)
         launch = LaunchRequest(container_id=container_id, bundle=str(request.bundle), rootfs=record.rootfs,
                                container_dir=str(directory), config=config)
-        launched = _launch(node, backend, launch, request.console_socket, str(directory / START_FIFO_NAME))
+        launched = _launch(node, backend, launch, request.console_socket, str(directory / START_FIFO_NAME),
+                           adopt)
         pause_point("create:launched")
         record = msgspec.structs.replace(record, cell=launched.cell, monitor_pid=launched.monitor_pid,
                                          monitor_start_time=launched.monitor_start_time)
@@ -110,11 +116,11 @@ def _creating_record(request: CreateRequest) -> ContainerRecord:
 
 
 def _launch(node: Node, backend: Backend, request: LaunchRequest, console_socket: str,
-            start_fifo: str) -> Launched:
+            start_fifo: str, adopt: Adopt | None) -> Launched:
     """:func:`launch_zic` with every refusal naming the container."""
     try:
         return launch_zic(backend, request, console_socket=console_socket, start_fifo=start_fifo,
-                          monitor_log=node.monitor_log, warn=node.log.warn)
+                          monitor_log=node.monitor_log, warn=node.log.warn, adopt=adopt)
     except RunphiError as exc:
         # The backend and the image readers do not know the container: name it here, once.
         if exc.container_id is None:

@@ -14,8 +14,12 @@ from runphi.errors import BundleError, IllegalTransition
 from runphi.pausepoint import pause_point
 
 
-def delete_zic(node: Node, container_id: str, force: bool = False) -> None:
-    """Delete the container; the id is free again afterwards."""
+def delete_zic(node: Node, container_id: str, force: bool = False, owned_here: bool = False) -> None:
+    """Delete the container; the id is free again afterwards.
+
+    ``owned_here``: the caller is the ZIC's long-lived process (the shim server), which
+    has already seen its cell's end: its own process is not stopped.
+    """
     with node.store.locked(container_id):
         record = node.store.read(container_id)
         status = live_status(record)
@@ -24,7 +28,8 @@ def delete_zic(node: Node, container_id: str, force: bool = False) -> None:
                 f"cannot delete container {record.id} that is not stopped: {status}",
                 container_id=record.id)
         poststop = _poststop_hooks(node, record)
-        stop_monitor(record)
+        if not owned_here:
+            stop_monitor(record)
         pause_point("delete:monitor-stopped")
         name = record.cell.cell_name or _cell_of_crashed_create(node, record)
         if name:

@@ -27,12 +27,7 @@ def kill_zic(node: Node, container_id: str, signum: int, all_: bool = False) -> 
             if all_:
                 return
             raise ContainerNotRunning(container_id)
-        sig = signal.Signals(signum)
-        if sig not in GRACEFUL_STOP_SIGNALS and sig != signal.SIGKILL:
-            raise NotSupported(
-                f"signal {sig.name} is not supported for partitioned container {record.id}: "
-                "use TERM, INT, HUP or QUIT for a graceful shutdown, or KILL",
-                container_id=record.id)
+        sig = stop_signal(record.id, signum)
         try:
             if sig == signal.SIGKILL:
                 _kill_hard(node, record)
@@ -41,6 +36,21 @@ def kill_zic(node: Node, container_id: str, signum: int, all_: bool = False) -> 
         except ProcessLookupError:
             if not all_:
                 raise ContainerNotRunning(container_id) from None
+
+
+def stop_signal(container_id: str, signum: int) -> signal.Signals:
+    """``signum`` if a ZIC can be stopped with it; NotSupported, with what to use instead, if not."""
+    try:
+        sig = signal.Signals(signum)
+    except ValueError:
+        raise NotSupported(f"signal {signum} is not a signal: cannot deliver it to partitioned container "
+                           f"{container_id}", container_id=container_id) from None
+    if sig not in GRACEFUL_STOP_SIGNALS and sig != signal.SIGKILL:
+        raise NotSupported(
+            f"signal {sig.name} is not supported for partitioned container {container_id}: "
+            "use TERM, INT, HUP or QUIT for a graceful shutdown, or KILL",
+            container_id=container_id)
+    return sig
 
 
 def _kill_hard(node: Node, record: ContainerRecord) -> None:

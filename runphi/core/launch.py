@@ -7,7 +7,9 @@ The core half of ``create`` (DESIGN §2-3), the same for every backend:
 2. for a terminal, a pty whose master goes to the caller's console socket;
 3. the start fifo, opened for the monitor;
 4. the monitor — the ZIC's long-lived process, whose exit status is the
-   container's — forked with exactly those fds.
+   container's — forked with exactly those fds; or, when the front end is itself
+   the ZIC's long-lived process (the shim server), an ``adopt`` callback that keeps
+   what it needs instead (no pty, no fork: it serves the console itself).
 
 Every step registers its undo; a failure runs them in reverse order (monitor
 killed, fds closed, the cell destroyed and its resources released through the
@@ -45,12 +47,20 @@ class LaunchFailed(RunphiError):
     """A host-side step of the launch failed (a pty, the fifo, the fork)."""
 
 
+#: Takes over a launched cell instead of a forked monitor: given the cell and the start
+#: fifo's fd, it keeps its own duplicates of the fds it needs and returns the
+#: (pid, start time) of the process that now owns the ZIC.
+Adopt = Callable[[LaunchedCell, int], tuple[int, int]]
+
+
 def launch_zic(backend: Backend, request: LaunchRequest, *, console_socket: str, start_fifo: str,
-               monitor_log: tuple[str, str, str], warn: Callable[[str], None]) -> Launched:
-    """Launch the cell and fork its monitor (module docstring); undo everything on failure.
+               monitor_log: tuple[str, str, str], warn: Callable[[str], None],
+               adopt: Adopt | None = None) -> Launched:
+    """Launch the cell and hand it to its owner (module docstring); undo everything on failure.
 
     ``console_socket`` ("" for none) receives the pty master of a terminal ZIC;
-    ``monitor_log`` is (path, format, level) of the runtime log the monitor writes to.
+    ``monitor_log`` is (path, format, level) of the runtime log the monitor writes to;
+    ``adopt`` replaces the monitor (then ``console_socket`` is unused).
     """
     launched = backend.launch(request)
     undo = UndoStack()
@@ -59,10 +69,14 @@ def launch_zic(backend: Backend, request: LaunchRequest, *, console_socket: str,
     if launched.console_fd >= 0:
         undo.push("close the console source", lambda: _close(launched.console_fd))
     try:
-        terminal = _open_terminal(request, console_socket, undo)
         start_fd = os.open(start_fifo, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
         undo.push("close the start fifo", lambda: _close(start_fd))
-        pid, start_time = _spawn_monitor(request, launched, start_fd, terminal, monitor_log, undo)
+        terminal = -1
+        if adopt is not None:
+            pid, start_time = adopt(launched, start_fd)
+        else:
+            terminal = _open_terminal(request, console_socket, undo)
+            pid, start_time = _spawn_monitor(request, launched, start_fd, terminal, monitor_log, undo)
     except BaseException as exc:
         for problem in undo.unwind():
             warn(f"while undoing the create of {request.container_id}: {problem}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import itertools
+import os
 import re
 import shutil
 import time
@@ -38,6 +39,8 @@ ZIC_GUESTS = {
     "crash": script_guest("print about to crash\\n", "fault"),
 }
 ZIC_TAG = "cri"
+#: Where containerd's runc shim keeps runc's state when its handler sets no ``Root``.
+RUNC_DEFAULT_ROOT = Path("/run/containerd/runc")
 #: The platform of a ZIC image: the board's (the guests are aarch64).
 ZIC_ARCHITECTURE = "arm64"
 
@@ -90,10 +93,11 @@ class Node:
         self._uids = itertools.count(1)
 
     @classmethod
-    def start(cls, runphi: Path, *, engine: str = "script", guests: dict[str, bytes] | None = None) -> Node:
-        """Board up (guest ``engine``), containerd up with the runphi handler, the pause image
-        and one ZIC image per ``guests`` entry (``<name>:cri``, default :data:`ZIC_GUESTS`)
-        imported, CRI answering."""
+    def start(cls, runphi: Path, *, engine: str = "script", guests: dict[str, bytes] | None = None,
+              mode: str = "shim") -> Node:
+        """Board up (guest ``engine``), containerd up with the runphi handler in ``mode``, the
+        pause image and one ZIC image per ``guests`` entry (``<name>:cri``, default
+        :data:`ZIC_GUESTS`) imported, CRI answering."""
         from tools.jailhouse_sim.testing import SimBoard
 
         base = short_tempdir("rphi-cri-")
@@ -104,8 +108,10 @@ class Node:
             config.write_text('backend = "jailhouse"\n\n[jailhouse]\npoll_interval_ms = 20\n')
             env = {"RUNPHI_CONFIG": str(config), "RUNPHI_BACKEND": "jailhouse",
                    "RUNPHI_JAILHOUSE": str(board.jailhouse_path), "RUNPHI_SYSFS": str(board.sysfs_path()),
-                   "RUNPHI_PLATFORM": SIM_PLATFORM, "RUNPHI_STATE_DIR": str(base / "node")}
-            daemon = CriContainerd(base, runphi, env)
+                   "RUNPHI_PLATFORM": SIM_PLATFORM, "RUNPHI_STATE_DIR": str(base / "node"),
+                   # In shim mode containerd finds containerd-shim-runphi-v2 on its PATH.
+                   "PATH": f"{runphi.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+            daemon = CriContainerd(base, runphi, env, mode=mode)
             daemon.start()
             client = CriClient(compile_proto(base / "proto"), daemon.address)
             node = cls(base, board, daemon, client)
@@ -250,17 +256,20 @@ class Node:
 
     def record_dir(self, container_id: str) -> Path:
         """runphi's state directory for a container of the CRI namespace."""
-        return self.daemon.runtime_root / "k8s.io" / container_id
+        root = self.node_dir if self.daemon.mode == "shim" else self.daemon.runtime_root
+        return root / "k8s.io" / container_id
 
     def runc_state(self, container_id: str) -> Path:
-        """runc's state file for a container forwarded by runphi (same ``Root`` as runphi)."""
-        return self.daemon.runtime_root / "k8s.io" / container_id / "state.json"
+        """runc's state file for a container runphi handed over: under runphi's ``Root`` in
+        runc-CLI mode; under runc's default root when runphi's shim handed it to runc's shim."""
+        root = RUNC_DEFAULT_ROOT if self.daemon.mode == "shim" else self.daemon.runtime_root
+        return root / "k8s.io" / container_id / "state.json"
 
     def leftovers(self) -> Leftovers:
         """Cells, ledger entries, runphi records, shims/monitors and netns still present."""
         return Leftovers(
             cells=self.cells(), ledger=ledger_entries(self.node_dir),
-            records=runphi_records(self.daemon.runtime_root),
+            records=runphi_records(self.daemon.runtime_root, self.node_dir),
             processes=processes_with_env(f"RUNPHI_STATE_DIR={self.node_dir}",
                                          exclude={self.daemon.process.pid}),
             netns=sorted(netns_entries() - self.netns_before))

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import msgspec
 
-from tools.testbed.containerd import PrivateContainerd, busybox_path
+from tools.testbed.containerd import SHIM_RUNTIME, PrivateContainerd, busybox_path
 from tools.mkzic import oci as image_oci
 from tools.mkzic.image import sha256_digest
 from tools.mkzic.tarball import gzip_bytes
@@ -41,10 +41,16 @@ def host_architecture() -> str:
 
 
 class CriContainerd(PrivateContainerd):
-    """A private containerd whose CRI plugin serves pods with a ``runphi`` handler."""
+    """A private containerd whose CRI plugin serves pods with a ``runphi`` handler.
 
-    def __init__(self, base: Path, runphi: Path, env: dict[str, str]) -> None:
+    ``mode`` (tools.testbed.containerd.MODES) picks the handler's table: runphi's own
+    shim (``target/kubernetes``'s ``runphi``) or runc's shim running runphi as its
+    runc (the shipped ``runphi-runc``).
+    """
+
+    def __init__(self, base: Path, runphi: Path, env: dict[str, str], mode: str = "shim") -> None:
         super().__init__(base, runphi, env=env, cri=True)
+        self.mode = mode
         self.cni_dir = base / "cni"
         #: runc's own state root for the default handler (never shared with the host).
         self.runc_root = base / "runc"
@@ -85,7 +91,17 @@ disabled_plugins = [
 [{cri}.containerd.runtimes.runc.options]
   Root = "{self.runc_root}"
 
-[{cri}.containerd.runtimes.runphi]
+{self._runphi_handler(cri)}"""
+
+    def _runphi_handler(self, cri: str) -> str:
+        """The ``runphi`` handler's tables in this node's mode."""
+        if self.mode == "shim":
+            return f"""[{cri}.containerd.runtimes.runphi]
+  runtime_type = "{SHIM_RUNTIME}"
+  pod_annotations = ["org.runphi.*"]
+  container_annotations = ["org.runphi.*"]
+"""
+        return f"""[{cri}.containerd.runtimes.runphi]
   runtime_type = "io.containerd.runc.v2"
   pod_annotations = ["org.runphi.*"]
   container_annotations = ["org.runphi.*"]
@@ -221,9 +237,9 @@ def ledger_entries(node_dir: Path) -> list[str]:
     return sorted(msgspec.json.decode(path.read_bytes(), type=Ledger).allocations)
 
 
-def runphi_records(runtime_root: Path) -> list[str]:
-    """Ids runphi still keeps a record for under the handler's ``Root``."""
-    return sorted(p.parent.name for p in runtime_root.glob("*/*/runphi.json"))
+def runphi_records(*roots: Path) -> list[str]:
+    """Ids runphi still keeps a record for under any of ``roots`` (``<root>/<namespace>/<id>``)."""
+    return sorted(p.parent.name for root in roots for p in root.glob("*/*/runphi.json"))
 
 
 def processes_with_env(marker: str, exclude: set[int]) -> list[str]:

@@ -24,7 +24,8 @@ import time
 from pathlib import Path
 
 __all__ = [
-    "BOOT_BANNER", "BUSYBOX_APPLETS", "NAMESPACE", "SIM_PLATFORM", "ZIC_IMAGE_PLATFORM",
+    "BOOT_BANNER", "BUSYBOX_APPLETS", "MODES", "NAMESPACE", "SHIM_RUNTIME", "SIM_PLATFORM",
+    "ZIC_IMAGE_PLATFORM",
     "EventLog", "PrivateContainerd", "ZicNode", "busybox_path", "containerd_missing", "make_busybox_rootfs",
     "missing_requirements", "runphi_binary", "short_tempdir", "simulator_env",
 ]
@@ -223,22 +224,34 @@ def simulator_env(sim_root: Path, base: Path) -> dict[str, str]:
     }
 
 
+#: runphi's runtime name for containerd (the shim ``containerd-shim-runphi-v2``).
+SHIM_RUNTIME = "io.containerd.runphi.v2"
+#: How containerd runs runphi: its own shim, or runc's shim with runphi as ``BinaryName``.
+MODES = ("shim", "runc-cli")
+
+
 class ZicNode:
     """A simulated Jailhouse board plus a private containerd whose runphi drives it.
 
     Everything lives under ``base``: ``sim/`` (the board), ``ctd/`` (containerd),
-    ``node/`` (runphi's state dir with the resource ledger). :meth:`stop` removes
+    ``node/`` (runphi's state dir with the resource ledger). ``mode`` says how
+    containerd runs runphi (:data:`MODES`); in shim mode containerd finds
+    ``containerd-shim-runphi-v2`` on its PATH, beside ``runphi``. :meth:`stop` removes
     every task and container, then stops containerd and the board (which ends
     its QEMU guests).
     """
 
-    def __init__(self, base: Path, runphi: Path, engine: str = "qemu") -> None:
+    def __init__(self, base: Path, runphi: Path, engine: str = "qemu", mode: str = "runc-cli") -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode {mode!r} is not one of {MODES}")
         self.base = base
         self.runphi = runphi
         self.engine = engine
+        self.mode = mode
         self.sim_root = base / "sim"
         base.mkdir(parents=True, exist_ok=True)
         self.env = simulator_env(self.sim_root, base)
+        self.env["PATH"] = f"{runphi.parent}{os.pathsep}{os.environ.get('PATH', '')}"
         self.containerd = PrivateContainerd(base / "ctd", runphi, env=self.env)
         self.sim = None
 
@@ -265,8 +278,16 @@ class ZicNode:
                 self.sim.stop()
 
     def zic_flags(self) -> list[str]:
-        """``ctr run`` flags that make runphi the shim's runtime binary."""
+        """``ctr run`` flags that make runphi the runtime, in this node's mode."""
+        if self.mode == "shim":
+            return ["--runtime", SHIM_RUNTIME, "--env", "PATH=/bin"]
         return self.containerd.runtime_flags(self.runphi)
+
+    def record_dir(self, container_id: str) -> Path:
+        """Where runphi keeps the container's record in this mode (absent once deleted)."""
+        if self.mode == "shim":
+            return self.base / "node" / NAMESPACE / container_id
+        return self.containerd.runtime_root / NAMESPACE / container_id
 
     def cells(self) -> dict[str, str]:
         """The board's non-root cells: name → state, read from its sysfs."""

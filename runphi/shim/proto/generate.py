@@ -21,7 +21,8 @@ from pathlib import Path
 PROTO_DIR = Path(__file__).resolve().parent
 REPO_ROOT = PROTO_DIR.parent.parent.parent
 PROTOS = ("status.proto", "ttrpc.proto", "mount.proto", "task_types.proto", "task.proto",
-          "events_service.proto", "events.proto")
+          "events_service.proto", "events.proto", "runphi_events.proto", "cgroups_v1.proto",
+          "cgroups_v2.proto", "runc.proto")
 
 
 def protoc_argv(out_root: Path) -> list[str]:

@@ -1,0 +1,194 @@
+"""runphi's own shim (``io.containerd.runphi.v2``) under the real containerd: what only the shim
+mode has — plain containers handed to runc's shim, the task API's other calls, a shim
+killed, containerd restarted under a running ZIC.
+
+The ZIC cases every mode shares (output, exit codes, ``-t``, images, four at once) are in
+tests/test_e2e_zic.py, which runs them in both modes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+
+from tests.test_e2e_zic import GUEST_TIMEOUT, assert_nothing_left, ctr_run_zic, wait_for_text, zic_rootfs
+from tools.testbed.containerd import (
+    NAMESPACE,
+    SHIM_RUNTIME,
+    ZicNode,
+    make_busybox_rootfs,
+    missing_requirements,
+    short_tempdir,
+)
+
+pytestmark = [pytest.mark.containerd, pytest.mark.qemu]
+
+
+@pytest.fixture(scope="module")
+def shim_node(runphi_bin: Path, built_inmates: Path):
+    """A simulated board and a private containerd that runs runphi as its own shim."""
+    reason = missing_requirements()
+    if reason:
+        pytest.skip(f"real containerd test: {reason}")
+    node = ZicNode(short_tempdir("rphi-shim-"), runphi_bin, mode="shim")
+    node.start()
+    try:
+        yield node
+    finally:
+        try:
+            node.stop()
+        finally:
+            shutil.rmtree(node.base, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def shim_events(shim_node):
+    from tools.testbed.containerd import EventLog
+
+    events = EventLog(shim_node.containerd, shim_node.base / "events.log")
+    try:
+        yield events
+    finally:
+        events.close()
+
+
+def bundle_dir(node: ZicNode, cid: str) -> Path:
+    """containerd's bundle of task ``cid`` (exists while the task does)."""
+    return node.containerd.state / "io.containerd.runtime.v2.task" / NAMESPACE / cid
+
+
+def task_pid(node: ZicNode, cid: str) -> int:
+    """The task's pid as ``ctr task ls`` shows it."""
+    for row in node.containerd.ctr("task", "ls").stdout.decode().splitlines()[1:]:
+        fields = row.split()
+        if fields[0] == cid:
+            return int(fields[1])
+    raise AssertionError(f"no task {cid}")
+
+
+def start_ticker(node: ZicNode, built_inmates: Path, tmp_path: Path, cid: str) -> Path:
+    """``ctr run -d`` of the ticker inmate, console to a log file; returns the log once it ticks."""
+    log = tmp_path / f"{cid}.log"
+    started = ctr_run_zic(node, zic_rootfs(tmp_path, built_inmates / "ticker.bin"), cid, "-d",
+                          "--log-uri", f"file://{log}")
+    assert started.returncode == 0, started.stderr
+    wait_for_text(log, "tick 2\r\n")
+    return log
+
+
+# ---- plain containers go to runc's shim ------------------------------------------------------
+
+def test_plain_container_is_served_by_runcs_shim(shim_node, tmp_path):
+    rootfs = make_busybox_rootfs(tmp_path / "busybox")
+    ctr = shim_node.containerd.ctr
+    started = ctr("run", "-d", "--runtime", SHIM_RUNTIME, "--env", "PATH=/bin", "--rootfs", str(rootfs),
+                  "plain-sleep", "sleep", "600")
+    assert started.returncode == 0, started.stderr
+    try:
+        bundle = bundle_dir(shim_node, "plain-sleep")
+        key = os.path.join(str(shim_node.containerd.address), NAMESPACE, "plain-sleep")
+        # runc's shim's own socket, in runc's own naming: runphi handed the task over.
+        assert (bundle / "address").read_text() == \
+            f"unix:///run/containerd/s/{hashlib.sha256(key.encode()).hexdigest()}"
+        assert not (bundle / "runphi-shim.json").exists()
+        assert not shim_node.record_dir("plain-sleep").exists()
+        pid = task_pid(shim_node, "plain-sleep")
+        assert Path(f"/proc/{pid}/exe").resolve().name == "busybox"
+    finally:
+        ctr("task", "kill", "--signal", "SIGKILL", "plain-sleep")
+        ctr("task", "rm", "--force", "plain-sleep")
+        ctr("containers", "rm", "plain-sleep")
+    assert "plain-sleep" not in ctr("containers", "ls", "-q").stdout.decode().split()
+
+
+def test_plain_container_output_and_exit_code(shim_node, tmp_path):
+    rootfs = make_busybox_rootfs(tmp_path / "busybox")
+    result = shim_node.containerd.ctr("run", "--rm", "--runtime", SHIM_RUNTIME, "--env", "PATH=/bin",
+                                      "--rootfs", str(rootfs), "plain-echo", "sh", "-c", "echo plain; exit 3")
+    assert (result.returncode, result.stdout) == (3, b"plain\n"), result.stderr
+
+
+# ---- the task API's other calls --------------------------------------------------------------
+
+def test_metrics_ps_and_refused_calls_of_a_running_zic(shim_node, built_inmates, tmp_path):
+    cid = "shim-calls"
+    ctr = shim_node.containerd.ctr
+    start_ticker(shim_node, built_inmates, tmp_path, cid)
+    try:
+        metrics = ctr("task", "metrics", cid)
+        assert metrics.returncode == 0, metrics.stderr
+        assert b"memory.usage" in metrics.stdout, metrics.stdout
+        processes = ctr("task", "ps", cid)
+        assert processes.returncode == 0, processes.stderr
+        assert str(task_pid(shim_node, cid)).encode() in processes.stdout
+        paused = ctr("task", "pause", cid)
+        assert paused.returncode == 1
+        assert b"pause is not supported" in paused.stderr and b"not implemented" in paused.stderr
+        execed = ctr("task", "exec", "--exec-id", "x", cid, "/bin/true")
+        assert execed.returncode == 1 and b"exec is not supported" in execed.stderr, execed.stderr
+    finally:
+        ctr("task", "kill", "--signal", "SIGKILL", cid)
+        ctr("task", "rm", "--force", cid)
+        ctr("containers", "rm", cid)
+    assert_nothing_left(shim_node, cid)
+
+
+def test_kill_after_exit_is_not_found(shim_node, shim_events, built_inmates, tmp_path):
+    cid = "shim-exited"
+    ctr = shim_node.containerd.ctr
+    started = ctr_run_zic(shim_node, zic_rootfs(tmp_path, built_inmates / "hello.bin"), cid, "-d")
+    assert started.returncode == 0, started.stderr
+    try:
+        assert shim_events.exit_status(cid, timeout=GUEST_TIMEOUT) == 0
+        killed = ctr("task", "kill", cid)
+        assert killed.returncode == 1
+        assert b"not found" in killed.stderr, killed.stderr
+    finally:
+        ctr("task", "rm", cid)
+        ctr("containers", "rm", cid)
+    assert_nothing_left(shim_node, cid)
+
+
+# ---- crash and restart -------------------------------------------------------------------------
+
+def test_killed_shim_leaves_no_cell_and_no_ledger_entry(shim_node, shim_events, built_inmates, tmp_path):
+    cid = "shim-killed"
+    start_ticker(shim_node, built_inmates, tmp_path, cid)
+    assert shim_node.cells()[cid] == "running"
+    os.kill(task_pid(shim_node, cid), signal.SIGKILL)
+    # containerd sees the connection close, runs `delete`, and reports the task's end itself.
+    assert shim_events.exit_status(cid, timeout=GUEST_TIMEOUT) == 137
+    shim_node.containerd.ctr("containers", "rm", cid, check=True)
+    assert_nothing_left(shim_node, cid)
+
+
+def test_containerd_restart_reconnects_to_a_running_zic(shim_node, shim_events, built_inmates, tmp_path):
+    cid = "shim-restart"
+    ctr = shim_node.containerd.ctr
+    log = start_ticker(shim_node, built_inmates, tmp_path, cid)
+    pid = task_pid(shim_node, cid)
+    shim_node.containerd.stop()
+    shim_node.containerd.start()
+    try:
+        assert task_pid(shim_node, cid) == pid  # the same server, found through `address`
+        ticks = log.read_text(errors="replace").count("tick")
+        wait_for_text(log, f"tick {ticks + 2}\r\n")  # the console keeps flowing
+        from tools.testbed.containerd import EventLog
+
+        events = EventLog(shim_node.containerd, shim_node.base / "events-after-restart.log")
+        try:
+            killed = ctr("task", "kill", cid)
+            assert killed.returncode == 0, killed.stderr
+            # Published to the restarted containerd: the shim's publisher reconnected.
+            assert events.exit_status(cid, timeout=GUEST_TIMEOUT) == 143
+        finally:
+            events.close()
+    finally:
+        ctr("task", "rm", "--force", cid)
+        ctr("containers", "rm", cid)
+    assert_nothing_left(shim_node, cid)
