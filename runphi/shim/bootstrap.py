@@ -1,4 +1,4 @@
-"""``start`` and ``delete``: the shim's bootstrap (shim-v2.md §2, pitfalls 1-5, 15). Lean: no trio.
+"""``start`` and ``delete``: the shim's bootstrap (shim-v2.md §2, pitfalls 1-5, 15). Lean: no trio; msgspec and the core only where a path needs them.
 
 ``start`` (cwd = the bundle):
 
@@ -10,13 +10,14 @@
    address, namespace, group, "runphi"), the group being the pod's sandbox id, else
    the container id: distinct from runc's sockets for the same pod;
 3. a server already listening there (another ZIC of the pod) is reused; otherwise
-   the socket is bound and listening before ``start`` exits and a forked server
-   (own process group, stdio on /dev/null and the bundle's ``log`` fifo) serves it;
+   the socket is bound and listening before ``start`` exits and a new server
+   (own process group, stdio on /dev/null and the bundle's ``log`` fifo) serves it,
+   forked by the warm parent when one runs (:mod:`runphi.shim.launch`);
 4. ``<bundle>/address`` is written atomically (containerd reads it after a restart),
    a marker tells ``delete`` the bundle is runphi's, and only the address is printed.
 
 ``delete`` (after every task connection closes): for a bundle handed to runc, runc's
-shim ``delete``; for a ZIC, the core's forced delete if its record is still there
+shim ``delete`` (decided on the marker alone, before any import that costs); for a ZIC, the core's forced delete if its record is still there
 (the server died), the rootfs unmounted, and exactly one ``DeleteResponse`` printed.
 """
 
@@ -32,10 +33,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
-import msgspec
-
 from runphi.errors import RunphiError
-from runphi.store import atomic_write
 
 if TYPE_CHECKING:
     from runphi.shim.main import ShimFlags
@@ -46,13 +44,9 @@ DEFAULT_SOCKET_DIR = "/run/containerd/s"
 SOCKET_DIR_ENV = "RUNPHI_SHIM_SOCKET_DIR"
 #: Marks a bundle whose task runphi's own server serves.
 MARKER_NAME = "runphi-shim.json"
+#: The DeleteResponse the server leaves for the ``delete`` that follows its Delete.
+DELETE_ANSWER_NAME = "runphi-delete-response.pb"
 SANDBOX_ID = "io.kubernetes.cri.sandbox-id"
-
-
-class ShimBundle(msgspec.Struct, frozen=True):
-    """``<bundle>/runphi-shim.json``: this bundle's task is served by runphi's server."""
-
-    address: str
 
 
 # ---- start ---------------------------------------------------------------------------
@@ -66,9 +60,17 @@ def start(flags: ShimFlags) -> int:
     path = address.removeprefix("unix://")
     listener = _listen_unless_served(path)
     if listener is not None:
+        from runphi.shim.launch import ServerSettings, launch_server
+
+        ttrpc_address = os.environ.get("TTRPC_ADDRESS") or f"{flags.address}.ttrpc"
+        settings = ServerSettings(namespace=flags.namespace, ttrpc_address=ttrpc_address, socket_path=path,
+                                  debug=flags.debug)
         with listener:
-            _fork_server(listener, flags, bundle, path)
-    atomic_write(bundle / MARKER_NAME, msgspec.json.encode(ShimBundle(address=address)))
+            launch_server(settings, listener, bundle / "log", socket_dir())
+    from runphi.shim.launch import ShimBundle
+    from runphi.store import atomic_write
+
+    atomic_write(bundle / MARKER_NAME, ShimBundle(address=address).encode())
     atomic_write(bundle / "address", address.encode())
     sys.stdout.write(address)
     return 0
@@ -96,8 +98,12 @@ def _group(bundle: Path, container_id: str) -> str:
 def server_address(containerd_address: str, namespace: str, group: str) -> str:
     """``unix://`` address of runphi's server for ``group``: short, stable, never runc's."""
     key = os.path.join(containerd_address, namespace, group) + "#runphi"
-    directory = os.environ.get(SOCKET_DIR_ENV) or DEFAULT_SOCKET_DIR
-    return f"unix://{directory}/{hashlib.sha256(key.encode()).hexdigest()}"
+    return f"unix://{socket_dir()}/{hashlib.sha256(key.encode()).hexdigest()}"
+
+
+def socket_dir() -> str:
+    """Where runphi's shim sockets live (``RUNPHI_SHIM_SOCKET_DIR``, else containerd's)."""
+    return os.environ.get(SOCKET_DIR_ENV) or DEFAULT_SOCKET_DIR
 
 
 def _listen_unless_served(path: str) -> socket.socket | None:
@@ -132,40 +138,6 @@ def _answers(path: str) -> bool:
         probe.close()
 
 
-def _fork_server(listener: socket.socket, flags: ShimFlags, bundle: Path, path: str) -> None:
-    """Fork the server; it owns ``listener`` from here (start's copy is closed by the caller)."""
-    if os.fork() != 0:
-        return
-    code = 1
-    try:
-        os.setpgid(0, 0)
-        _server_stdio(bundle / "log")
-        os.chdir("/")  # pin no bundle: a pod's server outlives its first container
-        from runphi.shim.server import ServerSettings, run_server
-
-        ttrpc_address = os.environ.get("TTRPC_ADDRESS") or f"{flags.address}.ttrpc"
-        run_server(ServerSettings(namespace=flags.namespace, ttrpc_address=ttrpc_address,
-                                  socket_path=path, debug=flags.debug), listener.fileno())
-        code = 0
-    finally:
-        os._exit(code)
-
-
-def _server_stdio(log_fifo: Path) -> None:
-    """fds 0 and 1 on /dev/null, 2 on containerd's ``log`` fifo (else /dev/null): containerd
-    waits for ``start``'s output to close, so the server must not keep it."""
-    null = os.open(os.devnull, os.O_RDWR)
-    try:
-        err = os.open(log_fifo, os.O_WRONLY | os.O_NONBLOCK)
-        os.set_blocking(err, True)
-    except OSError:
-        err = os.dup(null)
-    for target, fd in ((0, null), (1, null), (2, err)):
-        os.dup2(fd, target)
-    os.close(null)
-    os.close(err)
-
-
 def exec_runc_shim(flags: ShimFlags) -> NoReturn:
     """Become containerd's runc shim with the identical argv, environment and cwd."""
     binary = runc_shim_binary(flags.publish_binary)
@@ -191,16 +163,34 @@ def delete(flags: ShimFlags) -> int:
     bundle = Path(flags.bundle or os.getcwd())
     if not (bundle / MARKER_NAME).exists():
         exec_runc_shim(flags)
-    exit_status = _finish_zic(flags)
     from runphi.shim.mounts import unmount_all
-    from runphi.shim.proto import task_pb2
 
     unmount_all(bundle / "rootfs")
-    response = task_pb2.DeleteResponse(exit_status=exit_status)
-    response.exited_at.FromNanoseconds(time.time_ns())
-    sys.stdout.buffer.write(response.SerializeToString())
+    try:
+        answer = (bundle / DELETE_ANSWER_NAME).read_bytes()  # the server deleted the task itself
+    except FileNotFoundError:
+        answer = _delete_response(_finish_zic(flags))
+    sys.stdout.buffer.write(answer)
     sys.stdout.flush()
     return 0
+
+
+def leave_delete_answer(bundle: Path, response: bytes) -> None:
+    """Called by the server's Delete: the ``delete`` that follows prints these bytes."""
+    from runphi.store import atomic_write
+
+    try:
+        atomic_write(bundle / DELETE_ANSWER_NAME, response)
+    except OSError:
+        pass  # then `delete` finds no record and answers on its own
+
+
+def _delete_response(exit_status: int) -> bytes:
+    from runphi.shim.proto import task_pb2
+
+    response = task_pb2.DeleteResponse(exit_status=exit_status)
+    response.exited_at.FromNanoseconds(time.time_ns())
+    return response.SerializeToString()
 
 
 def _finish_zic(flags: ShimFlags) -> int:

@@ -7,8 +7,9 @@ soon as ``start`` prints the address). Guarantees:
   task's lifetime while State, Kill, Stats arrive);
 * events go out in order through one :class:`~runphi.shim.events.Publisher`, which
   reconnects when containerd restarts;
-* the server exits once containerd sent Shutdown and it owns no task: it flushes
-  its events (bounded) and removes its socket.
+* the server exits once containerd sent Shutdown and it owns no task: it lets
+  containerd read the answer and hang up (bounded by :data:`HANG_UP_GRACE`), flushes
+  its events (bounded by :data:`FLUSH_TIMEOUT`) and removes its socket.
 """
 
 from __future__ import annotations
@@ -16,25 +17,42 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-import msgspec
 import trio
 
+from runphi.shim.launch import ServerSettings
 from runphi.shim.service import TaskService
-from runphi.shim.ttrpc import serve
+from runphi.shim.ttrpc import Services, serve_connection
 
 #: How long the events still queued at exit may take to reach containerd (seconds).
 FLUSH_TIMEOUT = 3.0
+#: How long containerd gets to read Shutdown's answer and close its connection (seconds).
+HANG_UP_GRACE = 1.0
 
 
-class ServerSettings(msgspec.Struct, frozen=True, kw_only=True):
-    """What the forked server needs from ``start``."""
+class Connections:
+    """The ttrpc connections being served, so that shutting down can wait for the peer to hang up."""
 
-    namespace: str
-    #: containerd's ttrpc socket (``TTRPC_ADDRESS``): where events are published.
-    ttrpc_address: str
-    #: The listening socket's path (removed on exit).
-    socket_path: str
-    debug: bool = False
+    def __init__(self, services: Services) -> None:
+        self._services = services
+        self._open = 0
+        self._all_closed = trio.Event()
+        self._all_closed.set()
+
+    async def serve(self, stream: trio.abc.Stream) -> None:
+        """Serve one connection (see :func:`runphi.shim.ttrpc.serve_connection`)."""
+        self._open += 1
+        if self._open == 1:
+            self._all_closed = trio.Event()
+        try:
+            await serve_connection(stream, self._services)
+        finally:
+            self._open -= 1
+            if self._open == 0:
+                self._all_closed.set()
+
+    async def all_closed(self) -> None:
+        """Return once no connection is open."""
+        await self._all_closed.wait()
 
 
 def run_server(settings: ServerSettings, listener_fd: int) -> None:
@@ -54,8 +72,11 @@ async def _serve(settings: ServerSettings, listener_fd: int) -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(publisher.run)
             service = TaskService(node, publisher, nursery)
-            await nursery.start(serve, listener, service.methods())
+            connections = Connections(service.methods())
+            await nursery.start(trio.serve_listeners, connections.serve, [listener])
             await service.shutdown.wait()
+            with trio.move_on_after(HANG_UP_GRACE):
+                await connections.all_closed()
             await publisher.flush(FLUSH_TIMEOUT)
             nursery.cancel_scope.cancel()
     finally:

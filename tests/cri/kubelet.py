@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from tools.testbed.containerd import short_tempdir
+from tools.testbed.containerd import WARM_PARENT, kill_processes_with_env, short_tempdir
 from tests.cri.client import CriClient, compile_proto
 from tests.cri.manifests import PodManifest, RuntimeClass, linux_resources
 from tests.cri.node import (PAUSE_IMAGE, SIM_PLATFORM, CriContainerd, Leftovers, busybox_image_archive,
@@ -162,8 +162,7 @@ class Node:
         finally:
             self.client.close()
             self.daemon.stop()
-            for line in processes_with_env(f"RUNPHI_STATE_DIR={self.node_dir}", exclude=set()):
-                _kill_pid(int(line.split()[0]))
+            kill_processes_with_env(f"RUNPHI_STATE_DIR={self.node_dir}")
             self.board.stop()
             shutil.rmtree(self.base, ignore_errors=True)
 
@@ -270,8 +269,9 @@ class Node:
         return Leftovers(
             cells=self.cells(), ledger=ledger_entries(self.node_dir),
             records=runphi_records(self.daemon.runtime_root, self.node_dir),
-            processes=processes_with_env(f"RUNPHI_STATE_DIR={self.node_dir}",
-                                         exclude={self.daemon.process.pid}),
+            processes=[line for line in processes_with_env(f"RUNPHI_STATE_DIR={self.node_dir}",
+                                                           exclude={self.daemon.process.pid})
+                       if WARM_PARENT not in line],
             netns=sorted(netns_entries() - self.netns_before))
 
     def wait_clean(self, timeout: float = 30.0) -> Leftovers:
@@ -282,13 +282,3 @@ class Node:
             if left.clean() or time.monotonic() > deadline:
                 return left
             time.sleep(0.05)
-
-
-def _kill_pid(pid: int) -> None:
-    import os
-    import signal
-
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass

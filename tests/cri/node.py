@@ -19,7 +19,7 @@ from pathlib import Path
 
 import msgspec
 
-from tools.testbed.containerd import SHIM_RUNTIME, PrivateContainerd, busybox_path
+from tools.testbed.containerd import SHIM_RUNTIME, PrivateContainerd, busybox_path, processes_with_env
 from tools.mkzic import oci as image_oci
 from tools.mkzic.image import sha256_digest
 from tools.mkzic.tarball import gzip_bytes
@@ -240,28 +240,6 @@ def ledger_entries(node_dir: Path) -> list[str]:
 def runphi_records(*roots: Path) -> list[str]:
     """Ids runphi still keeps a record for under any of ``roots`` (``<root>/<namespace>/<id>``)."""
     return sorted(p.parent.name for root in roots for p in root.glob("*/*/runphi.json"))
-
-
-def processes_with_env(marker: str, exclude: set[int]) -> list[str]:
-    """``pid cmdline`` of every process whose environment contains ``marker``.
-
-    containerd's env carries the node's private state dir, so shims, runphi
-    verbs and monitors started for this node all match; ``exclude`` drops the
-    ones that are meant to live (containerd itself).
-    """
-    found = []
-    needle = marker.encode()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) in exclude:
-            continue
-        try:
-            if needle not in (entry / "environ").read_bytes():
-                continue
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except (FileNotFoundError, ProcessLookupError, PermissionError):
-            continue
-        found.append(f"{entry.name} {cmdline.strip()}")
-    return found
 
 
 def netns_entries() -> set[str]:

@@ -26,8 +26,9 @@ from pathlib import Path
 __all__ = [
     "BOOT_BANNER", "BUSYBOX_APPLETS", "MODES", "NAMESPACE", "SHIM_RUNTIME", "SIM_PLATFORM",
     "ZIC_IMAGE_PLATFORM",
-    "EventLog", "PrivateContainerd", "ZicNode", "busybox_path", "containerd_missing", "make_busybox_rootfs",
-    "missing_requirements", "runphi_binary", "short_tempdir", "simulator_env",
+    "WARM_PARENT", "EventLog", "PrivateContainerd", "ZicNode", "busybox_path", "containerd_missing",
+    "kill_processes_with_env", "make_busybox_rootfs", "missing_requirements", "processes_with_env",
+    "runphi_binary", "short_tempdir", "simulator_env",
 ]
 
 NAMESPACE = "runphi-test"
@@ -192,6 +193,41 @@ disabled_plugins = [
             self.process.wait()
 
 
+def processes_with_env(marker: str, exclude: set[int]) -> list[str]:
+    """``pid cmdline`` of every process whose environment contains ``marker``.
+
+    containerd's env carries the node's private state dir, so shims, runphi
+    verbs, monitors and the shim's warm parent started for this node all match;
+    ``exclude`` drops the ones that are meant to live (containerd itself).
+    """
+    found = []
+    needle = marker.encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) in exclude:
+            continue
+        try:
+            if needle not in (entry / "environ").read_bytes():
+                continue
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+        found.append(f"{entry.name} {cmdline.strip()}")
+    return found
+
+
+#: What the shim's warm parent runs (node-level, like containerd: it outlives pods by design).
+WARM_PARENT = "runphi.shim.warm"
+
+
+def kill_processes_with_env(marker: str) -> None:
+    """SIGKILL every process whose environment contains ``marker`` (a node's teardown)."""
+    for line in processes_with_env(marker, exclude={os.getpid()}):
+        try:
+            os.kill(int(line.split()[0]), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def short_tempdir(prefix: str = "rphi-") -> Path:
     """A temporary directory with a short path (unix sockets live in it)."""
     return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
@@ -268,12 +304,14 @@ class ZicNode:
         return self
 
     def stop(self) -> None:
-        """Remove all containers, stop containerd, stop the board. Idempotent."""
+        """Remove all containers, stop containerd and whatever runphi process outlived it
+        (the shim's warm parent), stop the board. Idempotent."""
         try:
             if self.containerd.process is not None and self.containerd.process.poll() is None:
                 self.containerd.remove_leftovers()
         finally:
             self.containerd.stop()
+            kill_processes_with_env(f"RUNPHI_STATE_DIR={self.base / 'node'}")
             if self.sim is not None:
                 self.sim.stop()
 

@@ -1,0 +1,164 @@
+"""The warm parent: ``python -m runphi.shim.warm SOCKET`` — forks shim servers with everything imported.
+
+Started in the background by the first ``start`` that finds none (see
+:mod:`runphi.shim.launch`), with that ``start``'s environment. It imports trio,
+protobuf, the shim server and the configured backend once, then for each request
+on ``SOCKET`` (settings as JSON; the listening socket and the ``log`` fifo as fds)
+forks a child that becomes that request's server and answers ``ok <pid>``.
+Guarantees:
+
+* it never runs trio itself, so every child starts a fresh trio run;
+* only a peer with its own uid is served; a malformed request is answered with
+  nothing and changes nothing;
+* one per socket: a second one finding a live parent exits at once;
+* it exits (removing its socket) after :data:`IDLE_SECONDS` without a request, and
+  reaps the servers it forked; a server outlives it unharmed.
+"""
+
+from __future__ import annotations
+
+import errno
+import importlib
+import os
+import signal
+import socket
+import struct
+import sys
+
+import msgspec
+
+from runphi.shim.launch import REPLY_PREFIX, ServerSettings, become_server
+
+IDLE_SECONDS = 600.0
+MAX_REQUEST = 64 * 1024
+
+#: Imported before the first request: what a server needs on its way to answering Create.
+PRELOAD = ("trio", "google.protobuf", "runphi.shim.server", "runphi.shim.service", "runphi.shim.task",
+           "runphi.shim.events", "runphi.shim.metrics", "runphi.shim.mounts", "runphi.core.supervise",
+           "runphi.monitor_console", "runphi.backends.registry")
+
+
+def preload() -> None:
+    """Import what servers need, the configured backend and its cell watch included."""
+    for name in PRELOAD:
+        importlib.import_module(name)
+    from runphi.config import load_runtime_config
+    from runphi.errors import RunphiError
+
+    try:
+        backend = load_runtime_config().backend
+    except RunphiError:
+        return  # a broken runphi.toml: each server reports it in its own words
+    if backend and backend != "none":
+        for name in (f"runphi.backends.{backend}", f"runphi.backends.{backend}.watch"):
+            try:
+                importlib.import_module(name)
+            except ImportError:
+                return
+
+
+def bind(path: str) -> socket.socket | None:
+    """The listening socket at ``path``; None when a live warm parent already has it."""
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.bind(path)
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE or _answers(path):
+            sock.close()
+            return None
+        os.unlink(path)
+        sock.bind(path)
+    os.chmod(path, 0o600)
+    sock.listen(16)
+    return sock
+
+
+def _answers(path: str) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
+def serve(listener: socket.socket, idle: float = IDLE_SECONDS) -> None:
+    """Fork a server per request until idle for ``idle`` seconds."""
+    listener.settimeout(idle)
+    while True:
+        try:
+            conn, _ = listener.accept()
+        except TimeoutError:
+            return
+        with conn:
+            _answer(conn, listener)
+
+
+def _answer(conn: socket.socket, listener: socket.socket) -> None:
+    """Handle one request (module docstring); never raises for a bad one."""
+    conn.settimeout(5.0)
+    fds: list[int] = []
+    try:
+        if not _same_user(conn):
+            return
+        data, fds, _, _ = socket.recv_fds(conn, MAX_REQUEST, 2)
+        settings = msgspec.json.decode(data, type=ServerSettings)
+        if not fds:
+            return
+        pid = _fork(settings, fds, listener, conn)
+        conn.sendall(REPLY_PREFIX + str(pid).encode())
+    except (OSError, msgspec.ValidationError, msgspec.DecodeError):
+        return
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _same_user(conn: socket.socket) -> bool:
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _, uid, _ = struct.unpack("3i", creds)
+    return uid == os.getuid()
+
+
+def _fork(settings: ServerSettings, fds: list[int], listener: socket.socket, conn: socket.socket) -> int:
+    """Fork the server for ``fds`` (listener, optional log fifo); its pid."""
+    pid = os.fork()
+    if pid != 0:
+        return pid
+    code = 1
+    try:
+        listener.close()
+        conn.close()
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the server waits for its own children
+        become_server(settings, fds[0], fds[1] if len(fds) > 1 else -1)
+        code = 0
+    finally:
+        os._exit(code)
+
+
+def main(argv: list[str]) -> int:
+    """``python -m runphi.shim.warm SOCKET [IDLE_SECONDS]``."""
+    if len(argv) not in (1, 2):
+        sys.stderr.write("usage: python -m runphi.shim.warm SOCKET [IDLE_SECONDS]\n")
+        return 2
+    listener = bind(argv[0])
+    if listener is None:
+        return 0
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # servers are reaped as they end
+    try:
+        preload()
+        serve(listener, float(argv[1]) if len(argv) == 2 else IDLE_SECONDS)
+    finally:
+        try:
+            os.unlink(argv[0])
+        except OSError:
+            pass
+        listener.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,151 @@
+"""The shim's warm parent (runphi.shim.warm): it forks real shim servers on request.
+
+Each test runs a real warm parent process and talks to it exactly as ``start`` does
+(runphi.shim.launch.hand_over); the servers it forks are driven over ttrpc.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import trio
+
+from runphi.shim.launch import ServerSettings, hand_over, warm_socket
+from runphi.shim.proto import task_pb2
+from runphi.shim.service import TASK_SERVICE
+from runphi.shim.ttrpc import Code, TtrpcError, connect_unix
+from google.protobuf import empty_pb2
+
+DEADLINE = 30.0
+
+
+def wait_until(predicate, what: str, timeout: float = DEADLINE) -> None:
+    """Poll ``predicate`` (a socket answering, a process gone) against a deadline."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} within {timeout} s")
+        time.sleep(0.01)
+
+
+def answers(path: Path) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.fixture
+def sockets(tmp_path_factory):
+    """A short directory for unix sockets."""
+    directory = Path(os.path.realpath("/tmp")) / f"rphi-warm-{os.getpid()}-{time.monotonic_ns()}"
+    directory.mkdir()
+    yield directory
+    for entry in directory.iterdir():
+        entry.unlink()
+    directory.rmdir()
+
+
+@pytest.fixture
+def warm(sockets, tmp_path):
+    """A warm parent on ``sockets/warm`` (idle exit after 60 s), its environment pointing at
+    a private state dir; killed afterwards."""
+    path = sockets / "warm"
+    env = {**os.environ, "RUNPHI_STATE_DIR": str(tmp_path / "node"), "RUNPHI_BACKEND": "none"}
+    process = subprocess.Popen([sys.executable, "-m", "runphi.shim.warm", str(path), "60"], env=env,
+                               stdin=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: answers(path), "the warm parent never listened")
+        yield process, path
+    finally:
+        process.kill()
+        process.wait()
+
+
+def listening(path: Path) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(str(path))
+    sock.listen(8)
+    return sock
+
+
+async def connect_then_shutdown(path: Path) -> None:
+    async with connect_unix(str(path)) as client:
+        with pytest.raises(TtrpcError) as refused:
+            await client.call(TASK_SERVICE, "Connect", task_pb2.ConnectRequest(id="nobody"),
+                              task_pb2.ConnectResponse)
+        assert refused.value.code == Code.NOT_FOUND
+        await client.call(TASK_SERVICE, "Shutdown", task_pb2.ShutdownRequest(id="nobody"), empty_pb2.Empty)
+
+
+def test_a_forked_server_serves_the_handed_listener_and_exits_on_shutdown(warm, sockets):
+    process, path = warm
+    server_path = sockets / "server"
+    with listening(server_path) as listener:
+        settings = ServerSettings(namespace="default", ttrpc_address=str(sockets / "no-containerd"),
+                                  socket_path=str(server_path))
+        pid = hand_over(str(path), settings, listener.fileno(), -1)
+    assert pid is not None and pid != process.pid
+    trio.run(connect_then_shutdown, server_path)
+    wait_until(lambda: not alive(pid), "the server did not exit after Shutdown")
+    assert not server_path.exists()  # the server removed its socket
+    assert process.poll() is None  # the warm parent stays for the next start
+
+
+def test_a_second_warm_parent_on_the_same_socket_exits_at_once(warm):
+    _, path = warm
+    second = subprocess.run([sys.executable, "-m", "runphi.shim.warm", str(path)], timeout=DEADLINE)
+    assert second.returncode == 0
+    assert answers(path)
+
+
+def test_a_malformed_request_changes_nothing(warm, sockets):
+    process, path = warm
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+        client.connect(str(path))
+        client.sendall(b"not json")
+        client.shutdown(socket.SHUT_WR)
+        assert client.recv(64) == b""
+    assert process.poll() is None
+    server_path = sockets / "server"
+    with listening(server_path) as listener:
+        settings = ServerSettings(namespace="default", ttrpc_address="", socket_path=str(server_path))
+        assert hand_over(str(path), settings, listener.fileno(), -1) is not None
+    trio.run(connect_then_shutdown, server_path)
+
+
+def test_without_a_warm_parent_hand_over_says_none(sockets):
+    with listening(sockets / "server") as listener:
+        settings = ServerSettings(namespace="default", ttrpc_address="", socket_path=str(sockets / "server"))
+        assert hand_over(str(sockets / "absent"), settings, listener.fileno(), -1) is None
+
+
+def test_an_idle_warm_parent_exits_and_removes_its_socket(sockets):
+    path = sockets / "idle"
+    process = subprocess.Popen([sys.executable, "-m", "runphi.shim.warm", str(path), "0.5"],
+                               stdin=subprocess.DEVNULL)
+    assert process.wait(DEADLINE) == 0
+    assert not path.exists()
+
+
+def test_the_socket_name_follows_the_environment():
+    assert warm_socket("/d", {"A": "1"}) == warm_socket("/d", {"A": "1"})
+    assert warm_socket("/d", {"A": "1"}) != warm_socket("/d", {"A": "2"})
+    assert warm_socket("/d", {}).startswith("/d/runphi-warm-")
