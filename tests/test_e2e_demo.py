@@ -76,8 +76,8 @@ def test_demo_streams_the_guests_through_containerd_and_cleans_up(built_inmates)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stderr == ""
     assert guest_lines(result.stdout) == HELLO_CONSOLE + ECHO_CONSOLE
-    assert "demo: ctr run --rm docker.io/library/hello:demo demo-hello   (runtime binary: runphi)" in result.stdout
-    assert "demo: ctr run --rm docker.io/library/echo:demo demo-echo   (runtime binary: runphi)" in result.stdout
+    assert "demo: ctr run --rm docker.io/library/hello:demo demo-hello   (runtime: io.containerd.runphi.v2)" in result.stdout
+    assert "demo: ctr run --rm docker.io/library/echo:demo demo-echo   (runtime: io.containerd.runphi.v2)" in result.stdout
     shown_in_readme = [line[4:] for line in (REPO_ROOT / "README.md").read_text().splitlines()
                        if line.startswith(("    demo: ", "      guest | "))]
     assert len(shown_in_readme) >= 10

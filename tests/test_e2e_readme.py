@@ -52,6 +52,9 @@ def test_by_hand_block_runs_hello_on_the_simulator(built_inmates):
 def test_containerd_blocks_build_import_run_kill_and_remove(zic_node, zic_events, built_inmates, tmp_path):
     build = sh_block(README, "Using runphi with containerd", 0)
     usage = sh_block(README, "Using runphi with containerd", 1)
+    if zic_node.mode == "runc-cli":  # the README's other runtime flags, same commands
+        [runc_cli] = sh_block(README, "Using runphi with containerd", 2).strip().splitlines()
+        usage = "\n".join([runc_cli, *usage.strip().splitlines()[1:]])
     # The build block runs "from a checkout" and writes the archives where it runs.
     (tmp_path / ".venv").symlink_to(REPO_ROOT / ".venv")
     (tmp_path / "tools").symlink_to(REPO_ROOT / "tools")

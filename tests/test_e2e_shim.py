@@ -9,13 +9,19 @@ tests/test_e2e_zic.py, which runs them in both modes.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import trio
 
+from tests.conftest import REPO_ROOT
+from tests.fdread import read_until
 from tests.test_e2e_zic import GUEST_TIMEOUT, assert_nothing_left, ctr_run_zic, wait_for_text, zic_rootfs
 from tools.testbed.containerd import (
     NAMESPACE,
@@ -27,6 +33,8 @@ from tools.testbed.containerd import (
 )
 
 pytestmark = [pytest.mark.containerd, pytest.mark.qemu]
+
+EXAMPLES = REPO_ROOT / "docs" / "examples"
 
 
 @pytest.fixture(scope="module")
@@ -151,6 +159,75 @@ def test_kill_after_exit_is_not_found(shim_node, shim_events, built_inmates, tmp
     finally:
         ctr("task", "rm", cid)
         ctr("containers", "rm", cid)
+    assert_nothing_left(shim_node, cid)
+
+
+# ---- runphi's own event -----------------------------------------------------------------------
+
+class Subscriber:
+    """docs/examples/cell_health_subscriber.py running against the node's containerd."""
+
+    def __init__(self, node: ZicNode, work: Path) -> None:
+        out = work / "proto"
+        out.mkdir()
+        subprocess.run([sys.executable, "-m", "grpc_tools.protoc", "-I", str(EXAMPLES), f"--python_out={out}",
+                        str(EXAMPLES / "containerd_events.proto")], check=True, timeout=120)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(out), str(REPO_ROOT)]),
+               "CONTAINERD_ADDRESS": str(node.containerd.address)}
+        self.process = subprocess.Popen([sys.executable, str(EXAMPLES / "cell_health_subscriber.py")], env=env,
+                                        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
+        self.seen = bytearray()
+
+    def line(self, timeout: float) -> dict | None:
+        """The next JSON line it prints, or None if none comes within ``timeout``."""
+        try:
+            read_until(self.process.stdout.fileno(), b"\n", self.seen, timeout=timeout)
+        except AssertionError:
+            return None
+        line, _, rest = bytes(self.seen).partition(b"\n")
+        self.seen[:] = rest
+        return json.loads(line)
+
+    def wait_subscribed(self, node: ZicNode) -> None:
+        """Publish probe failures until one comes back: from then on it sees every event."""
+        for attempt in range(200):
+            trio.run(publish_probe, node, f"probe-{attempt}")
+            if (line := self.line(0.5)) is not None:
+                assert line["container_id"].startswith("probe-"), line
+                return
+        raise AssertionError("the subscriber never received a probe")
+
+    def close(self) -> None:
+        self.process.kill()
+        self.process.wait()
+
+
+async def publish_probe(node: ZicNode, container_id: str) -> None:
+    from runphi.shim.events import CELL_FAILED, Publisher
+    from runphi.shim.proto.runphi_events_pb2 import CellFailed
+
+    publisher = Publisher(str(node.containerd.base / "ttrpc.sock"), NAMESPACE, lambda line: None)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(publisher.run)
+        publisher.publish(CELL_FAILED, CellFailed(container_id=container_id, state="probe"))
+        assert await publisher.flush(10.0)
+        nursery.cancel_scope.cancel()
+
+
+def test_a_crashing_zic_announces_its_failed_cell(shim_node, shim_events, built_inmates, tmp_path):
+    cid = "shim-crash"
+    subscriber = Subscriber(shim_node, tmp_path)
+    try:
+        subscriber.wait_subscribed(shim_node)
+        result = ctr_run_zic(shim_node, zic_rootfs(tmp_path, built_inmates / "crash.bin"), cid, "--rm")
+        assert result.returncode == 139, result.stderr
+        while (event := subscriber.line(GUEST_TIMEOUT)) is not None and event["container_id"] != cid:
+            pass
+    finally:
+        subscriber.close()
+    assert event is not None, "no /runphi/cell/failed for the crashed ZIC"
+    assert event["namespace"] == NAMESPACE and event["cell"] == cid and event["state"] == "failed", event
+    assert event["failed_cpus"] and set(event["failed_cpus"]) <= set(event["cpus"]), event
     assert_nothing_left(shim_node, cid)
 
 

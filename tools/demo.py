@@ -6,8 +6,8 @@ console:
 1. builds the test inmates (``tools/inmates``) and packages ``hello`` and
    ``echo`` as ZIC images with mkzic;
 2. brings up a simulated board (QEMU engine) and, when containerd can be used
-   (root, containerd/ctr/runc installed), a private containerd whose runtime
-   binary is runphi;
+   (root, containerd/ctr/runc installed), a private containerd that runs them
+   with runphi's own shim (runtime ``io.containerd.runphi.v2``);
 3. ``ctr image import`` + ``ctr run --rm`` of ``hello``: the guest's UART
    output, streamed through runphi and containerd; then ``echo``, with the demo
    typing a line into the guest and reading it back;
@@ -278,16 +278,16 @@ def run_under_containerd(base: Path, inmates: Path, linux: bool = False) -> None
 
     images = dict(write_image(inmates / f"{name}.bin", base) for name in ("hello", "echo"))
     narrate("packaged hello and echo as ZIC images with mkzic: " + ", ".join(images))
-    node = ZicNode(base / "zic-node", runphi_binary())
+    node = ZicNode(base / "zic-node", runphi_binary(), mode="shim")
     narrate(f"starting a simulated Jailhouse board (QEMU engine) and a private containerd in {node.base}")
     node.start()
     try:
         for archive in images.values():
             import_image(node, archive)
-        narrate("imported both images; runphi is the runtime binary of containerd's runc shim")
+        narrate("imported both images; containerd runs them with runphi's shim, io.containerd.runphi.v2")
         for short, show in (("hello", show_hello), ("echo", show_echo)):
             image = next(name for name in images if f"/{short}:" in name)
-            narrate(f"ctr run --rm {image} demo-{short}   (runtime binary: runphi)")
+            narrate(f"ctr run --rm {image} demo-{short}   (runtime: io.containerd.runphi.v2)")
             show(node.containerd.ctr_argv("run", "--rm", *node.zic_flags(), image, f"demo-{short}"),
                  node.containerd.env, base)
         if linux:
@@ -315,7 +315,7 @@ def run_linux_under_containerd(node, base: Path) -> None:
     import_image(node, path)
     terminal = ["-t"] if sys.stdin.isatty() else []
     image = archive.name.full()
-    narrate(f"ctr run --rm {'-t ' if terminal else ''}{image} demo-linux   (runtime binary: runphi)")
+    narrate(f"ctr run --rm {'-t ' if terminal else ''}{image} demo-linux   (runtime: io.containerd.runphi.v2)")
     show_linux(node.containerd.ctr_argv("run", "--rm", *terminal, *node.zic_flags(), image, "demo-linux"),
                node.containerd.env, base)
 

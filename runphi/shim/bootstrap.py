@@ -13,8 +13,9 @@
    the socket is bound and listening before ``start`` exits and a new server
    (own process group, stdio on /dev/null and the bundle's ``log`` fifo) serves it,
    forked by the warm parent when one runs (:mod:`runphi.shim.launch`);
-4. ``<bundle>/address`` is written atomically (containerd reads it after a restart),
-   a marker tells ``delete`` the bundle is runphi's, and only the address is printed.
+4. ``<bundle>/address`` is written atomically (containerd 1.6/1.7 read it after a
+   restart), a marker tells ``delete`` the bundle is runphi's, and only the address is
+   printed: bare for containerd 1.6, as bootstrap JSON for 1.7 and 2.x (:func:`start_output`).
 
 ``delete`` (after every task connection closes): for a bundle handed to runc, runc's
 shim ``delete`` (decided on the marker alone, before any import that costs); for a ZIC, the core's forced delete if its record is still there
@@ -30,6 +31,7 @@ import shutil
 import socket
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
@@ -72,8 +74,22 @@ def start(flags: ShimFlags) -> int:
 
     atomic_write(bundle / MARKER_NAME, ShimBundle(address=address).encode())
     atomic_write(bundle / "address", address.encode())
-    sys.stdout.write(address)
+    sys.stdout.write(start_output(address, os.environ))
     return 0
+
+
+def start_output(address: str, env: Mapping[str, str]) -> str:
+    """What ``start`` prints for the running containerd (shim-v2.md §2.1, §2.6).
+
+    containerd 1.7 and 2.x announce themselves with ``MAX_SHIM_VERSION`` and read the
+    bootstrap JSON (version 2: the ``containerd.task.v2.Task`` service runphi serves);
+    1.6 sets no such variable and dials whatever it reads, so it gets the bare address.
+    """
+    if not env.get("MAX_SHIM_VERSION"):
+        return address
+    import json
+
+    return json.dumps({"version": 2, "address": address, "protocol": "ttrpc"}, separators=(",", ":"))
 
 
 def _bundle_is_zic(bundle: Path, flags: ShimFlags) -> bool:
