@@ -174,6 +174,37 @@ def test_interactive_echo_session_on_a_terminal(zic_node, zic_events, built_inma
     assert_nothing_left(zic_node, "e2e-echo-tty")
 
 
+# ---- stdin without a terminal ------------------------------------------------------------------
+
+def test_piped_stdin_reaches_the_guest_and_its_end_does_not_stop_it(zic_node, zic_events, built_inmates,
+                                                                     tmp_path):
+    # Without -t, ctr copies its stdin into the task's stdin FIFO; at its EOF it sends CloseIO.
+    cid = "e2e-echo-pipe"
+    rootfs = zic_rootfs(tmp_path, built_inmates / "echo.bin")
+    argv = zic_node.containerd.ctr_argv("run", "--rm", *zic_node.zic_flags(), "--rootfs", str(rootfs), cid,
+                                        "/boot/echo.bin")
+    ctr = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=zic_node.containerd.env)
+    seen = bytearray()
+    try:
+        read_until(ctr.stdout.fileno(), b"> ", seen, timeout=GUEST_TIMEOUT)
+        ctr.stdin.write(b"piped line\r")
+        ctr.stdin.flush()
+        read_until(ctr.stdout.fileno(), b"> piped line\r\n> ", seen, timeout=GUEST_TIMEOUT)
+        ctr.stdin.close()  # the end of the input is not the end of the guest
+        tasks = zic_node.containerd.ctr("task", "ls").stdout.decode().splitlines()[1:]
+        assert [row.split()[2] for row in tasks if row.split()[0] == cid] == ["RUNNING"], tasks
+        killed = zic_node.containerd.ctr("task", "kill", cid)
+        assert killed.returncode == 0, killed.stderr
+        assert ctr.wait(GUEST_TIMEOUT) == 143
+    finally:
+        if ctr.poll() is None:
+            ctr.kill()
+            ctr.wait()
+    assert b"bye" not in seen
+    assert zic_events.exit_status(cid) == 143
+    assert_nothing_left(zic_node, cid)
+
+
 # ---- an imported image -------------------------------------------------------------------------
 
 def test_imported_zic_image_runs_from_containerds_snapshot(zic_node, zic_events, built_inmates, tmp_path):
