@@ -45,6 +45,13 @@ def backend_named(name: str, config: RuntimeConfig, warn: Callable[[str], None],
     return opener(config, warn)
 
 
+def preload(name: str) -> None:
+    """Import backend ``name`` and its cell watch now (a process that forks ZIC owners, such
+    as the shim's warm parent, pays the imports once); ImportError for an unknown name."""
+    importlib.import_module(f"runphi.backends.{name}")
+    importlib.import_module(f"runphi.backends.{name}.watch")
+
+
 def open_cell_watch(backend: str, backend_config: dict[str, str], cell_name: str,
                     tool_timeout: float) -> CellWatch:
     """The :class:`CellWatch` of a monitor's cell, from the backend that launched it

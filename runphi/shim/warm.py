@@ -18,7 +18,6 @@ Guarantees:
 from __future__ import annotations
 
 import errno
-import importlib
 import os
 import signal
 import socket
@@ -32,16 +31,16 @@ from runphi.shim.launch import REPLY_PREFIX, ServerSettings, become_server
 IDLE_SECONDS = 600.0
 MAX_REQUEST = 64 * 1024
 
-#: Imported before the first request: what a server needs on its way to answering Create.
-PRELOAD = ("trio", "google.protobuf", "runphi.shim.server", "runphi.shim.service", "runphi.shim.task",
-           "runphi.shim.events", "runphi.shim.metrics", "runphi.shim.mounts", "runphi.core.supervise",
-           "runphi.monitor_console", "runphi.backends.registry")
-
-
 def preload() -> None:
-    """Import what servers need, the configured backend and its cell watch included."""
-    for name in PRELOAD:
-        importlib.import_module(name)
+    """Import what a server needs on its way to answering Create: trio, protobuf, the shim,
+    the core's supervisor and console, the configured backend and its cell watch."""
+    import trio  # noqa: F401
+    import google.protobuf  # type: ignore[import-untyped]  # noqa: F401
+
+    import runphi.monitor_console  # noqa: F401
+    import runphi.shim.server  # noqa: F401
+    import runphi.shim.metrics  # noqa: F401
+    from runphi.backends import registry
     from runphi.config import load_runtime_config
     from runphi.errors import RunphiError
 
@@ -50,11 +49,10 @@ def preload() -> None:
     except RunphiError:
         return  # a broken runphi.toml: each server reports it in its own words
     if backend and backend != "none":
-        for name in (f"runphi.backends.{backend}", f"runphi.backends.{backend}.watch"):
-            try:
-                importlib.import_module(name)
-            except ImportError:
-                return
+        try:
+            registry.preload(backend)
+        except ImportError:
+            return  # an unknown backend: the server says so at Create
 
 
 def bind(path: str) -> socket.socket | None:
