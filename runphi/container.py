@@ -43,6 +43,10 @@ _LEGAL: dict[str, frozenset[str]] = {
 }
 
 
+#: ``ContainerRecord.owner`` of a ZIC served by runphi's containerd shim.
+SHIM_OWNER = "containerd-shim-runphi-v2"
+
+
 class ContainerRecord(msgspec.Struct, kw_only=True):
     """A ZIC as runphi records it under ``<root>/<id>/``."""
 
@@ -62,6 +66,9 @@ class ContainerRecord(msgspec.Struct, kw_only=True):
     config_digest: str = ""
     #: The partition behind the container, as the backend describes it.
     cell: CellRecord = msgspec.field(default_factory=CellRecord)
+    #: Which front end owns the ZIC's long-lived process: "" the runc-CLI mode's monitor,
+    #: :data:`SHIM_OWNER` runphi's containerd shim (only containerd may then act on it).
+    owner: str = ""
 
 
 def transition(record: ContainerRecord, new_status: ContainerStatus) -> ContainerRecord:

@@ -26,6 +26,7 @@ import msgspec
 
 from runphi.backends.base import WatchSettings
 from runphi.container import GRACEFUL_STOP_SIGNALS
+from runphi.core.node import TOOL_TIMEOUT
 from runphi.core.outcome import (
     EXIT_CRASHED,
     EXIT_VANISHED,
@@ -47,7 +48,7 @@ class MonitorSetup(msgspec.Struct, frozen=True):
     cell_name: str
     #: Which backend watches the cell, how, and at what pace.
     watch: WatchSettings
-    tool_timeout: float = 10.0
+    tool_timeout: float = TOOL_TIMEOUT
     #: Read end (opened read-write) of the start fifo; ``start`` writes one byte.
     start_fd: int = -1
     #: Console source fd (UART), or -1 when the cell has no console.

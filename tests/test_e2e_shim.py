@@ -146,6 +146,32 @@ def test_metrics_ps_and_refused_calls_of_a_running_zic(shim_node, built_inmates,
     assert_nothing_left(shim_node, cid)
 
 
+def test_the_runphi_cli_sees_a_shim_zic_but_leaves_acting_to_containerd(shim_node, built_inmates, tmp_path):
+    cid = "shim-cli"
+    ctr = shim_node.containerd.ctr
+    start_ticker(shim_node, built_inmates, tmp_path, cid)
+    root = shim_node.base / "node" / NAMESPACE  # the shim keeps a namespace's records here
+
+    def runphi(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(shim_node.runphi), "--root", str(root), *args], capture_output=True,
+                              env=shim_node.env, timeout=60, stdin=subprocess.DEVNULL)
+
+    try:
+        state = json.loads(runphi("state", cid).stdout)
+        assert (state["status"], state["pid"]) == ("running", task_pid(shim_node, cid))
+        for verb in ("kill", "delete"):
+            refused = runphi(verb, cid)
+            assert refused.returncode == 1
+            [line] = refused.stderr.decode().splitlines()
+            assert f"use `ctr task {verb} {cid}`" in line, line
+        assert shim_node.cells()[cid] == "running"
+    finally:
+        ctr("task", "kill", "--signal", "SIGKILL", cid)
+        ctr("task", "rm", "--force", cid)
+        ctr("containers", "rm", cid)
+    assert_nothing_left(shim_node, cid)
+
+
 def test_kill_after_exit_is_not_found(shim_node, shim_events, built_inmates, tmp_path):
     cid = "shim-exited"
     ctr = shim_node.containerd.ctr

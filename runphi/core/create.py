@@ -42,6 +42,8 @@ class CreateRequest(msgspec.Struct, frozen=True, kw_only=True):
     #: Where the pty master of a terminal ZIC goes ("" = no terminal).
     console_socket: str = ""
     pid_file: str = ""
+    #: The front end that will own the ZIC (``ContainerRecord.owner``).
+    owner: str = ""
 
 
 def load_zic_config(node: Node, bundle: Path, container_id: str) -> tuple[bytes, Config]:
@@ -112,7 +114,7 @@ def _creating_record(request: CreateRequest) -> ContainerRecord:
         id=request.container_id, bundle=str(request.bundle), rootfs=str(config.rootfs(request.bundle)),
         created=rfc3339_nano(time.time_ns()), status="creating", oci_version=config.oci_version,
         annotations=dict(config.annotations), monitor_pid=pid, monitor_start_time=start_time,
-        config_digest="sha256:" + hashlib.sha256(request.config_bytes).hexdigest())
+        config_digest="sha256:" + hashlib.sha256(request.config_bytes).hexdigest(), owner=request.owner)
 
 
 def _launch(node: Node, backend: Backend, request: LaunchRequest, console_socket: str,

@@ -27,6 +27,8 @@ CONFIG_COPY_NAME = "config.json"
 START_FIFO_NAME = "start.fifo"
 #: How long ``kill KILL`` and ``delete`` give the cell to be destroyed (seconds).
 DESTROY_TIMEOUT = 5.0
+#: How long one hypervisor management call of a ZIC's owner (monitor or shim) may take (seconds).
+TOOL_TIMEOUT = 10.0
 
 
 class Log(Protocol):

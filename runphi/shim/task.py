@@ -24,10 +24,11 @@ import msgspec
 import trio
 
 from runphi.backends.base import LaunchedCell
-from runphi.container import ContainerRecord, current_process_identity
+from runphi.container import SHIM_OWNER, ContainerRecord, current_process_identity
 from runphi.core.create import CreateRequest, create_zic, load_zic_config
 from runphi.core.delete import delete_zic
 from runphi.core.kill import stop_signal
+from runphi.core.node import TOOL_TIMEOUT
 from runphi.core.outcome import EXIT_CRASHED, MonitorExit, record_exit_in_container_record, write_monitor_exit
 from runphi.core.start import start_zic
 from runphi.core.state import zic_stats
@@ -108,7 +109,8 @@ class ZicTask:
         config_bytes, config = load_zic_config(self.node, bundle, request.id)
         self.stdio = open_task_stdio(request.id, request.stdin, request.stdout,
                                      "" if request.terminal else request.stderr)
-        create = CreateRequest(container_id=request.id, bundle=bundle, config=config, config_bytes=config_bytes)
+        create = CreateRequest(container_id=request.id, bundle=bundle, config=config, config_bytes=config_bytes,
+                               owner=SHIM_OWNER)
         self.record = create_zic(self.node, create, adopt=self._adopt)
 
     def _adopt(self, launched: LaunchedCell, start_fd: int) -> tuple[int, int]:
@@ -127,7 +129,7 @@ class ZicTask:
         launched = self._launched
         assert launched is not None
         cell = open_cell_watch(launched.watch.backend, launched.watch.backend_config,
-                               launched.cell.cell_name, 10.0)
+                               launched.cell.cell_name, TOOL_TIMEOUT)
         console = None
         if launched.console_fd >= 0:
             output = self.stdio.stdout if self.stdio.stdout >= 0 else self._null_output()

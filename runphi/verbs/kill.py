@@ -8,9 +8,11 @@ not running`` (exit 1) — the shim's wording — except with ``--all``.
 from __future__ import annotations
 
 from runphi.core.kill import kill_zic
+from runphi.verbs._common import refuse_shim_owned
 
 
 def run(args, ctx) -> int:
     """Deliver the signal as a cell shutdown."""
+    refuse_shim_owned(ctx, args.container_id, "kill")
     kill_zic(ctx.node, args.container_id, args.signal, all_=args.all)
     return 0
