@@ -130,3 +130,20 @@ def test_a_pause_point_stops_only_at_its_own_name(armed, stops):
         if proc.poll() is None:
             proc.kill()
     assert (proc.returncode, out) == (0, "passed\n")
+
+
+def test_a_once_pause_point_stops_only_the_first_process(tmp_path):
+    code = "from runphi.pausepoint import pause_point\npause_point('create:here')\nprint('passed')"
+    env = {**os.environ, PAUSE_ENV: "create:here", "RUNPHI_TEST_PAUSE_ONCE": str(tmp_path / "once")}
+    first = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, env=env, text=True)
+    try:
+        wait_for(lambda: first.poll() is None and process_state(first.pid) == "T", timeout=30,
+                 what="the first process to stop itself")
+        second = subprocess.run([sys.executable, "-c", code], capture_output=True, env=env, text=True, timeout=30)
+        assert (second.returncode, second.stdout) == (0, "passed\n")  # ran through
+        first.send_signal(signal.SIGCONT)
+        out, _ = first.communicate(timeout=30)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert (first.returncode, out) == (0, "passed\n")

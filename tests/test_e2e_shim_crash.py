@@ -1,0 +1,87 @@
+"""kill -9 of runphi's shim server at every step of a ZIC's Create and Delete, under the real containerd.
+
+Each case runs a fresh node whose containerd carries ``RUNPHI_TEST_PAUSE_AT=<step>``
+(runphi.pausepoint): the shim server stops itself there, the test kills it with
+SIGKILL, and containerd — seeing the connection gone — runs the shim's ``delete``.
+Afterwards no cell, ledger entry, runphi record or task may be left.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from runphi.pausepoint import ENV as PAUSE_ENV
+from runphi.pausepoint import ONCE_ENV
+from tests.test_e2e_zic import GUEST_TIMEOUT, assert_nothing_left, ctr_run_zic, zic_rootfs
+from tools.testbed.containerd import ZicNode, missing_requirements, processes_with_env, short_tempdir
+
+pytestmark = [pytest.mark.containerd, pytest.mark.qemu]
+
+CREATE_STEPS = ("create:record", "create:allocated", "create:cell-created", "create:loaded",
+                "create:launched", "create:recorded")
+DELETE_STEPS = ("delete:monitor-stopped", "delete:cell-destroyed", "delete:released")
+
+
+def stopped_process(marker: str, timeout: float = GUEST_TIMEOUT) -> int:
+    """The pid of the node's process that stopped itself at the pause point."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for line in processes_with_env(marker, exclude=set()):
+            pid = int(line.split()[0])
+            try:
+                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except (FileNotFoundError, IndexError):
+                continue
+            if state == "T":
+                return pid
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no process stopped at the pause point within {timeout} s")
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def paused_node(request, runphi_bin: Path, built_inmates: Path):
+    reason = missing_requirements()
+    if reason:
+        pytest.skip(f"real containerd test: {reason}")
+    node = ZicNode(short_tempdir("rphi-crash-"), runphi_bin, mode="shim")
+    node.containerd.env[PAUSE_ENV] = request.param
+    node.containerd.env[ONCE_ENV] = str(node.base / "paused-once")  # the shim's `delete` must not stop
+    node.start()
+    try:
+        yield node
+    finally:
+        try:
+            node.stop()
+        finally:
+            shutil.rmtree(node.base, ignore_errors=True)
+
+
+@pytest.mark.parametrize("paused_node", CREATE_STEPS + DELETE_STEPS, indirect=True)
+def test_shim_killed_during_create_or_delete_leaves_nothing(paused_node, built_inmates, tmp_path):
+    node = paused_node
+    cid = "crash-create"
+    rootfs = zic_rootfs(tmp_path, built_inmates / "hello.bin")
+    argv = node.containerd.ctr_argv("run", "--rm", *node.zic_flags(), "--rootfs", str(rootfs), cid,
+                                    "/boot/hello.bin")
+    ctr = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           env=node.containerd.env)
+    try:
+        server = stopped_process(f"RUNPHI_STATE_DIR={node.base / 'node'}")
+        os.kill(server, signal.SIGKILL)
+        _, err = ctr.communicate(timeout=GUEST_TIMEOUT)
+    finally:
+        if ctr.poll() is None:
+            ctr.kill()
+            ctr.wait()
+    if node.containerd.env[PAUSE_ENV] in CREATE_STEPS:
+        assert ctr.returncode != 0, err  # the task never came to be
+    node.containerd.ctr("containers", "rm", cid)
+    assert_nothing_left(node, cid)
