@@ -180,20 +180,13 @@ def zic_node(request, runphi_bin: Path, built_inmates: Path):
     One per test module and mode; tests use their own container ids and remove what
     they start. Teardown removes every container, stops containerd and the board.
     """
-    from tools.testbed.containerd import ZicNode
+    from tools.testbed.containerd import running_zic_node
 
     reason = missing_requirements()
     if reason:
         pytest.skip(f"real containerd test: {reason}")
-    node = ZicNode(short_tempdir("rphi-zic-"), runphi_bin, mode=request.param)
-    node.start()
-    try:
+    with running_zic_node(runphi_bin, mode=request.param) as node:
         yield node
-    finally:
-        try:
-            node.stop()
-        finally:
-            shutil.rmtree(node.base, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

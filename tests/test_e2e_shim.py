@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -29,7 +28,7 @@ from tools.testbed.containerd import (
     ZicNode,
     make_busybox_rootfs,
     missing_requirements,
-    short_tempdir,
+    running_zic_node,
 )
 
 pytestmark = [pytest.mark.containerd, pytest.mark.qemu]
@@ -43,15 +42,8 @@ def shim_node(runphi_bin: Path, built_inmates: Path):
     reason = missing_requirements()
     if reason:
         pytest.skip(f"real containerd test: {reason}")
-    node = ZicNode(short_tempdir("rphi-shim-"), runphi_bin, mode="shim")
-    node.start()
-    try:
+    with running_zic_node(runphi_bin, mode="shim", prefix="rphi-shim-") as node:
         yield node
-    finally:
-        try:
-            node.stop()
-        finally:
-            shutil.rmtree(node.base, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

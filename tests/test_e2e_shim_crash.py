@@ -9,7 +9,6 @@ Afterwards no cell, ledger entry, runphi record or task may be left.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -20,7 +19,7 @@ import pytest
 from runphi.pausepoint import ENV as PAUSE_ENV
 from runphi.pausepoint import ONCE_ENV
 from tests.test_e2e_zic import GUEST_TIMEOUT, assert_nothing_left, ctr_run_zic, zic_rootfs
-from tools.testbed.containerd import ZicNode, missing_requirements, processes_with_env, short_tempdir
+from tools.testbed.containerd import missing_requirements, processes_with_env, running_zic_node
 
 pytestmark = [pytest.mark.containerd, pytest.mark.qemu]
 
@@ -47,21 +46,14 @@ def stopped_process(marker: str, timeout: float = GUEST_TIMEOUT) -> int:
 
 
 @pytest.fixture
-def paused_node(request, runphi_bin: Path, built_inmates: Path):
+def paused_node(request, runphi_bin: Path, built_inmates: Path, tmp_path: Path):
     reason = missing_requirements()
     if reason:
         pytest.skip(f"real containerd test: {reason}")
-    node = ZicNode(short_tempdir("rphi-crash-"), runphi_bin, mode="shim")
-    node.containerd.env[PAUSE_ENV] = request.param
-    node.containerd.env[ONCE_ENV] = str(node.base / "paused-once")  # the shim's `delete` must not stop
-    node.start()
-    try:
+    once = tmp_path / "paused-once"  # the shim's `delete` that follows the kill must not stop
+    with running_zic_node(runphi_bin, mode="shim", prefix="rphi-crash-",
+                          env={PAUSE_ENV: request.param, ONCE_ENV: str(once)}) as node:
         yield node
-    finally:
-        try:
-            node.stop()
-        finally:
-            shutil.rmtree(node.base, ignore_errors=True)
 
 
 @pytest.mark.parametrize("paused_node", CREATE_STEPS + DELETE_STEPS, indirect=True)

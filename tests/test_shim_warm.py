@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from runphi.shim.launch import ServerSettings, hand_over, warm_socket
+from runphi.shim.launch import ServerSettings, answers, hand_over, warm_socket
 from runphi.shim.proto import task_pb2
 from runphi.shim.service import TASK_SERVICE
 from runphi.shim.ttrpc import Code, TtrpcError, connect_unix
@@ -32,17 +32,6 @@ def wait_until(predicate, what: str, timeout: float = DEADLINE) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} within {timeout} s")
         time.sleep(0.01)
-
-
-def answers(path: Path) -> bool:
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(str(path))
-        return True
-    except OSError:
-        return False
-    finally:
-        probe.close()
 
 
 def alive(pid: int) -> bool:
@@ -72,7 +61,7 @@ def warm(sockets, tmp_path):
     process = subprocess.Popen([sys.executable, "-m", "runphi.shim.warm", str(path), "60"], env=env,
                                stdin=subprocess.DEVNULL)
     try:
-        wait_until(lambda: answers(path), "the warm parent never listened")
+        wait_until(lambda: answers(str(path)), "the warm parent never listened")
         yield process, path
     finally:
         process.kill()
@@ -113,7 +102,7 @@ def test_a_second_warm_parent_on_the_same_socket_exits_at_once(warm):
     _, path = warm
     second = subprocess.run([sys.executable, "-m", "runphi.shim.warm", str(path)], timeout=DEADLINE)
     assert second.returncode == 0
-    assert answers(path)
+    assert answers(str(path))
 
 
 def test_a_malformed_request_changes_nothing(warm, sockets):

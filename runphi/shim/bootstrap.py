@@ -18,13 +18,13 @@
    printed: bare for containerd 1.6, as bootstrap JSON for 1.7 and 2.x (:func:`start_output`).
 
 ``delete`` (after every task connection closes): for a bundle handed to runc, runc's
-shim ``delete`` (decided on the marker alone, before any import that costs); for a ZIC, the core's forced delete if its record is still there
-(the server died), the rootfs unmounted, and exactly one ``DeleteResponse`` printed.
+shim ``delete`` (decided on the marker alone, before any import that costs); for a
+ZIC, the core's forced delete if its record is still there (the server died), the
+rootfs unmounted, and exactly one ``DeleteResponse`` printed.
 """
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
 import shutil
@@ -124,34 +124,12 @@ def socket_dir() -> str:
 
 def _listen_unless_served(path: str) -> socket.socket | None:
     """A listening socket at ``path``, or None when a live server already listens there."""
-    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    from runphi.shim.launch import listen_unless_served
+
     try:
-        sock.bind(path)
+        return listen_unless_served(path, backlog=64)
     except OSError as exc:
-        sock.close()
-        if exc.errno != errno.EADDRINUSE:
-            raise RunphiError(f"cannot listen on shim socket {path}: {exc.strerror}") from None
-        if _answers(path):
-            return None
-        os.unlink(path)  # left by a server that died
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.bind(path)
-    os.chmod(path, 0o600)
-    sock.listen(64)
-    return sock
-
-
-def _answers(path: str) -> bool:
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(0.1)
-    try:
-        probe.connect(path)
-        return True
-    except OSError:
-        return False
-    finally:
-        probe.close()
+        raise RunphiError(f"cannot listen on shim socket {path}: {exc.strerror}") from None
 
 
 def exec_runc_shim(flags: ShimFlags) -> NoReturn:

@@ -19,6 +19,7 @@ Lean (stdlib + msgspec): this runs inside ``start``.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import socket
@@ -54,6 +55,41 @@ class ServerSettings(msgspec.Struct, frozen=True, kw_only=True):
     #: The listening socket's path (removed on exit).
     socket_path: str
     debug: bool = False
+
+
+def listen_unless_served(path: str, backlog: int) -> socket.socket | None:
+    """A listening unix socket at ``path`` (mode 0600, directory made 0700), or None when a
+    live process already listens there; a socket file nobody serves (its owner died) is
+    replaced. Other failures raise OSError."""
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.bind(path)
+    except OSError as exc:
+        sock.close()
+        if exc.errno != errno.EADDRINUSE or answers(path):
+            if exc.errno == errno.EADDRINUSE:
+                return None
+            raise
+        os.unlink(path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock.bind(path)
+    os.chmod(path, 0o600)
+    sock.listen(backlog)
+    return sock
+
+
+def answers(path: str) -> bool:
+    """Whether something accepts connections on the unix socket ``path`` (100 ms at most)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(0.1)
+    try:
+        probe.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
 
 
 def warm_socket(socket_dir: str, env: dict[str, str] | None = None) -> str:

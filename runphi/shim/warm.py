@@ -17,7 +17,6 @@ Guarantees:
 
 from __future__ import annotations
 
-import errno
 import os
 import signal
 import socket
@@ -26,7 +25,7 @@ import sys
 
 import msgspec
 
-from runphi.shim.launch import REPLY_PREFIX, ServerSettings, become_server
+from runphi.shim.launch import REPLY_PREFIX, ServerSettings, become_server, listen_unless_served
 
 IDLE_SECONDS = 600.0
 MAX_REQUEST = 64 * 1024
@@ -53,34 +52,6 @@ def preload() -> None:
             registry.preload(backend)
         except ImportError:
             return  # an unknown backend: the server says so at Create
-
-
-def bind(path: str) -> socket.socket | None:
-    """The listening socket at ``path``; None when a live warm parent already has it."""
-    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    try:
-        sock.bind(path)
-    except OSError as exc:
-        if exc.errno != errno.EADDRINUSE or _answers(path):
-            sock.close()
-            return None
-        os.unlink(path)
-        sock.bind(path)
-    os.chmod(path, 0o600)
-    sock.listen(16)
-    return sock
-
-
-def _answers(path: str) -> bool:
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-        return True
-    except OSError:
-        return False
-    finally:
-        probe.close()
 
 
 def serve(listener: socket.socket, idle: float = IDLE_SECONDS) -> None:
@@ -142,9 +113,13 @@ def main(argv: list[str]) -> int:
     if len(argv) not in (1, 2):
         sys.stderr.write("usage: python -m runphi.shim.warm SOCKET [IDLE_SECONDS]\n")
         return 2
-    listener = bind(argv[0])
+    try:
+        listener = listen_unless_served(argv[0], backlog=16)
+    except OSError as exc:
+        sys.stderr.write(f"runphi.shim.warm: cannot listen on {argv[0]}: {exc.strerror}\n")
+        return 1
     if listener is None:
-        return 0
+        return 0  # another warm parent serves this socket
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # servers are reaped as they end
     try:
         preload()

@@ -21,6 +21,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 __all__ = [
@@ -356,6 +358,23 @@ class ZicNode:
         if not path.exists():
             return {}
         return json.loads(path.read_text())["allocations"]
+
+
+@contextmanager
+def running_zic_node(runphi: Path, *, mode: str, prefix: str = "rphi-zic-",
+                     env: dict[str, str] | None = None) -> Iterator[ZicNode]:
+    """A started :class:`ZicNode` in ``mode`` (its containerd's environment plus ``env``),
+    stopped and its directory removed afterwards."""
+    node = ZicNode(short_tempdir(prefix), runphi, mode=mode)
+    node.containerd.env.update(env or {})
+    node.start()
+    try:
+        yield node
+    finally:
+        try:
+            node.stop()
+        finally:
+            shutil.rmtree(node.base, ignore_errors=True)
 
 
 class EventLog:
