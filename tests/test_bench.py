@@ -113,6 +113,14 @@ def test_cellgen_suite_matches_gcc_bytes():
         assert [b.name for b in result.budgets] == ["speed-up over gcc + objcopy"]
 
 
+def test_simtool_suite_times_both_jailhouse_clients():
+    result = smoke("simtool")
+    assert [b.name for b in result.budgets] == ["C client / Python client: cell list (wall)"]
+    assert {c.name for c in result.checks} == {"same output from both clients: cell list",
+                                                "same output from both clients: console"}
+    assert {"C client: cell list", "Python client: cell list", "true (process floor)"} <= {s.name for s in result.series}
+
+
 def test_console_suite_through_the_real_monitor():
     result = smoke("console")
     assert {b.name for b in result.budgets} == {
@@ -153,6 +161,24 @@ def test_e2e_suite_with_a_private_containerd():
         pytest.skip(f"real containerd test: {reason}")
     result = smoke("e2e")
     assert len(result.budgets) == 2
+
+
+@pytest.mark.containerd
+def test_shim_suite_installs_runphi_and_leaves_nothing_behind():
+    reason = missing_requirements()
+    if reason:
+        pytest.skip(f"real containerd test: {reason}")
+    result = smoke("shim")
+    assert {b.name for b in result.budgets} == {
+        "ZIC shim mode / runc busybox, overall", "ZIC shim mode: runphi's own share / runc busybox",
+        "busybox: io.containerd.runphi.v2 / io.containerd.runc.v2",
+        "create -> first console byte, shim / runc-CLI mode",
+        "idle shim server CPU (own)", "idle shim server RSS"}
+    assert {c.name for c in result.checks} == {
+        "nothing left in containerd after the runs", "no cell left on the board",
+        "idle guest printed before the window", "the shim server runs the installed runphi",
+        "no runphi process left after cleanup (warm parent, servers)"}
+    assert result.info["processes per ctr run, ZIC, shim mode"].startswith("2: ")
 
 
 def test_scale_suite_leaves_nothing_behind():

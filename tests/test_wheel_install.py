@@ -7,7 +7,8 @@ outside it, and run from there with no path back to the source tree.
   (found inside the package, no RUNPHI_TEMPLATES), from a bundle the installed
   ``runphi-mkzic`` built;
 * the installed ``jailhouse-sim`` brings a board up and down (its daemon and the
-  ``jailhouse cell linux`` helper import the simulator under its installed name).
+  ``jailhouse cell linux`` helper import the simulator under its installed name), with
+  ``bin/jailhouse`` compiled from the C client the wheel ships.
 
 Slow-ish (a wheel build, a venv and a pip install: ~20-40 s) but part of every run.
 """
@@ -138,6 +139,7 @@ def test_wheel_holds_runtime_templates_mkzic_and_simulator_and_no_test_helpers(i
     for board in (REPO / "tools/jailhouse_sim/boards").glob("*.toml"):
         assert f"runphi_jailhouse_sim/boards/{board.name}" in names
     assert "runphi_mkzic/cli.py" in names and "runphi_jailhouse_sim/engines/script.py" in names
+    assert "runphi_jailhouse_sim/jailhouse_client.c" in names  # `up` compiles it into bin/jailhouse
 
 
 def test_site_packages_has_no_tools_package_and_has_the_templates(install: Install) -> None:
@@ -187,6 +189,8 @@ def test_simulator_runs_from_the_install(install: Install) -> None:
     up = install.run(sim, "up", "--root", root)
     try:
         assert up.returncode == 0, up.stderr
+        if shutil.which("cc"):
+            assert (root / "bin/jailhouse").read_bytes()[:4] == b"\x7fELF", "the C client was not built"
         listed = install.run(root / "bin/jailhouse", "cell", "list")
         assert listed.returncode == 0 and "running" in listed.stdout, listed.stderr
         helper = install.run(root / "bin/jailhouse-cell-linux", "--help")

@@ -19,11 +19,13 @@ from .harness import Options, build_report, format_suite, run_suite, write_repor
 #: Suite name -> module under tools.bench; in the order they run by default.
 SUITES = {
     "cellgen": "cellgen",
+    "simtool": "simtool",
     "console": "console",
     "verbs": "verbs",
     "lifecycle": "lifecycle",
     "qemu": "qemu_first_byte",
     "e2e": "e2e",
+    "shim": "shim",
     "scale": "scale",
 }
 

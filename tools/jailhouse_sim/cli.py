@@ -98,15 +98,27 @@ def wait_exit(pid: int, timeout: float) -> bool:
 
 
 def install_client(layout: SimLayout, rcpus: int) -> None:
-    """Write ``bin/jailhouse``: the stdlib-only client with this root baked in."""
+    """Install the ``jailhouse`` tool: the stdlib-only Python client with this root baked in as
+    ``libexec/jailhouse-sim/jailhouse.py``, and as ``bin/jailhouse`` the compiled client that has
+    the daemon run that same code for it (``relay.py``) — or, with no C compiler here, the
+    Python client itself."""
     from importlib import resources
+
+    from .cclient import client_binary
 
     source = (resources.files(__package__) / "jailhouse_client.py").read_text()
     header = f"#!{sys.executable} -IS\nSIM_ROOT = {str(layout.root)!r}\nRCPUS = {rcpus}\n"
-    target = layout.bin_jailhouse
+    script = (header + source).encode()
+    _write_executable(layout.python_client, script)
+    binary = client_binary()
+    _write_executable(layout.bin_jailhouse, binary if binary is not None else script)
+
+
+def _write_executable(target: Path, data: bytes) -> None:
+    """Replace ``target`` atomically with an executable file holding ``data``."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(".jailhouse.tmp")
-    tmp.write_text(header + source)
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.write_bytes(data)
     tmp.chmod(0o755)
     os.replace(tmp, target)
 

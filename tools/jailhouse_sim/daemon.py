@@ -9,6 +9,7 @@ injection bypass it, as the real console read does.
 from __future__ import annotations
 
 import errno
+import math
 import os
 import signal
 import sys
@@ -27,6 +28,7 @@ from .engines.script import guest_image, is_script
 from .hypervisor import GUEST_STATES, Cell, CellRef, HvError, Hypervisor
 from .layout import SimLayout
 from .linux_boot import linux_boot_of
+from .relay import MAGIC, serve_tool
 from .sysfs import SysfsTree
 from .uart import PtyUart
 
@@ -243,25 +245,42 @@ class Daemon:
         self.mutex = trio.Lock()
         self.injector = FaultInjector()
         self.stop_requested = trio.Event()
+        self.tool_threads = trio.CapacityLimiter(math.inf)
+        self.tool_runs = 0
 
     async def handle_connection(self, stream: trio.SocketStream) -> None:
+        """Serve one connection: a JSON request (``jailhouse_client.py``, ``jailhouse-sim``) or,
+        when it starts with the relay's MAGIC, a command of the compiled ``bin/jailhouse``."""
         try:
-            data = bytearray()
+            data = bytearray(await stream.receive_some())
+            if data.startswith(MAGIC[:1]):
+                await self.serve_tool(stream, bytes(data))
+                return
             async for chunk in stream:
                 data += chunk
                 if len(data) > MAX_REQUEST_BYTES:
                     raise ValueError("request too large")
-            try:
-                request = p.decode_request(bytes(data))
-            except msgspec.ValidationError as e:
-                reply = p.Reply(errno=errno.EINVAL, message=f"bad request: {e}")
-            else:
-                reply = await self.dispatch(request)
-            await stream.send_all(p.encode(reply))
+            await stream.send_all(await self.answer(bytes(data)))
         except (trio.BrokenResourceError, trio.ClosedResourceError, ValueError) as e:
             log("client connection dropped", error=repr(e))
         finally:
             await stream.aclose()
+
+    async def serve_tool(self, stream: trio.SocketStream, head: bytes) -> None:
+        """One command of the compiled client, run by ``relay`` (counted in ``status``)."""
+        self.tool_runs += 1
+        try:
+            await serve_tool(stream, head, self.answer, str(self.layout.root), self.board.rcpus, self.tool_threads)
+        finally:
+            self.tool_runs -= 1
+
+    async def answer(self, data: bytes) -> bytes:
+        """The encoded reply to one encoded request."""
+        try:
+            request = p.decode_request(data)
+        except msgspec.DecodeError as e:  # not JSON, or not a request
+            return p.encode(p.Reply(errno=errno.EINVAL, message=f"bad request: {e}"))
+        return p.encode(await self.dispatch(request))
 
     async def dispatch(self, request: p.Request) -> p.Reply:
         match request:
@@ -328,6 +347,7 @@ class Daemon:
             console=str(self.layout.uart(0)) if 0 in self.uarts else "",
             uarts={i: str(u.link) for i, u in self.uarts.items()}, cells=cells,
             kernel_log=str(self.layout.kernel_log), daemon_log=str(self.layout.daemon_log),
+            tool_runs=self.tool_runs,
         )
 
 

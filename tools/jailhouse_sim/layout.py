@@ -16,6 +16,11 @@ class SimLayout:
         return self.root / "bin" / "jailhouse"
 
     @property
+    def python_client(self) -> Path:
+        """The Python ``jailhouse`` client (``bin/jailhouse`` runs it when it has no daemon to relay to)."""
+        return self.root / "libexec" / "jailhouse-sim" / "jailhouse.py"
+
+    @property
     def sysfs(self) -> Path:
         return self.root / "sys" / "devices" / "jailhouse"
 

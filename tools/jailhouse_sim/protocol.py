@@ -1,7 +1,8 @@
-"""Messages between ``bin/jailhouse`` / ``jailhouse-sim`` and the daemon.
+"""Messages between the Python ``jailhouse`` client / ``jailhouse-sim`` and the daemon.
 
 One JSON request per connection (the client half-closes), one JSON reply.
 Bytes travel base64-encoded (msgspec's JSON convention for ``bytes``).
+The compiled ``bin/jailhouse`` speaks the framed protocol of ``relay.py`` instead.
 """
 
 from __future__ import annotations
@@ -114,6 +115,7 @@ class StatusInfo(msgspec.Struct, frozen=True):
     cells: list[CellInfo]
     kernel_log: str
     daemon_log: str
+    tool_runs: int = 0  # commands of the compiled bin/jailhouse being served (a console -f counts)
 
 
 class Reply(msgspec.Struct, frozen=True, omit_defaults=True):

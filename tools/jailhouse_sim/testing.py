@@ -139,7 +139,19 @@ class SimBoard:
 
     @property
     def jailhouse_path(self) -> Path:
+        """``bin/jailhouse``: the compiled client (the Python one where no C compiler was found)."""
         return self.layout.bin_jailhouse
+
+    @property
+    def python_client_path(self) -> Path:
+        """The Python ``jailhouse`` client of this root: the code the daemon runs for ``bin/jailhouse``,
+        run by ``bin/jailhouse`` itself when no daemon answers."""
+        return self.layout.python_client
+
+    def python_client_env(self) -> dict[str, str]:
+        """The environment that runs the Python client as if it were ``bin/jailhouse`` (the
+        name it prints in its usage, where it looks for helpers), as the compiled one runs it."""
+        return {**os.environ, "JAILHOUSE_SIM_EXECFN": str(self.jailhouse_path)}
 
     def jailhouse(self, *args: str | os.PathLike[str], timeout: float = 30.0) -> Result:
         """Run ``bin/jailhouse ARGS`` and capture its exit status and output."""
@@ -160,6 +172,17 @@ class SimBoard:
         if status is None:
             raise SimError(f"simulator in {self.root} does not answer")
         return status
+
+    def wait_status(self, predicate, timeout: float = 5.0) -> dict:
+        """Ask the daemon for its status until ``predicate(status)`` holds; returns that status."""
+        start = time.monotonic()
+        while True:
+            status = self.status()
+            if predicate(status):
+                return status
+            if time.monotonic() - start > timeout:
+                raise SimError(f"simulator status still {status} after {timeout}s")
+            time.sleep(0.01)
 
     # ---- observing it ----------------------------------------------------------------------
 

@@ -186,12 +186,12 @@ def test_qemu_default_engine_still_runs_script_guests(tmp_path):
             assert port.read_until(b"scripted\r\n") == b"scripted\r\n"
 
 
-def test_the_client_starts_fast_with_stdlib_only(jailhouse_sim):
-    source = jailhouse_sim.jailhouse_path.read_text()
+def test_the_python_client_starts_fast_with_stdlib_only(jailhouse_sim):
+    source = jailhouse_sim.python_client_path.read_text()
     first_line = source.splitlines()[0]
     assert first_line == f"#!{sys.executable} -IS"
     imported = subprocess.run(
-        [sys.executable, "-IS", "-X", "importtime", str(jailhouse_sim.jailhouse_path), "cell", "list"],
+        [sys.executable, "-IS", "-X", "importtime", str(jailhouse_sim.python_client_path), "cell", "list"],
         capture_output=True, text=True)
     modules = {line.split("|")[-1].strip() for line in imported.stderr.splitlines()[1:]}
     assert imported.returncode == 0
