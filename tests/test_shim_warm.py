@@ -138,3 +138,10 @@ def test_the_socket_name_follows_the_environment():
     assert warm_socket("/d", {"A": "1"}) == warm_socket("/d", {"A": "1"})
     assert warm_socket("/d", {"A": "1"}) != warm_socket("/d", {"A": "2"})
     assert warm_socket("/d", {}).startswith("/d/runphi-warm-")
+
+
+def test_sigterm_ends_the_warm_parent_and_its_socket(warm):
+    process, path = warm
+    process.terminate()
+    assert process.wait(DEADLINE) == 128 + 15
+    assert not path.exists()

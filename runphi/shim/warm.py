@@ -11,8 +11,8 @@ Guarantees:
 * only a peer with its own uid is served; a malformed request is answered with
   nothing and changes nothing;
 * one per socket: a second one finding a live parent exits at once;
-* it exits (removing its socket) after :data:`IDLE_SECONDS` without a request, and
-  reaps the servers it forked; a server outlives it unharmed.
+* it exits (removing its socket) after :data:`IDLE_SECONDS` without a request or on
+  SIGTERM, and reaps the servers it forked; a server outlives it unharmed.
 """
 
 from __future__ import annotations
@@ -108,6 +108,10 @@ def _fork(settings: ServerSettings, fds: list[int], listener: socket.socket, con
         os._exit(code)
 
 
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str]) -> int:
     """``python -m runphi.shim.warm SOCKET [IDLE_SECONDS]``."""
     if len(argv) not in (1, 2):
@@ -121,6 +125,7 @@ def main(argv: list[str]) -> int:
     if listener is None:
         return 0  # another warm parent serves this socket
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # servers are reaped as they end
+    signal.signal(signal.SIGTERM, _exit_on_signal)  # so that the socket goes with it
     try:
         preload()
         serve(listener, float(argv[1]) if len(argv) == 2 else IDLE_SECONDS)

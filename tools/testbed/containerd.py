@@ -221,13 +221,28 @@ def processes_with_env(marker: str, exclude: set[int]) -> list[str]:
 WARM_PARENT = "runphi.shim.warm"
 
 
-def kill_processes_with_env(marker: str) -> None:
-    """SIGKILL every process whose environment contains ``marker`` (a node's teardown)."""
-    for line in processes_with_env(marker, exclude={os.getpid()}):
-        try:
-            os.kill(int(line.split()[0]), signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+def kill_processes_with_env(marker: str, grace: float = 5.0) -> None:
+    """End every process whose environment contains ``marker`` (a node's teardown): SIGTERM
+    (the warm parent removes its socket then), SIGKILL for what is left after ``grace``."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        pids = [int(line.split()[0]) for line in processes_with_env(marker, exclude={os.getpid()})]
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace
+        # The observed thing: /proc entries of those processes (polled against a deadline).
+        while any(_running(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError, ProcessLookupError):
+        return False
+    return state != "Z"
 
 
 def short_tempdir(prefix: str = "rphi-") -> Path:
