@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from runphi.shim.bootstrap import DELETE_ANSWER_NAME, MARKER_NAME, server_address, start_output
+from runphi.shim.bootstrap import server_address, start_output
+from runphi.shim.handover import DELETE_ANSWER_NAME, MARKER_NAME
 from runphi.shim.proto import task_pb2
 
 SHIM = Path(sys.executable).parent / "containerd-shim-runphi-v2"

@@ -3,7 +3,7 @@
 Parses containerd's shim flags (Go style, one dash) and dispatches, nothing else:
 
 * ``start``: :func:`runphi.shim.bootstrap.start` — decide ZIC or plain, print an address;
-* ``delete``: :func:`runphi.shim.bootstrap.delete` — clean up after a task's connection closed;
+* ``delete``: :func:`runphi.shim.cleanup.delete` — clean up after a task's connection closed;
 * ``-v``: the version.
 
 Lean: no trio, no protobuf on the ``start`` path of a plain container.
@@ -56,10 +56,14 @@ def main(argv: list[str] | None = None) -> int:
     if flags.action is None:
         sys.stderr.write("containerd-shim-runphi-v2: containerd runs this shim with `start` or `delete`\n")
         return 1
-    from runphi.shim.bootstrap import delete, start
-
     try:
-        return start(flags) if flags.action == "start" else delete(flags)
+        if flags.action == "start":
+            from runphi.shim.bootstrap import start
+
+            return start(flags)
+        from runphi.shim.cleanup import delete
+
+        return delete(flags)
     except RunphiError as error:
         # `start`'s output is read combined; this one line is what containerd reports.
         sys.stderr.write(f"{error.message}\n")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import trio
@@ -28,7 +27,7 @@ from runphi.errors import (
     RunphiError,
 )
 from runphi.shim import task_events
-from runphi.shim.bootstrap import leave_delete_answer
+from runphi.shim.cleanup import leave_delete_answer
 from runphi.shim.mounts import MountSpec
 from runphi.shim.proto import task_pb2, task_types_pb2
 from runphi.shim.task import ProcessFinished, TaskRequest, ZicTask
@@ -168,7 +167,7 @@ class TaskService:
         assert task.outcome is not None
         response = task_pb2.DeleteResponse(pid=task.pid, exit_status=task.outcome.code,
                                            exited_at=task_events.timestamp(task.exited_at_ns))
-        leave_delete_answer(Path(task.request.bundle), response.SerializeToString())
+        leave_delete_answer(task.request.bundle, response.SerializeToString())
         return response
 
     async def pids(self, request: task_pb2.PidsRequest) -> task_pb2.PidsResponse:
