@@ -6,6 +6,7 @@ Each test runs a real warm parent process and talks to it exactly as ``start`` d
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -16,7 +17,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from runphi.shim.launch import ServerSettings, answers, hand_over, warm_socket
+from runphi.shim.handover import warm_socket
+from runphi.shim.launch import ServerSettings, answers, hand_over
 from runphi.shim.proto import task_pb2
 from runphi.shim.service import TASK_SERVICE
 from runphi.shim.ttrpc import Code, TtrpcError, connect_unix
@@ -57,7 +59,8 @@ def warm(sockets, tmp_path):
     """A warm parent on ``sockets/warm`` (idle exit after 60 s), its environment pointing at
     a private state dir; killed afterwards."""
     path = sockets / "warm"
-    env = {**os.environ, "RUNPHI_STATE_DIR": str(tmp_path / "node"), "RUNPHI_BACKEND": "none"}
+    env = {**os.environ, "RUNPHI_STATE_DIR": str(tmp_path / "node"), "RUNPHI_BACKEND": "none",
+           "RUNPHI_SHIM_SOCKET_DIR": str(sockets)}
     process = subprocess.Popen([sys.executable, "-m", "runphi.shim.warm", str(path), "60"], env=env,
                                stdin=subprocess.DEVNULL)
     try:
@@ -145,3 +148,55 @@ def test_sigterm_ends_the_warm_parent_and_its_socket(warm):
     process.terminate()
     assert process.wait(DEADLINE) == 128 + 15
     assert not path.exists()
+
+
+# ---- start through the warm parent ------------------------------------------------------------
+
+def ask(warm_path: Path, argv: list[str], cwd: Path) -> bytes:
+    """A ``start`` request as runphi.shim.handover.ask_warm_parent sends it; the raw answer."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+        client.settimeout(DEADLINE)
+        client.connect(str(warm_path))
+        client.sendall(json.dumps({"type": "start", "argv": argv, "cwd": str(cwd)}).encode())
+        client.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := client.recv(4096):
+            answer += chunk
+    return answer
+
+
+def bundle_with(base: Path, annotations: dict[str, str], zic: bool) -> Path:
+    bundle = base / "bundle"
+    (bundle / "rootfs" / ("boot" if zic else "etc")).mkdir(parents=True)
+    if zic:
+        (bundle / "rootfs" / "boot" / "config.json").write_text("{}")
+    (bundle / "config.json").write_text(json.dumps({"ociVersion": "1.0.2", "root": {"path": "rootfs"},
+                                                    "annotations": annotations}))
+    return bundle
+
+
+START_ARGV = ["-namespace", "ns1", "-address", "/run/ctd/c.sock", "-id", "c1", "start"]
+
+
+def test_start_of_a_plain_bundle_is_answered_runc(warm, tmp_path):
+    _, path = warm
+    assert ask(path, START_ARGV, bundle_with(tmp_path, {}, zic=False)) == b"runc "
+
+
+def test_start_refusal_comes_back_as_one_error_line(warm, tmp_path):
+    _, path = warm
+    answer = ask(path, START_ARGV, bundle_with(tmp_path, {"org.runphi.runtime": "kata"}, zic=False))
+    kind, _, line = answer.decode().partition(" ")
+    assert kind == "error" and "org.runphi.runtime='kata'" in line and "\n" not in line
+
+
+def test_start_of_a_zic_bundle_leaves_a_listening_server(warm, sockets, tmp_path):
+    _, path = warm
+    bundle = bundle_with(tmp_path, {}, zic=True)
+    kind, _, address = ask(path, START_ARGV, bundle).decode().partition(" ")
+    assert kind == "address" and address.startswith(f"unix://{sockets}/")
+    server = Path(address.removeprefix("unix://"))
+    assert (bundle / "address").read_text() == address
+    assert (bundle / "runphi-shim.json").exists()
+    trio.run(connect_then_shutdown, server)
+    wait_until(lambda: not server.exists(), "the server did not remove its socket")

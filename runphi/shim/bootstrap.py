@@ -26,7 +26,6 @@ import hashlib
 import os
 import sys
 from collections.abc import Mapping
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from runphi.errors import RunphiError
@@ -34,6 +33,7 @@ from runphi.shim.handover import MARKER_NAME, exec_runc_shim
 
 if TYPE_CHECKING:
     import socket
+    from pathlib import Path
 
     from runphi.shim.main import ShimFlags
 
@@ -46,28 +46,64 @@ SANDBOX_ID = "io.kubernetes.cri.sandbox-id"
 # ---- start ---------------------------------------------------------------------------
 
 def start(flags: ShimFlags) -> int:
-    """containerd's ``start`` (module docstring); returns the exit status."""
-    bundle = Path.cwd()
-    if not _bundle_is_zic(bundle, flags):
+    """containerd's ``start`` (module docstring); returns the exit status.
+
+    Asks the warm parent first (it decides and starts the server with runphi already
+    imported); without one, does the same here.
+    """
+    from runphi.shim.handover import ask_warm_parent
+
+    answer = ask_warm_parent(socket_dir(), sys.argv[1:], os.getcwd())
+    if answer is None:
+        answer = decide(flags, os.getcwd(), warm=False)
+    kind, text = answer
+    if kind == "runc":
         exec_runc_shim(flags.publish_binary)
+    if kind == "error":
+        raise RunphiError(text)
+    sys.stdout.write(start_output(text, os.environ))
+    return 0
+
+
+def decide(flags: ShimFlags, bundle_dir: str, *, warm: bool) -> tuple[str, str]:
+    """("runc", "") when runc's shim is to serve the bundle, else ("address", A) once runphi's
+    server listens at A for it (steps 2-4 of the module docstring). ``warm``: this process
+    has runphi imported (the warm parent's child) and forks the server itself."""
+    from pathlib import Path
+
+    bundle = Path(bundle_dir)
+    if not _bundle_is_zic(bundle, flags):
+        return "runc", ""
     address = server_address(flags.address, flags.namespace, _group(bundle, flags.id))
     path = address.removeprefix("unix://")
     listener = _listen_unless_served(path)
     if listener is not None:
-        from runphi.shim.launch import ServerSettings, launch_server
-
-        ttrpc_address = os.environ.get("TTRPC_ADDRESS") or f"{flags.address}.ttrpc"
-        settings = ServerSettings(namespace=flags.namespace, ttrpc_address=ttrpc_address, socket_path=path,
-                                  debug=flags.debug)
         with listener:
-            launch_server(settings, listener, bundle / "log", socket_dir())
+            _serve(flags, listener, path, bundle / "log", warm)
     from runphi.shim.launch import ShimBundle
     from runphi.store import atomic_write
 
     atomic_write(bundle / MARKER_NAME, ShimBundle(address=address).encode())
     atomic_write(bundle / "address", address.encode())
-    sys.stdout.write(start_output(address, os.environ))
-    return 0
+    return "address", address
+
+
+def _serve(flags: ShimFlags, listener: socket.socket, path: str, log_fifo: Path, warm: bool) -> None:
+    """Have a new server serve ``listener``: forked here when warm, else through the warm parent."""
+    from runphi.shim.launch import ServerSettings, fork_server, launch_server, open_log
+
+    ttrpc_address = os.environ.get("TTRPC_ADDRESS") or f"{flags.address}.ttrpc"
+    settings = ServerSettings(namespace=flags.namespace, ttrpc_address=ttrpc_address, socket_path=path,
+                              debug=flags.debug)
+    if not warm:
+        launch_server(settings, listener, log_fifo, socket_dir())
+        return
+    log_fd = open_log(log_fifo)
+    try:
+        fork_server(settings, listener.fileno(), log_fd)
+    finally:
+        if log_fd >= 0:
+            os.close(log_fd)
 
 
 def start_output(address: str, env: Mapping[str, str]) -> str:

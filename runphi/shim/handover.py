@@ -1,7 +1,10 @@
-"""Handing a container to containerd's runc shim, and the files runphi leaves in a bundle.
+"""The lean half of ``start`` and ``delete``: asking the warm parent, handing a container to
+containerd's runc shim, and the files runphi leaves in a bundle.
 
-Lean (os and sys at import): ``start`` of a plain container and ``delete`` of a bundle
-runc's shim serves get here before anything that costs.
+Lean (os and sys at import; socket, json and hashlib when asked): ``start`` and
+``delete`` get here before anything that costs. With a warm parent running
+(:mod:`runphi.shim.warm`), ``start`` only sends it its argv and cwd: the warm parent
+decides and, for a ZIC, starts the server, all with runphi already imported.
 """
 
 from __future__ import annotations
@@ -17,6 +20,47 @@ RUNC_SHIM = "containerd-shim-runc-v2"
 MARKER_NAME = "runphi-shim.json"
 #: The DeleteResponse the server leaves for the ``delete`` that follows its Delete.
 DELETE_ANSWER_NAME = "runphi-delete-response.pb"
+
+
+#: How long ``start`` waits for the warm parent's decision (an image may be probed).
+DECIDE_TIMEOUT = 30.0
+
+
+def warm_socket(socket_dir: str, env: dict[str, str] | None = None) -> str:
+    """The warm parent's socket for this installation and environment (the name hashes
+    the interpreter, runphi's location and version, and every environment variable)."""
+    import hashlib
+
+    import runphi
+
+    env = dict(os.environ) if env is None else env
+    identity = "\0".join([sys.executable, runphi.__file__, runphi.__version__,
+                          *sorted(f"{k}={v}" for k, v in env.items())])
+    return os.path.join(socket_dir, f"runphi-warm-{hashlib.sha256(identity.encode()).hexdigest()[:24]}")
+
+
+def ask_warm_parent(socket_dir: str, argv: list[str], cwd: str) -> tuple[str, str] | None:
+    """The warm parent's answer to ``start`` with ``argv`` in ``cwd``: ("runc", "") — hand the
+    container to runc's shim —, ("address", A) — runphi's server listens at A —, or
+    ("error", line); None when no warm parent answered (then ``start`` does it all itself)."""
+    import json
+    import socket
+
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    client.settimeout(DECIDE_TIMEOUT)
+    try:
+        client.connect(warm_socket(socket_dir))
+        client.sendall(json.dumps({"type": "start", "argv": argv, "cwd": cwd}).encode())
+        client.shutdown(socket.SHUT_WR)
+        reply = b""
+        while chunk := client.recv(65536):
+            reply += chunk
+    except OSError:
+        return None
+    finally:
+        client.close()
+    kind, _, text = reply.decode(errors="replace").partition(" ")
+    return (kind, text) if kind in ("runc", "address", "error") else None
 
 
 def served_by_runphi(bundle: str) -> bool:

@@ -20,7 +20,6 @@ Lean (stdlib + msgspec): this runs inside ``start``.
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import socket
 import subprocess
@@ -29,7 +28,7 @@ from pathlib import Path
 
 import msgspec
 
-import runphi
+from runphi.shim.handover import warm_socket
 
 #: The warm parent's answer to one request: the server's pid.
 REPLY_PREFIX = b"ok "
@@ -46,8 +45,8 @@ class ShimBundle(msgspec.Struct, frozen=True):
         return msgspec.json.encode(self)
 
 
-class ServerSettings(msgspec.Struct, frozen=True, kw_only=True):
-    """What a shim server needs from ``start``."""
+class ServerSettings(msgspec.Struct, frozen=True, kw_only=True, tag="server"):
+    """What a shim server needs from ``start`` (a request to the warm parent: fork one)."""
 
     namespace: str
     #: containerd's ttrpc socket (``TTRPC_ADDRESS``): where events are published.
@@ -55,6 +54,14 @@ class ServerSettings(msgspec.Struct, frozen=True, kw_only=True):
     #: The listening socket's path (removed on exit).
     socket_path: str
     debug: bool = False
+
+
+class StartRequest(msgspec.Struct, frozen=True, tag="start"):
+    """A request to the warm parent: decide ``start`` for containerd's ``argv`` in ``cwd``
+    (the bundle) and, for a ZIC, start its server (see :func:`runphi.shim.handover.ask_warm_parent`)."""
+
+    argv: list[str]
+    cwd: str
 
 
 def listen_unless_served(path: str, backlog: int) -> socket.socket | None:
@@ -92,17 +99,9 @@ def answers(path: str) -> bool:
         probe.close()
 
 
-def warm_socket(socket_dir: str, env: dict[str, str] | None = None) -> str:
-    """The warm parent's socket for this installation and environment."""
-    env = dict(os.environ) if env is None else env
-    identity = "\0".join([sys.executable, runphi.__file__, runphi.__version__,
-                          *sorted(f"{k}={v}" for k, v in env.items())])
-    return os.path.join(socket_dir, f"runphi-warm-{hashlib.sha256(identity.encode()).hexdigest()[:24]}")
-
-
 def launch_server(settings: ServerSettings, listener: socket.socket, log_fifo: Path, socket_dir: str) -> None:
     """Have a server serve ``listener`` (see the module docstring)."""
-    log_fd = _open_log(log_fifo)
+    log_fd = open_log(log_fifo)
     try:
         path = warm_socket(socket_dir)
         if hand_over(path, settings, listener.fileno(), log_fd) is not None:
@@ -114,7 +113,7 @@ def launch_server(settings: ServerSettings, listener: socket.socket, log_fifo: P
             os.close(log_fd)
 
 
-def _open_log(log_fifo: Path) -> int:
+def open_log(log_fifo: Path) -> int:
     """containerd's ``log`` fifo for the server's stderr (-1 when there is none)."""
     try:
         fd = os.open(log_fifo, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -169,13 +168,16 @@ def fork_server(settings: ServerSettings, listener_fd: int, log_fd: int) -> int:
 
 def become_server(settings: ServerSettings, listener_fd: int, log_fd: int) -> None:
     """In a fresh child: own process group, stdio off ``start``'s pipe (containerd waits for
-    it to close), stderr on containerd's log fifo, then serve until shut down."""
+    it to close), stderr on containerd's log fifo, no other fd than the listener (a
+    connection the forking process still answers on must close when it does), then
+    serve until shut down."""
     os.setpgid(0, 0)
     null = os.open(os.devnull, os.O_RDWR)
     os.dup2(null, 0)
     os.dup2(null, 1)
     os.dup2(log_fd if log_fd >= 0 else null, 2)
-    os.close(null)
+    os.closerange(3, listener_fd)
+    os.closerange(listener_fd + 1, os.sysconf("SC_OPEN_MAX"))
     os.chdir("/")  # pin no bundle: a pod's server outlives its first container
     from runphi.shim.server import run_server
 

@@ -3,8 +3,13 @@
 Started in the background by the first ``start`` that finds none (see
 :mod:`runphi.shim.launch`), with that ``start``'s environment. It imports trio,
 protobuf, the shim server and the configured backend once, then for each request
-on ``SOCKET`` (settings as JSON; the listening socket and the ``log`` fifo as fds)
-forks a child that becomes that request's server and answers ``ok <pid>``.
+on ``SOCKET`` forks a child:
+
+* ``start`` (containerd's argv and the bundle): the child decides, starts the ZIC's
+  server if it is one, and answers ``runc``, ``address <A>`` or ``error <line>``
+  (:func:`runphi.shim.handover.ask_warm_parent`);
+* ``server`` (settings as JSON; the listening socket and the ``log`` fifo as fds):
+  the child becomes that server; the answer is ``ok <pid>``.
 Guarantees:
 
 * it never runs trio itself, so every child starts a fresh trio run;
@@ -25,7 +30,7 @@ import sys
 
 import msgspec
 
-from runphi.shim.launch import REPLY_PREFIX, ServerSettings, become_server, listen_unless_served
+from runphi.shim.launch import REPLY_PREFIX, ServerSettings, StartRequest, become_server, listen_unless_served
 
 IDLE_SECONDS = 600.0
 MAX_REQUEST = 64 * 1024
@@ -74,11 +79,12 @@ def _answer(conn: socket.socket, listener: socket.socket) -> None:
         if not _same_user(conn):
             return
         data, fds, _, _ = socket.recv_fds(conn, MAX_REQUEST, 2)
-        settings = msgspec.json.decode(data, type=ServerSettings)
-        if not fds:
-            return
-        pid = _fork(settings, fds, listener, conn)
-        conn.sendall(REPLY_PREFIX + str(pid).encode())
+        request = msgspec.json.decode(data, type=ServerSettings | StartRequest)
+        if isinstance(request, StartRequest):
+            _fork_starter(request, listener, conn)
+        elif fds:
+            pid = _fork(request, fds, listener, conn)
+            conn.sendall(REPLY_PREFIX + str(pid).encode())
     except (OSError, msgspec.ValidationError, msgspec.DecodeError):
         return
     finally:
@@ -110,6 +116,36 @@ def _fork(settings: ServerSettings, fds: list[int], listener: socket.socket, con
 
 def _exit_on_signal(signum: int, _frame: object) -> None:
     raise SystemExit(128 + signum)
+
+
+def _fork_starter(request: StartRequest, listener: socket.socket, conn: socket.socket) -> None:
+    """Fork a child that decides ``start`` for ``request`` and answers on ``conn`` (the warm
+    parent goes back to its socket at once; the child's answer is the last thing it does)."""
+    if os.fork() != 0:
+        return
+    try:
+        listener.close()
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the child waits for what it runs
+        conn.sendall(_decide(request))
+    finally:
+        os._exit(0)
+
+
+def _decide(request: StartRequest) -> bytes:
+    """``<kind> <text>`` of :func:`runphi.shim.bootstrap.decide`, or nothing when it fails in a
+    way only ``start`` itself can report (then ``start`` does it all again itself)."""
+    from runphi.errors import RunphiError
+    from runphi.shim.bootstrap import decide
+    from runphi.shim.main import parse_flags
+
+    try:
+        os.chdir(request.cwd)
+        kind, text = decide(parse_flags(request.argv), request.cwd, warm=True)
+    except RunphiError as error:
+        kind, text = "error", error.message
+    except (Exception, SystemExit):
+        return b""
+    return f"{kind} {text}".encode()
 
 
 def main(argv: list[str]) -> int:
