@@ -1,7 +1,7 @@
-"""The shim's warm parent (runphi.shim.warm): it forks real shim servers on request.
+"""The shim's warm parent (runphi.shim.warm): it decides ``start`` and forks real shim servers.
 
 Each test runs a real warm parent process and talks to it exactly as ``start`` does
-(runphi.shim.launch.hand_over); the servers it forks are driven over ttrpc.
+(runphi.shim.handover.ask_warm_parent); the servers it forks are driven over ttrpc.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from runphi.shim.handover import warm_socket
-from runphi.shim.launch import ServerSettings, answers, hand_over
+from runphi.shim.handover import ask_warm_parent, warm_socket
+from runphi.shim.launch import answers
 from runphi.shim.proto import task_pb2
 from runphi.shim.service import TASK_SERVICE
 from runphi.shim.ttrpc import Code, TtrpcError, connect_unix
@@ -34,13 +34,6 @@ def wait_until(predicate, what: str, timeout: float = DEADLINE) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} within {timeout} s")
         time.sleep(0.01)
-
-
-def alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 @pytest.fixture
@@ -71,13 +64,6 @@ def warm(sockets, tmp_path):
         process.wait()
 
 
-def listening(path: Path) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.bind(str(path))
-    sock.listen(8)
-    return sock
-
-
 async def connect_then_shutdown(path: Path) -> None:
     async with connect_unix(str(path)) as client:
         with pytest.raises(TtrpcError) as refused:
@@ -87,20 +73,6 @@ async def connect_then_shutdown(path: Path) -> None:
         await client.call(TASK_SERVICE, "Shutdown", task_pb2.ShutdownRequest(id="nobody"), empty_pb2.Empty)
 
 
-def test_a_forked_server_serves_the_handed_listener_and_exits_on_shutdown(warm, sockets):
-    process, path = warm
-    server_path = sockets / "server"
-    with listening(server_path) as listener:
-        settings = ServerSettings(namespace="default", ttrpc_address=str(sockets / "no-containerd"),
-                                  socket_path=str(server_path))
-        pid = hand_over(str(path), settings, listener.fileno(), -1)
-    assert pid is not None and pid != process.pid
-    trio.run(connect_then_shutdown, server_path)
-    wait_until(lambda: not alive(pid), "the server did not exit after Shutdown")
-    assert not server_path.exists()  # the server removed its socket
-    assert process.poll() is None  # the warm parent stays for the next start
-
-
 def test_a_second_warm_parent_on_the_same_socket_exits_at_once(warm):
     _, path = warm
     second = subprocess.run([sys.executable, "-m", "runphi.shim.warm", str(path)], timeout=DEADLINE)
@@ -108,7 +80,7 @@ def test_a_second_warm_parent_on_the_same_socket_exits_at_once(warm):
     assert answers(str(path))
 
 
-def test_a_malformed_request_changes_nothing(warm, sockets):
+def test_a_malformed_request_changes_nothing(warm, tmp_path):
     process, path = warm
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
         client.connect(str(path))
@@ -116,17 +88,11 @@ def test_a_malformed_request_changes_nothing(warm, sockets):
         client.shutdown(socket.SHUT_WR)
         assert client.recv(64) == b""
     assert process.poll() is None
-    server_path = sockets / "server"
-    with listening(server_path) as listener:
-        settings = ServerSettings(namespace="default", ttrpc_address="", socket_path=str(server_path))
-        assert hand_over(str(path), settings, listener.fileno(), -1) is not None
-    trio.run(connect_then_shutdown, server_path)
+    assert ask(path, START_ARGV, bundle_with(tmp_path, {}, zic=False)) == b"runc "
 
 
-def test_without_a_warm_parent_hand_over_says_none(sockets):
-    with listening(sockets / "server") as listener:
-        settings = ServerSettings(namespace="default", ttrpc_address="", socket_path=str(sockets / "server"))
-        assert hand_over(str(sockets / "absent"), settings, listener.fileno(), -1) is None
+def test_without_a_warm_parent_start_gets_no_answer(sockets):
+    assert ask_warm_parent(str(sockets / "nowhere"), START_ARGV, "/") is None
 
 
 def test_an_idle_warm_parent_exits_and_removes_its_socket(sockets):
@@ -191,12 +157,15 @@ def test_start_refusal_comes_back_as_one_error_line(warm, tmp_path):
 
 
 def test_start_of_a_zic_bundle_leaves_a_listening_server(warm, sockets, tmp_path):
-    _, path = warm
+    process, path = warm
     bundle = bundle_with(tmp_path, {}, zic=True)
     kind, _, address = ask(path, START_ARGV, bundle).decode().partition(" ")
     assert kind == "address" and address.startswith(f"unix://{sockets}/")
     server = Path(address.removeprefix("unix://"))
     assert (bundle / "address").read_text() == address
     assert (bundle / "runphi-shim.json").exists()
+    # A second ZIC of the same group (the same id here) reuses the live server.
+    assert ask(path, START_ARGV, bundle).decode() == f"address {address}"
     trio.run(connect_then_shutdown, server)
-    wait_until(lambda: not server.exists(), "the server did not remove its socket")
+    wait_until(lambda: not server.exists(), "the server did not remove its socket after Shutdown")
+    assert process.poll() is None  # the warm parent stays for the next start

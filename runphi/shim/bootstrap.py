@@ -11,8 +11,9 @@ Lean: no trio; msgspec and the core only where a path needs them.
    the container id: distinct from runc's sockets for the same pod;
 3. a server already listening there (another ZIC of the pod) is reused; otherwise
    the socket is bound and listening before ``start`` exits and a new server
-   (own process group, stdio on /dev/null and the bundle's ``log`` fifo) serves it,
-   forked by the warm parent when one runs (:mod:`runphi.shim.launch`);
+   (own process group, stdio on /dev/null and the bundle's ``log`` fifo) serves it;
+   all of this happens in a child of the warm parent when one runs
+   (:mod:`runphi.shim.launch`), else in ``start`` itself;
 4. ``<bundle>/address`` is written atomically (containerd 1.6/1.7 read it after a
    restart), a marker tells ``delete`` the bundle is runphi's, and only the address is
    printed: bare for containerd 1.6, as bootstrap JSON for 1.7 and 2.x (:func:`start_output`).
@@ -51,11 +52,14 @@ def start(flags: ShimFlags) -> int:
     Asks the warm parent first (it decides and starts the server with runphi already
     imported); without one, does the same here.
     """
-    from runphi.shim.handover import ask_warm_parent
+    from runphi.shim.handover import ask_warm_parent, warm_socket
 
     answer = ask_warm_parent(socket_dir(), sys.argv[1:], os.getcwd())
     if answer is None:
-        answer = decide(flags, os.getcwd(), warm=False)
+        from runphi.shim.launch import start_warm_parent
+
+        start_warm_parent(warm_socket(socket_dir()))  # for the next start
+        answer = decide(flags, os.getcwd())
     kind, text = answer
     if kind == "runc":
         exec_runc_shim(flags.publish_binary)
@@ -65,10 +69,9 @@ def start(flags: ShimFlags) -> int:
     return 0
 
 
-def decide(flags: ShimFlags, bundle_dir: str, *, warm: bool) -> tuple[str, str]:
+def decide(flags: ShimFlags, bundle_dir: str) -> tuple[str, str]:
     """("runc", "") when runc's shim is to serve the bundle, else ("address", A) once runphi's
-    server listens at A for it (steps 2-4 of the module docstring). ``warm``: this process
-    has runphi imported (the warm parent's child) and forks the server itself."""
+    server listens at A for it (steps 2-4 of the module docstring)."""
     from pathlib import Path
 
     bundle = Path(bundle_dir)
@@ -79,7 +82,7 @@ def decide(flags: ShimFlags, bundle_dir: str, *, warm: bool) -> tuple[str, str]:
     listener = _listen_unless_served(path)
     if listener is not None:
         with listener:
-            _serve(flags, listener, path, bundle / "log", warm)
+            _serve(flags, listener, path, bundle / "log")
     from runphi.shim.launch import ShimBundle
     from runphi.store import atomic_write
 
@@ -88,16 +91,13 @@ def decide(flags: ShimFlags, bundle_dir: str, *, warm: bool) -> tuple[str, str]:
     return "address", address
 
 
-def _serve(flags: ShimFlags, listener: socket.socket, path: str, log_fifo: Path, warm: bool) -> None:
-    """Have a new server serve ``listener``: forked here when warm, else through the warm parent."""
-    from runphi.shim.launch import ServerSettings, fork_server, launch_server, open_log
+def _serve(flags: ShimFlags, listener: socket.socket, path: str, log_fifo: Path) -> None:
+    """Fork a new server serving ``listener``."""
+    from runphi.shim.launch import ServerSettings, fork_server, open_log
 
     ttrpc_address = os.environ.get("TTRPC_ADDRESS") or f"{flags.address}.ttrpc"
     settings = ServerSettings(namespace=flags.namespace, ttrpc_address=ttrpc_address, socket_path=path,
                               debug=flags.debug)
-    if not warm:
-        launch_server(settings, listener, log_fifo, socket_dir())
-        return
     log_fd = open_log(log_fifo)
     try:
         fork_server(settings, listener.fileno(), log_fd)

@@ -1,18 +1,18 @@
-"""Starting a shim server for ``start``: through the warm parent when one runs, else forked here.
+"""Making a ZIC's shim server, and the warm parent that makes them fast.
 
 A server needs trio, protobuf and runphi's core imported: about half a second of
 Python, on containerd's critical path (it waits for Create). :mod:`runphi.shim.warm`
-keeps a process with all of that imported that forks servers on request; ``start``
-hands it the listening socket and containerd's ``log`` fifo over a unix socket
-(SCM_RIGHTS) and is done. Guarantees:
+keeps a process with all of that imported; ``start`` sends it its argv and cwd
+(:func:`runphi.shim.handover.ask_warm_parent`) and a child of it decides and forks
+the server. Guarantees:
 
-* :func:`launch_server` always leaves a server serving the listener: the warm
-  parent's child, or (no warm parent yet, or it failed) a child forked right here,
-  while a warm parent is started in the background for the next ``start``;
-* one warm parent per runphi installation and environment (the socket name hashes
-  the interpreter, runphi's version and location, and the environment containerd
-  gave ``start``): a server never runs other code or other settings than ``start``
-  would have given it; only the same user may ask it (peer credentials checked).
+* a server (:func:`fork_server`) has its own process group, stdio off ``start``'s
+  pipe, stderr on containerd's ``log`` fifo and no other fd than its listener;
+* one warm parent per runphi installation and environment (see
+  :func:`runphi.shim.handover.warm_socket`): a server never runs other code or other
+  settings than ``start`` would have given it; only the same user may ask it;
+* without a warm parent, ``start`` does the same itself and starts one
+  (:func:`start_warm_parent`) for the next ``start``.
 
 Lean (stdlib + msgspec): this runs inside ``start``.
 """
@@ -28,12 +28,6 @@ from pathlib import Path
 
 import msgspec
 
-from runphi.shim.handover import warm_socket
-
-#: The warm parent's answer to one request: the server's pid.
-REPLY_PREFIX = b"ok "
-#: How long ``start`` waits for the warm parent to fork (seconds).
-HAND_OVER_TIMEOUT = 5.0
 
 
 class ShimBundle(msgspec.Struct, frozen=True):
@@ -45,8 +39,8 @@ class ShimBundle(msgspec.Struct, frozen=True):
         return msgspec.json.encode(self)
 
 
-class ServerSettings(msgspec.Struct, frozen=True, kw_only=True, tag="server"):
-    """What a shim server needs from ``start`` (a request to the warm parent: fork one)."""
+class ServerSettings(msgspec.Struct, frozen=True, kw_only=True):
+    """What a shim server needs from ``start``."""
 
     namespace: str
     #: containerd's ttrpc socket (``TTRPC_ADDRESS``): where events are published.
@@ -58,7 +52,8 @@ class ServerSettings(msgspec.Struct, frozen=True, kw_only=True, tag="server"):
 
 class StartRequest(msgspec.Struct, frozen=True, tag="start"):
     """A request to the warm parent: decide ``start`` for containerd's ``argv`` in ``cwd``
-    (the bundle) and, for a ZIC, start its server (see :func:`runphi.shim.handover.ask_warm_parent`)."""
+    (the bundle) and, for a ZIC, start its server. Written as ``{"type": "start", ...}`` by
+    :func:`runphi.shim.handover.ask_warm_parent`, which does not import msgspec."""
 
     argv: list[str]
     cwd: str
@@ -99,20 +94,6 @@ def answers(path: str) -> bool:
         probe.close()
 
 
-def launch_server(settings: ServerSettings, listener: socket.socket, log_fifo: Path, socket_dir: str) -> None:
-    """Have a server serve ``listener`` (see the module docstring)."""
-    log_fd = open_log(log_fifo)
-    try:
-        path = warm_socket(socket_dir)
-        if hand_over(path, settings, listener.fileno(), log_fd) is not None:
-            return
-        _start_warm_parent(path)
-        fork_server(settings, listener.fileno(), log_fd)
-    finally:
-        if log_fd >= 0:
-            os.close(log_fd)
-
-
 def open_log(log_fifo: Path) -> int:
     """containerd's ``log`` fifo for the server's stderr (-1 when there is none)."""
     try:
@@ -123,27 +104,7 @@ def open_log(log_fifo: Path) -> int:
     return fd
 
 
-def hand_over(path: str, settings: ServerSettings, listener_fd: int, log_fd: int) -> int | None:
-    """Ask the warm parent at ``path`` to fork the server: its pid, or None when there is
-    no warm parent or it failed."""
-    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    client.settimeout(HAND_OVER_TIMEOUT)
-    try:
-        client.connect(path)
-        fds = [listener_fd] + ([log_fd] if log_fd >= 0 else [])
-        socket.send_fds(client, [msgspec.json.encode(settings)], fds)
-        client.shutdown(socket.SHUT_WR)
-        reply = client.recv(64)
-    except OSError:
-        return None
-    finally:
-        client.close()
-    if not reply.startswith(REPLY_PREFIX):
-        return None
-    return int(reply[len(REPLY_PREFIX):])
-
-
-def _start_warm_parent(path: str) -> None:
+def start_warm_parent(path: str) -> None:
     """Start a warm parent for ``path`` in its own session, not waited for (it outlives ``start``)."""
     try:
         subprocess.Popen([sys.executable, "-m", "runphi.shim.warm", path], stdin=subprocess.DEVNULL,

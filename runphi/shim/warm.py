@@ -3,13 +3,10 @@
 Started in the background by the first ``start`` that finds none (see
 :mod:`runphi.shim.launch`), with that ``start``'s environment. It imports trio,
 protobuf, the shim server and the configured backend once, then for each request
-on ``SOCKET`` forks a child:
-
-* ``start`` (containerd's argv and the bundle): the child decides, starts the ZIC's
-  server if it is one, and answers ``runc``, ``address <A>`` or ``error <line>``
-  (:func:`runphi.shim.handover.ask_warm_parent`);
-* ``server`` (settings as JSON; the listening socket and the ``log`` fifo as fds):
-  the child becomes that server; the answer is ``ok <pid>``.
+on ``SOCKET`` forks a child for it, on receiving
+containerd's argv and the bundle of a ``start``: the child decides, starts the ZIC's
+server if it is one, and answers ``runc``, ``address <A>`` or ``error <line>``
+(:func:`runphi.shim.handover.ask_warm_parent`).
 Guarantees:
 
 * it never runs trio itself, so every child starts a fresh trio run;
@@ -30,7 +27,7 @@ import sys
 
 import msgspec
 
-from runphi.shim.launch import REPLY_PREFIX, ServerSettings, StartRequest, become_server, listen_unless_served
+from runphi.shim.launch import StartRequest, listen_unless_served
 
 IDLE_SECONDS = 600.0
 MAX_REQUEST = 64 * 1024
@@ -74,48 +71,21 @@ def serve(listener: socket.socket, idle: float = IDLE_SECONDS) -> None:
 def _answer(conn: socket.socket, listener: socket.socket) -> None:
     """Handle one request (module docstring); never raises for a bad one."""
     conn.settimeout(5.0)
-    fds: list[int] = []
     try:
         if not _same_user(conn):
             return
-        data, fds, _, _ = socket.recv_fds(conn, MAX_REQUEST, 2)
-        request = msgspec.json.decode(data, type=ServerSettings | StartRequest)
-        if isinstance(request, StartRequest):
-            _fork_starter(request, listener, conn)
-        elif fds:
-            pid = _fork(request, fds, listener, conn)
-            conn.sendall(REPLY_PREFIX + str(pid).encode())
+        data = b""
+        while len(data) <= MAX_REQUEST and (chunk := conn.recv(MAX_REQUEST)):
+            data += chunk
+        _fork_starter(msgspec.json.decode(data, type=StartRequest), listener, conn)
     except (OSError, msgspec.ValidationError, msgspec.DecodeError):
         return
-    finally:
-        for fd in fds:
-            os.close(fd)
 
 
 def _same_user(conn: socket.socket) -> bool:
     creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     _, uid, _ = struct.unpack("3i", creds)
     return uid == os.getuid()
-
-
-def _fork(settings: ServerSettings, fds: list[int], listener: socket.socket, conn: socket.socket) -> int:
-    """Fork the server for ``fds`` (listener, optional log fifo); its pid."""
-    pid = os.fork()
-    if pid != 0:
-        return pid
-    code = 1
-    try:
-        listener.close()
-        conn.close()
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the server waits for its own children
-        become_server(settings, fds[0], fds[1] if len(fds) > 1 else -1)
-        code = 0
-    finally:
-        os._exit(code)
-
-
-def _exit_on_signal(signum: int, _frame: object) -> None:
-    raise SystemExit(128 + signum)
 
 
 def _fork_starter(request: StartRequest, listener: socket.socket, conn: socket.socket) -> None:
@@ -140,12 +110,16 @@ def _decide(request: StartRequest) -> bytes:
 
     try:
         os.chdir(request.cwd)
-        kind, text = decide(parse_flags(request.argv), request.cwd, warm=True)
+        kind, text = decide(parse_flags(request.argv), request.cwd)
     except RunphiError as error:
         kind, text = "error", error.message
     except (Exception, SystemExit):
         return b""
     return f"{kind} {text}".encode()
+
+
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def main(argv: list[str]) -> int:
