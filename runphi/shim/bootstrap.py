@@ -23,17 +23,16 @@ Lean: no trio; msgspec and the core only where a path needs them.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
-from collections.abc import Mapping
-from typing import TYPE_CHECKING
 
 from runphi.errors import RunphiError
 from runphi.shim.handover import MARKER_NAME, exec_runc_shim
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (every start pays it)
 if TYPE_CHECKING:
     import socket
+    from collections.abc import Mapping
     from pathlib import Path
 
     from runphi.shim.main import ShimFlags
@@ -142,6 +141,8 @@ def _group(bundle: Path, container_id: str) -> str:
 
 def server_address(containerd_address: str, namespace: str, group: str) -> str:
     """``unix://`` address of runphi's server for ``group``: short, stable, never runc's."""
+    import hashlib
+
     key = os.path.join(containerd_address, namespace, group) + "#runphi"
     return f"unix://{socket_dir()}/{hashlib.sha256(key.encode()).hexdigest()}"
 

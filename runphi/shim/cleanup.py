@@ -13,10 +13,10 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import TYPE_CHECKING
 
 from runphi.shim.handover import DELETE_ANSWER_NAME, exec_runc_shim, served_by_runphi
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (every delete pays it)
 if TYPE_CHECKING:
     from runphi.shim.main import ShimFlags
 

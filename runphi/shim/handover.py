@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import NoReturn
 
 from runphi.errors import RunphiError
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (every start pays it)
+if TYPE_CHECKING:
+    from typing import NoReturn
 
 RUNC_SHIM = "containerd-shim-runc-v2"
 #: Marks a bundle whose task runphi's own server serves (``start`` writes it).
