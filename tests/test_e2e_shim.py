@@ -113,6 +113,27 @@ def test_plain_container_output_and_exit_code(shim_node, tmp_path):
     assert (result.returncode, result.stdout) == (3, b"plain\n"), result.stderr
 
 
+def test_plain_image_is_looked_at_through_containerds_snapshot_and_handed_to_runc(shim_node, tmp_path):
+    # An image's rootfs is not mounted when `start` runs: runphi asks containerd for the
+    # snapshot, finds no boot description, and runc's shim runs the container.
+    from tests.cri.node import busybox_image_archive, host_architecture
+
+    image = "docker.io/library/runphi-shim-busybox:1"
+    archive = tmp_path / "busybox.tar"
+    archive.write_bytes(busybox_image_archive(image, host_architecture()))
+    ctr = shim_node.containerd.ctr
+    imported = ctr("images", "import", "--platform", f"linux/{host_architecture()}", str(archive))
+    assert imported.returncode == 0, imported.stderr
+    try:
+        result = ctr("run", "--rm", "--runtime", SHIM_RUNTIME, image, "plain-image", "sh", "-c",
+                     "echo from an image; exit 4")
+    finally:
+        ctr("images", "rm", "--sync", image)
+    assert (result.returncode, result.stdout) == (4, b"from an image\n"), result.stderr
+    assert not shim_node.record_dir("plain-image").exists()
+    assert "plain-image" not in ctr("containers", "ls", "-q").stdout.decode().split()
+
+
 # ---- the task API's other calls --------------------------------------------------------------
 
 def test_metrics_ps_and_refused_calls_of_a_running_zic(shim_node, built_inmates, tmp_path):
