@@ -3,16 +3,26 @@
 from __future__ import annotations
 
 
-def process_start_time(pid: int) -> int | None:
-    """Start time (clock ticks since boot) of a live, non-zombie ``pid``; None if gone."""
+def _stat_fields(pid: int) -> list[bytes] | None:
+    """The fields of /proc/<pid>/stat after the command name (state first); None if gone."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as stat:
             data = stat.read()
     except (FileNotFoundError, ProcessLookupError):
         return None
     # The command name may contain spaces and parentheses: split after the last ')'.
-    fields = data[data.rindex(b")") + 2:].split()
-    state, start_time = fields[0], fields[19]
-    if state in (b"Z", b"X"):
+    return data[data.rindex(b")") + 2:].split()
+
+
+def process_state(pid: int) -> str | None:
+    """The one-letter state of ``pid`` (R, S, T stopped, Z zombie...); None if gone."""
+    fields = _stat_fields(pid)
+    return None if fields is None else fields[0].decode()
+
+
+def process_start_time(pid: int) -> int | None:
+    """Start time (clock ticks since boot) of a live, non-zombie ``pid``; None if gone."""
+    fields = _stat_fields(pid)
+    if fields is None or fields[0] in (b"Z", b"X"):
         return None
-    return int(start_time)
+    return int(fields[19])

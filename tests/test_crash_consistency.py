@@ -15,11 +15,11 @@ import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from runphi.pausepoint import ENV as PAUSE_ENV
+from runphi.procfs import process_state
 from tests.test_lifecycle_failures import live_runphi_descendants
 from tests.test_lifecycle_harness import RUNPHI, board, guest_script, reap_all, subreaper, wait_for, zic  # noqa: F401
 
@@ -28,11 +28,6 @@ GUEST = guest_script("tick 50 x")
 CREATE_STEPS = ["create:record", "create:allocated", "create:cell-created", "create:loaded",
                 "create:launched", "create:recorded", "create:hooks-done"]
 DELETE_STEPS = ["delete:monitor-stopped", "delete:cell-destroyed", "delete:released", "delete:unlinked"]
-
-
-def process_state(pid: int) -> str:
-    """The one-letter state of `pid` from /proc (T = stopped)."""
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
 
 
 def run_until_paused(zic, step: str, *args: str) -> subprocess.Popen:

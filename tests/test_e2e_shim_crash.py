@@ -11,13 +11,14 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 from runphi.pausepoint import ENV as PAUSE_ENV
 from runphi.pausepoint import ONCE_ENV
+from runphi.procfs import process_state
+from tests.test_lifecycle_harness import wait_for
 from tests.test_e2e_zic import GUEST_TIMEOUT, assert_nothing_left, ctr_run_zic, zic_rootfs
 from tools.testbed.containerd import missing_requirements, processes_with_env, running_zic_node
 
@@ -30,19 +31,11 @@ DELETE_STEPS = ("delete:monitor-stopped", "delete:cell-destroyed", "delete:relea
 
 def stopped_process(marker: str, timeout: float = GUEST_TIMEOUT) -> int:
     """The pid of the node's process that stopped itself at the pause point."""
-    deadline = time.monotonic() + timeout
-    while True:
-        for line in processes_with_env(marker, exclude=set()):
-            pid = int(line.split()[0])
-            try:
-                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-            except (FileNotFoundError, IndexError):
-                continue
-            if state == "T":
-                return pid
-        if time.monotonic() > deadline:
-            raise AssertionError(f"no process stopped at the pause point within {timeout} s")
-        time.sleep(0.02)
+    def stopped() -> int | None:
+        pids = (int(line.split()[0]) for line in processes_with_env(marker, exclude=set()))
+        return next((pid for pid in pids if process_state(pid) == "T"), None)
+
+    return wait_for(stopped, timeout=timeout, what="a process stopped at the pause point")
 
 
 @pytest.fixture

@@ -22,18 +22,10 @@ from runphi.shim.launch import answers
 from runphi.shim.proto import task_pb2
 from runphi.shim.service import TASK_SERVICE
 from runphi.shim.ttrpc import Code, TtrpcError, connect_unix
+from tests.test_lifecycle_harness import wait_for
 from google.protobuf import empty_pb2
 
 DEADLINE = 30.0
-
-
-def wait_until(predicate, what: str, timeout: float = DEADLINE) -> None:
-    """Poll ``predicate`` (a socket answering, a process gone) against a deadline."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} within {timeout} s")
-        time.sleep(0.01)
 
 
 @pytest.fixture
@@ -57,7 +49,7 @@ def warm(sockets, tmp_path):
     process = subprocess.Popen([sys.executable, "-m", "runphi.shim.warm", str(path), "60"], env=env,
                                stdin=subprocess.DEVNULL)
     try:
-        wait_until(lambda: answers(str(path)), "the warm parent never listened")
+        wait_for(lambda: answers(str(path)), timeout=DEADLINE, what="the warm parent to listen")
         yield process, path
     finally:
         process.kill()
@@ -167,5 +159,5 @@ def test_start_of_a_zic_bundle_leaves_a_listening_server(warm, sockets, tmp_path
     # A second ZIC of the same group (the same id here) reuses the live server.
     assert ask(path, START_ARGV, bundle).decode() == f"address {address}"
     trio.run(connect_then_shutdown, server)
-    wait_until(lambda: not server.exists(), "the server did not remove its socket after Shutdown")
+    wait_for(lambda: not server.exists(), timeout=DEADLINE, what="the server to remove its socket after Shutdown")
     assert process.poll() is None  # the warm parent stays for the next start

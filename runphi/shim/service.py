@@ -10,6 +10,7 @@ saying why. Wait blocks until the exit, also when it comes before Start.
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -159,7 +160,7 @@ class TaskService:
             if task.started:
                 raise TtrpcError(Code.FAILED_PRECONDITION,
                                  f"cannot delete container {request.id} that is not stopped: running")
-            task.kill(9)  # a created task is deleted like runc: killed first
+            task.kill(signal.SIGKILL)  # a created task is deleted like runc: killed first
             await task.exited.wait()
         await task.delete()
         del self.tasks[request.id]

@@ -91,8 +91,7 @@ class ZicTask:
             try:
                 self.supervisor = self._make_supervisor()
             except BaseException:
-                await trio.to_thread.run_sync(
-                    lambda: delete_zic(self.node, self.request.id, force=True, owned_here=True))
+                await self._delete_zic()
                 raise
         except BaseException:
             self._release_host_side()
@@ -211,8 +210,12 @@ class ZicTask:
 
     async def delete(self) -> None:
         """After the exit: destroy the cell, release its resources, remove the record and mounts."""
-        await trio.to_thread.run_sync(lambda: delete_zic(self.node, self.request.id, force=True, owned_here=True))
+        await self._delete_zic()
         self._release_host_side()
+
+    async def _delete_zic(self) -> None:
+        """The core's delete of this ZIC (its cell, resources and record); this process owns it."""
+        await trio.to_thread.run_sync(lambda: delete_zic(self.node, self.request.id, force=True, owned_here=True))
 
     def _release_host_side(self) -> None:
         """Close every fd and unmount the rootfs (idempotent)."""

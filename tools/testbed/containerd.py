@@ -25,6 +25,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from runphi.procfs import process_state
+
 __all__ = [
     "BOOT_BANNER", "BUSYBOX_APPLETS", "MODES", "NAMESPACE", "SHIM_RUNTIME", "SIM_PLATFORM",
     "ZIC_IMAGE_PLATFORM",
@@ -233,16 +235,8 @@ def kill_processes_with_env(marker: str, grace: float = 5.0) -> None:
                 pass
         deadline = time.monotonic() + grace
         # The observed thing: /proc entries of those processes (polled against a deadline).
-        while any(_running(pid) for pid in pids) and time.monotonic() < deadline:
+        while any(process_state(pid) not in (None, "Z") for pid in pids) and time.monotonic() < deadline:
             time.sleep(0.02)
-
-
-def _running(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, IndexError, ProcessLookupError):
-        return False
-    return state != "Z"
 
 
 def short_tempdir(prefix: str = "rphi-") -> Path:
