@@ -5,7 +5,7 @@ then: plain containers go to runc, ZICs are refused with a clear error)::
 
     runc = ""                      # path of the real runc; "" = "runc" on PATH (never runphi)
     state_dir = "/run/runphi"      # node state: resource ledger, shared by all namespaces
-    backend = "none"               # "none" | "jailhouse"
+    backend = "none"               # "none" | "jailhouse" | "kvm"
 
     [jailhouse]
     tool = "jailhouse"             # the jailhouse CLI (looked up on PATH when not absolute)
@@ -24,7 +24,8 @@ then: plain containers go to runc, ZICs are refused with a clear error)::
 Environment overrides (tests point runphi at a simulator with these):
 ``RUNPHI_CONFIG`` (the file; a named file that is missing is an error),
 ``RUNPHI_STATE_DIR``, ``RUNPHI_RUNC``, ``RUNPHI_BACKEND``, ``RUNPHI_JAILHOUSE``,
-``RUNPHI_SYSFS``, ``RUNPHI_PLATFORM``, ``RUNPHI_TEMPLATES``. ``RUNPHI_DEBUG_LEVEL``
+``RUNPHI_SYSFS``, ``RUNPHI_PLATFORM``, ``RUNPHI_TEMPLATES``, ``RUNPHI_KVM_HOST``,
+``RUNPHI_QEMU``, ``RUNPHI_KVM_ACCEL``. ``RUNPHI_DEBUG_LEVEL``
 (read by ``runphi.log``) overrides ``[log] level``.
 """
 
@@ -42,7 +43,7 @@ DEFAULT_CONFIG_PATH = "/etc/runphi/runphi.toml"
 DEFAULT_STATE_DIR = "/run/runphi"
 
 LogLevel = Literal["error", "warn", "info", "debug", "trace"]
-BackendName = Literal["none", "jailhouse"]
+BackendName = Literal["none", "jailhouse", "kvm"]
 
 
 class JailhouseConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -69,6 +70,25 @@ class JailhouseConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         return self.templates_path() / f"{self.platform}.toml"
 
 
+class KvmConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """``[kvm]``: which host template lends CPUs and RAM, which QEMU, which accelerator."""
+
+    host: str = "kvm-host"
+    templates_dir: str = ""
+    qemu: str = ""
+    accel: Literal["auto", "kvm", "tcg"] = "auto"
+    poll_interval_ms: int = 50
+    shutdown_timeout_ms: int = 10000
+    probe_interval_ms: int = 2000
+
+    def host_path(self) -> Path:
+        """The host template: ``host`` as a path if it looks like one, else a shipped/configured template."""
+        if "/" in self.host or self.host.endswith(".toml"):
+            return Path(self.host)
+        directory = Path(self.templates_dir) if self.templates_dir else shipped_templates_dir() / "kvm"
+        return directory / f"{self.host}.toml"
+
+
 class LogConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """``[log]``: the default level when neither ``--debug`` nor the env var says otherwise."""
 
@@ -82,6 +102,7 @@ class RuntimeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     state_dir: str = DEFAULT_STATE_DIR
     backend: BackendName = "none"
     jailhouse: JailhouseConfig = JailhouseConfig()
+    kvm: KvmConfig = KvmConfig()
     log: LogConfig = LogConfig()
     #: Which file this came from ("" when the default file was absent).
     source: str = ""
@@ -168,6 +189,9 @@ _ENV_OVERRIDES = {
     "RUNPHI_SYSFS": ("jailhouse", "sysfs"),
     "RUNPHI_PLATFORM": ("jailhouse", "platform"),
     "RUNPHI_TEMPLATES": ("jailhouse", "templates_dir"),
+    "RUNPHI_KVM_HOST": ("kvm", "host"),
+    "RUNPHI_QEMU": ("kvm", "qemu"),
+    "RUNPHI_KVM_ACCEL": ("kvm", "accel"),
 }
 
 

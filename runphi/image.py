@@ -98,6 +98,8 @@ class BootDescription(msgspec.Struct, frozen=True, kw_only=True):
     memory_mib: int | None = None
     vcpus: int | None = None
     pinned_cpus: frozenset[int] | None = None
+    #: `vcpu_pinning` as (vcpu, pcpu) pairs in file order (empty without one).
+    vcpu_pins: tuple[tuple[int, int], ...] = ()
     ignored_keys: tuple[str, ...] = ()
 
     @property
@@ -305,6 +307,7 @@ def parse_boot_description(data: bytes, rootfs: Path, source: Path, log: DebugLo
         memory_mib=raw.memory,
         vcpus=raw.vcpus,
         pinned_cpus=pins,
+        vcpu_pins=tuple((p.vcpu, p.pcpu) for p in pinning),
         ignored_keys=ignored,
     )
 

@@ -24,7 +24,7 @@ import sys
 
 import msgspec
 
-from runphi.backends.base import WatchSettings
+from runphi.backends.base import BackendError, WatchSettings
 from runphi.container import GRACEFUL_STOP_SIGNALS
 from runphi.core.node import TOOL_TIMEOUT
 from runphi.core.outcome import (
@@ -55,6 +55,11 @@ class MonitorSetup(msgspec.Struct, frozen=True):
     console_fd: int = -1
     #: pty slave for terminal mode, or -1: then the pumps use fds 0 and 1.
     terminal_fd: int = -1
+    #: The cell's host-side fds for its watch (``LaunchedCell.host_fds``).
+    host_fds: tuple[int, ...] = ()
+    #: Write end of the pipe on which the monitor tells ``create`` its cell came up
+    #: ("ok", or "error <line>"); -1 when ``create`` does not wait for that.
+    ready_fd: int = -1
     #: runc's `--log` of the create that made us ("" = do not log: our stderr may be
     #: the container's), its format and level.
     log_path: str = ""
@@ -122,13 +127,35 @@ async def _supervise(setup: MonitorSetup, early: list[int]) -> MonitorExit:
     from runphi.core.supervise import Supervisor
 
     cell = open_cell_watch(setup.watch.backend, setup.watch.backend_config, setup.cell_name,
-                           setup.tool_timeout)
+                           setup.tool_timeout, setup.host_fds)
+    _bring_up(cell, setup.ready_fd)
     supervisor = Supervisor(cell, setup.watch, start_fd=setup.start_fd, console=_console_tasks(setup))
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_forward_signals, supervisor, early)
         outcome = await supervisor.run()
         nursery.cancel_scope.cancel()
     return outcome
+
+
+def _bring_up(cell, ready_fd: int) -> None:
+    """Bring the cell up in this process and tell ``create`` how it went (when it waits)."""
+    try:
+        cell.bring_up()
+    except BackendError as exc:
+        _tell_create(ready_fd, f"error {exc}")
+        raise
+    _tell_create(ready_fd, "ok")
+
+
+def _tell_create(ready_fd: int, answer: str) -> None:
+    if ready_fd < 0:
+        return
+    try:
+        os.write(ready_fd, answer.encode(errors="replace"))
+    except OSError:
+        pass  # create gave up waiting: it undoes the launch and kills us
+    finally:
+        os.close(ready_fd)
 
 
 async def _forward_signals(supervisor, early: list[int]) -> None:
@@ -156,13 +183,61 @@ def _console_tasks(setup: MonitorSetup):
 
 # ---- spawning: used by create (synchronous, no trio) ------------------------
 
-def spawn_monitor(setup: MonitorSetup, stdio: tuple[int, int, int], keep: list[int]) -> int:
-    """Double-fork the monitor and return its pid once it exists.
+#: How long ``create`` waits for a monitor to bring its cell up (seconds).
+BRING_UP_TIMEOUT = 60.0
+
+
+class SpawnedMonitor:
+    """A monitor just forked by ``create``: its pid, and the pipe on which it reports its cell up."""
+
+    def __init__(self, pid: int, ready_fd: int) -> None:
+        self.pid = pid
+        self._ready_fd = ready_fd
+
+    def wait_until_ready(self, timeout: float = BRING_UP_TIMEOUT) -> None:
+        """Return once the monitor brought its cell up (at once when its backend has nothing
+        to bring up); BackendError with the monitor's reason when it could not."""
+        if self._ready_fd < 0:
+            return
+        import select
+
+        answer = b""
+        try:
+            poller = select.poll()
+            poller.register(self._ready_fd, select.POLLIN)
+            deadline = _now() + timeout
+            while (left := deadline - _now()) > 0 and poller.poll(left * 1000):
+                chunk = os.read(self._ready_fd, 4096)
+                if not chunk:
+                    break
+                answer += chunk
+        finally:
+            os.close(self._ready_fd)
+            self._ready_fd = -1
+        text = answer.decode(errors="replace")
+        if text == "ok":
+            return
+        if text.startswith("error "):
+            raise BackendError(text.removeprefix("error "))
+        raise BackendError(f"its monitor did not bring the cell up within {timeout:.0f} s"
+                           if not text else f"its monitor answered {text!r}")
+
+
+def _now() -> float:
+    import time
+
+    return time.monotonic()
+
+
+def spawn_monitor(setup: MonitorSetup, stdio: tuple[int, int, int], keep: list[int]) -> SpawnedMonitor:
+    """Double-fork the monitor and return it once it exists.
 
     The intermediate child exits at once, so the monitor is re-parented to the
     nearest child subreaper (the shim). In the monitor: new session, ``stdio``
-    dup'ed over 0/1/2, every other fd closed except ``keep``.
+    dup'ed over 0/1/2, every other fd closed except ``keep`` (and the ready pipe when
+    ``setup.watch.owner_brings_up``).
     """
+    ready_read, ready_write = os.pipe() if setup.watch.owner_brings_up else (-1, -1)
     read_end, write_end = os.pipe()
     child = os.fork()
     if child == 0:
@@ -171,11 +246,17 @@ def spawn_monitor(setup: MonitorSetup, stdio: tuple[int, int, int], keep: list[i
             grandchild = os.fork()
             if grandchild == 0:
                 os.close(write_end)
+                if ready_read >= 0:
+                    os.close(ready_read)
+                    setup = msgspec.structs.replace(setup, ready_fd=ready_write)
+                    keep = [*keep, ready_write]
                 _become_monitor(setup, stdio, keep)
             os.write(write_end, str(grandchild).encode())
         finally:
             os._exit(0)
     os.close(write_end)
+    if ready_write >= 0:
+        os.close(ready_write)
     try:
         data = b""
         while chunk := os.read(read_end, 32):
@@ -184,8 +265,10 @@ def spawn_monitor(setup: MonitorSetup, stdio: tuple[int, int, int], keep: list[i
         os.close(read_end)
         os.waitpid(child, 0)
     if not data:
+        if ready_read >= 0:
+            os.close(ready_read)
         raise OSError("the monitor process could not be forked")
-    return int(data)
+    return SpawnedMonitor(int(data), ready_read)
 
 
 def _become_monitor(setup: MonitorSetup, stdio: tuple[int, int, int], keep: list[int]) -> None:

@@ -26,3 +26,14 @@ def process_start_time(pid: int) -> int | None:
     if fields is None or fields[0] in (b"Z", b"X"):
         return None
     return int(fields[19])
+
+
+def thread_cpu_ticks(pid: int, tid: int) -> int | None:
+    """CPU time (user + system, clock ticks) thread ``tid`` of ``pid`` has used; None if gone."""
+    try:
+        with open(f"/proc/{pid}/task/{tid}/stat", "rb") as stat:
+            data = stat.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    fields = data[data.rindex(b")") + 2:].split()
+    return int(fields[11]) + int(fields[12])

@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from runphi import oci
+from runphi.backends.cpulist import CpuListError, format_cpu_list, parse_cpu_list
 from runphi.backends.jailhouse.allocator import (
     LEDGER_NAME,
     Allocator,
@@ -22,9 +23,8 @@ from runphi.backends.jailhouse.allocator import (
     free_segments,
     request_from,
 )
-from runphi.backends.jailhouse.cpulist import CpuListError, format_cpu_list, parse_cpu_list
-from runphi.backends.jailhouse.errors import AllocationError
 from runphi.backends.jailhouse.platform import MiB, load_platform
+from runphi.backends.ledger import AllocationError
 from runphi.image import BootDescription
 
 REPO = Path(__file__).resolve().parents[1]
@@ -257,8 +257,8 @@ WORKER = """
 import sys, json
 from pathlib import Path
 from runphi.backends.jailhouse.allocator import Allocator, ResourceRequest
-from runphi.backends.jailhouse.errors import AllocationError
 from runphi.backends.jailhouse.platform import load_platform
+from runphi.backends.ledger import AllocationError
 templates, state, sysfs, cid, verb = sys.argv[1:6]
 alloc = Allocator(load_platform("sim-qemu-arm64", Path(templates)), Path(state), Path(sysfs))
 sys.stdin.read()  # wait until every worker is started

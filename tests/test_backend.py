@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from runphi.backends.base import BackendError
-from runphi.backends.jailhouse.backend import JailhouseBackend, shutdown_timeout
+from runphi.backends.base import shutdown_timeout
+from runphi.backends.jailhouse.backend import JailhouseBackend
 from runphi.undo import UndoStack
 from runphi.config import load_runtime_config
 from runphi.errors import RunphiError

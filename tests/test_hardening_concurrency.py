@@ -80,7 +80,7 @@ def assert_cells_disjoint(board) -> None:
             text = (entry / "cpus_assigned_list").read_text().strip()
         except FileNotFoundError:
             continue  # destroyed while we looked
-        from runphi.backends.jailhouse.cpulist import parse_cpu_list
+        from runphi.backends.cpulist import parse_cpu_list
 
         for cpu in parse_cpu_list(text) if text else ():
             assert seen.setdefault(cpu, entry.name) == entry.name, f"CPU {cpu} in cells {seen[cpu]} and {entry.name}"

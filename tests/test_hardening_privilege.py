@@ -19,8 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from runphi.backends.jailhouse.allocator import Allocator, ResourceRequest
-from runphi.backends.jailhouse.errors import AllocationError
 from runphi.backends.jailhouse.platform import load_platform
+from runphi.backends.ledger import AllocationError
 from tests.test_allocator import TEMPLATES
 from tests.test_lifecycle_harness import board, guest_script, reap_all, subreaper, zic  # noqa: F401
 

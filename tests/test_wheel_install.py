@@ -114,7 +114,7 @@ def install(tmp_path_factory: pytest.TempPathFactory) -> Install:
 
 
 def checkout_templates() -> list[str]:
-    names = sorted(path.name for path in (REPO / "templates").glob("*.toml"))
+    names = sorted(str(path.relative_to(REPO / "templates")) for path in (REPO / "templates").rglob("*.toml"))
     assert names, "no platform templates in the checkout"
     return names
 
@@ -144,7 +144,8 @@ def test_wheel_holds_runtime_templates_mkzic_and_simulator_and_no_test_helpers(i
 
 def test_site_packages_has_no_tools_package_and_has_the_templates(install: Install) -> None:
     assert not (install.site_packages / "tools").exists()
-    installed = sorted(path.name for path in (install.site_packages / "runphi/templates").glob("*.toml"))
+    templates = install.site_packages / "runphi/templates"
+    installed = sorted(str(path.relative_to(templates)) for path in templates.rglob("*.toml"))
     assert installed == checkout_templates()
 
 

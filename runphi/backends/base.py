@@ -25,6 +25,17 @@ SHUTDOWN_TIMEOUT_ANNOTATION = "org.runphi.shutdown-timeout-ms"
 #: Kernel command line of a Linux guest (absent: keep the device tree's bootargs).
 LINUX_CMDLINE_ANNOTATION = "org.runphi.linux.cmdline"
 
+def shutdown_timeout(annotations: dict[str, str], default_ms: int) -> float:
+    """The graceful-shutdown deadline in seconds (annotation, else the backend's configured default)."""
+    text = annotations.get(SHUTDOWN_TIMEOUT_ANNOTATION)
+    if text is None:
+        return default_ms / 1000
+    if not text.isdigit() or int(text) == 0:
+        raise BackendError(f"annotation {SHUTDOWN_TIMEOUT_ANNOTATION}="
+                           f"{text!r} must be a positive number of milliseconds")
+    return int(text) / 1000
+
+
 class CellState(enum.Enum):
     """A cell's state in runphi's terms; each backend maps its hypervisor's own words onto it."""
 
@@ -105,6 +116,11 @@ class LaunchRequest(msgspec.Struct, frozen=True, kw_only=True):
     #: ``<root>/<id>/``: the backend may keep files of the cell there (the `.cell`, a DTB).
     container_dir: str
     config: Config
+    #: True when the core hands the cell to a long-lived owner (the monitor or the shim
+    #: server), whose :class:`CellWatch` brings its host side up (``bring_up``). False for
+    #: a direct caller of the protocol: a backend whose cells are host processes (KVM)
+    #: then starts that process in ``launch``, as the caller's child.
+    owned: bool = False
 
 
 class WatchSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -118,18 +134,24 @@ class WatchSettings(msgspec.Struct, frozen=True, kw_only=True):
     probe_interval: float
     #: The graceful-shutdown deadline before a destroy (seconds).
     shutdown_timeout: float
+    #: Whether the owner's ``CellWatch.bring_up`` does real work that ``create`` must wait
+    #: for (KVM: the VM process), so that its failure fails the create.
+    owner_brings_up: bool = False
 
 
 class LaunchedCell(msgspec.Struct, kw_only=True):
     """What ``launch`` hands the core: the cell, its open console source, how to watch it.
 
     The core owns ``console_fd`` from here on (it passes it to the ZIC's process
-    and closes its own copy); -1 when the cell has no console.
+    and closes its own copy); -1 when the cell has no console. ``host_fds`` are fds the
+    owner's :class:`CellWatch` needs to bring the cell up (KVM: QEMU's end of the
+    console); the core hands them to the owner with the watch, then closes its copies.
     """
 
     cell: CellRecord
     console_fd: int = -1
     watch: WatchSettings
+    host_fds: tuple[int, ...] = ()
 
 
 class CellStatistics(msgspec.Struct, frozen=True):
@@ -189,9 +211,22 @@ class Backend(Protocol):
 class CellWatch(Protocol):
     """The monitor's view of its one cell (async where the backend must be asked).
 
-    Made by ``runphi.backends.registry.open_cell_watch`` inside the monitor, after
-    trio is imported; never used by the verbs.
+    Made by ``runphi.backends.registry.open_cell_watch`` inside the ZIC's owner (the
+    monitor, the shim server), after trio is imported; never used by the verbs. The owner
+    calls ``bring_up`` once before the container counts as created, then runs ``follow``
+    for as long as it supervises the cell.
     """
+
+    def bring_up(self) -> None:
+        """Make the cell's host side live in this process, its owner (synchronous, from the
+        thread that will run trio). Jailhouse: nothing. KVM: the VM process, paused,
+        becomes this process's child. Raises :class:`BackendError` with the one line when
+        it cannot; then nothing of it is left running."""
+
+    async def follow(self) -> None:
+        """What the watch does in the background while the owner supervises (KVM: the VM's
+        events, exit and errors); returns at once when there is nothing. When cancelled it
+        records the cell's last state where the backend's ``cell_state`` reads it."""
 
     def read_state(self) -> tuple[bool, CellStatus]:
         """(hypervisor available, the cell's status); cheap, no process."""

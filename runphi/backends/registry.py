@@ -53,8 +53,8 @@ def preload(name: str) -> None:
 
 
 def open_cell_watch(backend: str, backend_config: dict[str, str], cell_name: str,
-                    tool_timeout: float) -> CellWatch:
-    """The :class:`CellWatch` of a monitor's cell, from the backend that launched it
-    (its ``watch`` module, imported in the monitor after trio)."""
+                    tool_timeout: float, host_fds: tuple[int, ...] = ()) -> CellWatch:
+    """The :class:`CellWatch` of an owner's cell, from the backend that launched it (its
+    ``watch`` module, imported in the owner after trio); it takes over ``host_fds``."""
     module = importlib.import_module(f"runphi.backends.{backend}.watch")
-    return module.open_cell_watch(backend_config, cell_name, tool_timeout)
+    return module.open_cell_watch(backend_config, cell_name, tool_timeout, host_fds)

@@ -73,7 +73,7 @@ def create_zic(node: Node, request: CreateRequest, adopt: Adopt | None = None) -
         atomic_write(directory / CONFIG_COPY_NAME, request.config_bytes)
         os.mkfifo(directory / START_FIFO_NAME, 0o600)
         launch = LaunchRequest(container_id=container_id, bundle=str(request.bundle), rootfs=record.rootfs,
-                               container_dir=str(directory), config=config)
+                               container_dir=str(directory), config=config, owned=True)
         launched = _launch(node, backend, launch, request.console_socket, str(directory / START_FIFO_NAME),
                            adopt)
         pause_point("create:launched")

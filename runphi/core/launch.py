@@ -19,6 +19,7 @@ Synchronous and without trio: it runs in the lean ``create`` verb.
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 from collections.abc import Callable
@@ -68,6 +69,8 @@ def launch_zic(backend: Backend, request: LaunchRequest, *, console_socket: str,
     undo.push(f"destroy cell {name}", lambda: backend.destroy_cell(name, DESTROY_TIMEOUT))
     if launched.console_fd >= 0:
         undo.push("close the console source", lambda: _close(launched.console_fd))
+    for fd in launched.host_fds:
+        undo.push("close a host-side fd of the cell", functools.partial(_close, fd))
     try:
         start_fd = os.open(start_fifo, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
         undo.push("close the start fifo", lambda: _close(start_fd))
@@ -85,7 +88,7 @@ def launch_zic(backend: Backend, request: LaunchRequest, *, console_socket: str,
         raise
     # Success: this process's copies of the fds go; the monitor holds its own.
     undo.discard()
-    for fd in (launched.console_fd, terminal, start_fd):
+    for fd in (launched.console_fd, terminal, start_fd, *launched.host_fds):
         if fd >= 0:
             _close(fd)
     return Launched(cell=launched.cell, monitor_pid=pid, monitor_start_time=start_time)
@@ -118,9 +121,9 @@ def _spawn_monitor(request: LaunchRequest, launched: LaunchedCell, start_fd: int
     setup = MonitorSetup(
         container_id=request.container_id, container_dir=request.container_dir,
         cell_name=launched.cell.cell_name, watch=launched.watch, start_fd=start_fd,
-        console_fd=launched.console_fd, terminal_fd=terminal, log_path=monitor_log[0],
-        log_format=monitor_log[1], log_level=monitor_log[2])
-    keep = [fd for fd in (start_fd, launched.console_fd, terminal) if fd >= 0]
+        console_fd=launched.console_fd, terminal_fd=terminal, host_fds=launched.host_fds,
+        log_path=monitor_log[0], log_format=monitor_log[1], log_level=monitor_log[2])
+    keep = [fd for fd in (start_fd, launched.console_fd, terminal, *launched.host_fds) if fd >= 0]
     if terminal >= 0:
         # Terminal mode: never keep create's fds 0/1/2 (the shim's buffer pipe).
         null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
@@ -130,11 +133,13 @@ def _spawn_monitor(request: LaunchRequest, launched: LaunchedCell, start_fd: int
             os.close(null)
     else:
         pid = spawn_monitor(setup, (0, 1, 2), keep)
-    undo.push("kill the monitor", lambda: _kill(pid))
+    undo.push("kill the monitor", lambda: _kill(pid.pid))
     try:
-        return identify_process(pid)
+        identity = identify_process(pid.pid)
     except ProcessLookupError:
         raise LaunchFailed("its monitor exited at once") from None
+    pid.wait_until_ready()
+    return identity
 
 
 def _close(fd: int) -> None:

@@ -88,6 +88,7 @@ class Supervisor:
         outcome: MonitorExit | None = None
         dropped = 0
         async with trio.open_nursery() as outer:
+            outer.start_soon(self._cell.follow)
             if self._console is not None:
                 await outer.start(self._console.run)
             async with trio.open_nursery() as nursery:

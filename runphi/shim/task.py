@@ -116,8 +116,9 @@ class ZicTask:
         """Keep the console source and the start fifo; this process now owns the ZIC."""
         console_fd = os.dup(launched.console_fd) if launched.console_fd >= 0 else -1
         start = os.dup(start_fd)
-        self._kept = [fd for fd in (console_fd, start) if fd >= 0]
-        self._launched = msgspec.structs.replace(launched, console_fd=console_fd)
+        host_fds = tuple(os.dup(fd) for fd in launched.host_fds)
+        self._kept = [fd for fd in (console_fd, start, *host_fds) if fd >= 0]
+        self._launched = msgspec.structs.replace(launched, console_fd=console_fd, host_fds=host_fds)
         self._start_fd = start
         return current_process_identity()
 
@@ -128,7 +129,10 @@ class ZicTask:
         launched = self._launched
         assert launched is not None
         cell = open_cell_watch(launched.watch.backend, launched.watch.backend_config,
-                               launched.cell.cell_name, TOOL_TIMEOUT)
+                               launched.cell.cell_name, TOOL_TIMEOUT, launched.host_fds)
+        # The watch owns the host fds now (it closes them once the cell is up).
+        self._kept = [fd for fd in self._kept if fd not in launched.host_fds]
+        cell.bring_up()  # in the trio thread: a VM process dies with the thread that forked it
         console = None
         if launched.console_fd >= 0:
             output = self.stdio.stdout if self.stdio.stdout >= 0 else self._null_output()

@@ -20,7 +20,7 @@ import pytest
 
 from tests.test_lifecycle_harness import subreaper  # noqa: F401  (fixture: the test process adopts monitors)
 
-from . import jailhouse_sim
+from . import jailhouse_sim, kvm
 from .contract import BackendTarget, RuntimeCli
 
 
@@ -36,6 +36,7 @@ BACKEND_SETUPS = [
     pytest.param(BackendSetup("jailhouse-script", jailhouse_sim.script_machine), id="jailhouse-script"),
     pytest.param(BackendSetup("jailhouse-qemu", jailhouse_sim.qemu_machine), id="jailhouse-qemu",
                  marks=pytest.mark.qemu),
+    pytest.param(BackendSetup("kvm", kvm.kvm_machine), id="kvm", marks=pytest.mark.qemu),
 ]
 
 

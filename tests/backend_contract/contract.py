@@ -1,7 +1,7 @@
 """The contract's vocabulary, independent of any backend.
 
 A *backend setup* is one way of running runphi on one backend (Jailhouse on the
-simulator with script guests, the same with real QEMU inmates, some day KVM). Per
+simulator with script guests, the same with real QEMU inmates, KVM on this host's QEMU). Per
 test it provides a :class:`BackendTarget`: the runtime environment of the ``runphi``
 CLI, ZIC bundles of each :class:`Guest` behaviour, ways to sabotage a launch or to
 destroy a cell behind runphi's back, and a view of the :class:`InUse` resources.

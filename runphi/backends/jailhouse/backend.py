@@ -25,34 +25,24 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from runphi.backends.base import (LINUX_CMDLINE_ANNOTATION, SHUTDOWN_TIMEOUT_ANNOTATION, BackendError,
+from runphi.backends.base import (LINUX_CMDLINE_ANNOTATION, BackendError,
                                   CellNotFound, CellRecord, CellStatistics, CellStatus, LaunchedCell, LaunchRequest,
-                                  ResourceBusy, WatchSettings)
+                                  ResourceBusy, WatchSettings, shutdown_timeout)
 from runphi.backends.jailhouse.driver import JailhouseDriver, LoadImage, RpuImage
 from runphi.errors import RunphiError
 from runphi.undo import UndoStack
 
 if TYPE_CHECKING:
-    from runphi.backends.jailhouse.allocator import Allocation, Allocator
+    from runphi.backends.jailhouse.allocator import Allocator
     from runphi.backends.jailhouse.cellconfig import CellConfig
     from runphi.backends.jailhouse.platform import Platform
+    from runphi.backends.ledger import Allocation
     from runphi.config import RuntimeConfig
     from runphi.image import BootDescription
     from runphi.log import VerbLog
 
 #: Deadline for the `cell destroy` that undoes a failed create.
 UNDO_TIMEOUT = 5.0
-
-
-def shutdown_timeout(annotations: dict[str, str], default_ms: int) -> float:
-    """The graceful-shutdown deadline in seconds (annotation, else the configured default)."""
-    text = annotations.get(SHUTDOWN_TIMEOUT_ANNOTATION)
-    if text is None:
-        return default_ms / 1000
-    if not text.isdigit() or int(text) == 0:
-        raise BackendError(f"annotation {SHUTDOWN_TIMEOUT_ANNOTATION}="
-                           f"{text!r} must be a positive number of milliseconds")
-    return int(text) / 1000
 
 
 class JailhouseBackend:
@@ -151,9 +141,9 @@ class JailhouseBackend:
             raise
 
     def _launch(self, request: LaunchRequest, undo: UndoStack) -> LaunchedCell:
-        from runphi.backends.jailhouse.allocator import request_from
         from runphi.backends.jailhouse.cellconfig import write_cell
         from runphi.backends.jailhouse.names import cell_name
+        from runphi.backends.ledger import request_from
         from runphi.image import load_boot_description
 
         cid = request.container_id
@@ -217,8 +207,8 @@ class JailhouseBackend:
         assumed to own every CPU the platform may give away plus CPU 0.
         """
         from runphi import oci
-        from runphi.backends.jailhouse.allocator import request_from
         from runphi.backends.jailhouse.preview import render
+        from runphi.backends.ledger import request_from
         from runphi.image import load_boot_description
 
         if platform_name:

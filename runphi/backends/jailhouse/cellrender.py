@@ -10,6 +10,7 @@ produces the same bytes as the writer (tests check this with the installed gcc).
 
 from __future__ import annotations
 
+from runphi.backends.cpulist import format_cpu_list
 from runphi.backends.jailhouse.cellconfig import (
     CACHE_TYPE_NAMES,
     CELL_FLAG_NAMES,
@@ -31,7 +32,6 @@ from runphi.backends.jailhouse.cellconfig import (
     shmem_protocol_name,
     write_cell,
 )
-from runphi.backends.jailhouse.cpulist import format_cpu_list
 
 
 def cpu_list(cpus: frozenset[int]) -> str:

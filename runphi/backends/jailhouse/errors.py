@@ -1,6 +1,7 @@
-"""Errors of the Jailhouse backend's configuration side (formats, platforms, allocation).
+"""Errors of the Jailhouse backend's configuration side (formats, platforms).
 
 Each message is the one user-facing line: what failed, for what, why, what to do.
+Allocation errors are the node ledger's (`runphi.backends.ledger.AllocationError`).
 """
 
 from runphi.errors import RunphiError
@@ -12,7 +13,3 @@ class CellConfigError(RunphiError):
 
 class PlatformError(RunphiError):
     """A platform template is missing or invalid."""
-
-
-class AllocationError(RunphiError):
-    """Node resources cannot be allocated or released."""

@@ -9,10 +9,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from runphi.backends.jailhouse import cellconfig as cc
-from runphi.backends.jailhouse.allocator import Allocation
 from runphi.backends.jailhouse.errors import CellConfigError
 from runphi.backends.jailhouse.names import cell_name
 from runphi.backends.jailhouse.platform import Platform
+from runphi.backends.ledger import Allocation
 
 if TYPE_CHECKING:
     from runphi.image import BootDescription

@@ -18,12 +18,10 @@ from typing import Literal
 
 import msgspec
 
+from runphi.backends.cpulist import CpuListError, parse_cpu_list
 from runphi.backends.jailhouse import cellconfig as cc
-from runphi.backends.jailhouse.cpulist import CpuListError, parse_cpu_list
 from runphi.backends.jailhouse.errors import PlatformError
-
-PAGE_SIZE = 0x1000
-MiB = 1 << 20
+from runphi.backends.ledger import PAGE_SIZE, MiB
 
 _CELL_FLAGS = {name: bit for bit, name in cc.CELL_FLAG_NAMES.items()}
 _CONSOLE_FLAGS = {name: bit for bit, name in cc.CONSOLE_FLAG_NAMES.items()}
@@ -200,6 +198,11 @@ class Platform(_Table, frozen=True, kw_only=True):
     def per_cell_uarts(self) -> bool:
         """Whether each cell gets a UART slot of its own (else all share `uarts[0]`)."""
         return bool(self.uarts) and not self.uarts[0].shared
+
+    @property
+    def root_keeps_cpus(self) -> int:
+        """CPUs the root cell always keeps: Jailhouse's root cell never gives away its last one."""
+        return 1
 
 
 def _problems(p: Platform) -> list[str]:

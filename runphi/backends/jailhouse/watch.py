@@ -54,6 +54,12 @@ class JailhouseCellWatch:
             return None
         return self.driver.state_under_id(self._cell_id, self.name)
 
+    def bring_up(self) -> None:
+        """A Jailhouse cell lives in the hypervisor: nothing to do in its owner."""
+
+    async def follow(self) -> None:
+        """Nothing runs in the background: the state is read from sysfs."""
+
     async def request_shutdown(self) -> bool:
         return await self._run("shutdown", shutdown_argv(self.tool, self.name))
 
@@ -88,6 +94,8 @@ class JailhouseCellWatch:
         return False
 
 
-def open_cell_watch(backend_config: dict[str, str], cell_name: str, tool_timeout: float) -> JailhouseCellWatch:
-    """The watch of one cell, with the settings ``launch`` put in its WatchSettings."""
+def open_cell_watch(backend_config: dict[str, str], cell_name: str, tool_timeout: float,
+                    host_fds: tuple[int, ...] = ()) -> JailhouseCellWatch:
+    """The watch of one cell, with the settings ``launch`` put in its WatchSettings (a
+    Jailhouse launch hands over no host fds)."""
     return JailhouseCellWatch(backend_config["tool"], backend_config["sysfs"], cell_name, tool_timeout)

@@ -1,0 +1,89 @@
+"""Where a KVM cell lives on the node: ``<state_dir>/kvm-cells/<cell name>/``.
+
+A KVM "cell" is a directory, so that it exists from ``launch`` to ``destroy_cell``
+whether or not its VM process runs, as a Jailhouse cell exists in the hypervisor:
+
+* ``vm.json`` — the :class:`~runphi.backends.kvm.machine.VmPlan`, written by ``launch``;
+* ``status.json`` — :class:`CellFile`: ``created`` until the VM is brought up, ``up``
+  (with the QEMU process) while it may run, and the end once known (``shut down``,
+  ``failed`` with its vCPUs' host CPUs, ``gone``). One writer at a time: ``launch``,
+  then the process that brought the VM up. Replaced atomically;
+* ``qmp.sock`` — QEMU's control socket while the VM process lives.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+
+from runphi.backends.base import BackendError
+from runphi.errors import MALFORMED_INPUT
+
+CELLS_DIR = "kvm-cells"
+PLAN_NAME = "vm.json"
+STATUS_NAME = "status.json"
+#: QEMU's stderr when nobody follows it (a VM brought up by a direct protocol caller).
+QEMU_LOG_NAME = "qemu.log"
+
+Phase = Literal["created", "up", "shut down", "failed", "gone"]
+
+
+class CellFile(msgspec.Struct, frozen=True, kw_only=True):
+    """``status.json``: the cell's phase, its VM process while ``up``, why it ended."""
+
+    phase: Phase
+    pid: int = 0
+    start_time: int = 0
+    #: Host thread of each vCPU (by index) while the VM runs.
+    vcpu_threads: list[int] = []
+    #: QEMU's or runphi's word for the state ("paused", "guest reset", ...).
+    detail: str = ""
+    #: Host CPUs of the vCPUs that were running when the guest faulted.
+    failed_cpus: list[int] = []
+
+
+def cells_root(state_dir: str) -> Path:
+    return Path(state_dir) / CELLS_DIR
+
+
+def cell_dir(state_dir: str, cell_name: str) -> Path:
+    return cells_root(state_dir) / cell_name
+
+
+def cell_names(state_dir: str) -> frozenset[str]:
+    """Every cell that exists on the node (whatever its phase)."""
+    try:
+        return frozenset(entry.name for entry in cells_root(state_dir).iterdir() if entry.is_dir())
+    except OSError:
+        return frozenset()
+
+
+def read_status(directory: Path) -> CellFile | None:
+    """The cell's status; None when the cell does not exist."""
+    try:
+        return msgspec.json.decode((directory / STATUS_NAME).read_bytes(), type=CellFile)
+    except FileNotFoundError:
+        return None
+    except (OSError, *MALFORMED_INPUT) as exc:
+        raise BackendError(f"cannot read the KVM cell status {directory / STATUS_NAME}: {exc}") from None
+
+
+def write_status(directory: Path, status: CellFile) -> None:
+    """Replace the cell's status atomically (a missing cell directory is left missing)."""
+    write_atomically(directory / STATUS_NAME, msgspec.json.encode(status))
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except FileNotFoundError:
+        return  # the cell was destroyed meanwhile
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise BackendError(f"cannot write {path}: {exc.strerror}") from None
