@@ -271,6 +271,17 @@ def simulator_env(sim_root: Path, base: Path) -> dict[str, str]:
     }
 
 
+def kvm_env(base: Path) -> dict[str, str]:
+    """Environment making runphi run ZICs as QEMU VMs (the KVM backend, no simulator).
+
+    The graceful-stop deadline is short: a bare-metal inmate never answers the power
+    button, so every ``kill`` TERM waits that long before the VM is destroyed.
+    """
+    config = base / "runphi.toml"
+    config.write_text('backend = "kvm"\n\n[kvm]\npoll_interval_ms = 20\nshutdown_timeout_ms = 2000\n')
+    return {"RUNPHI_CONFIG": str(config), "RUNPHI_BACKEND": "kvm", "RUNPHI_STATE_DIR": str(base / "node")}
+
+
 #: runphi's runtime name for containerd (the shim ``containerd-shim-runphi-v2``).
 SHIM_RUNTIME = "io.containerd.runphi.v2"
 #: How containerd runs runphi: its own shim, or runc's shim with runphi as ``BinaryName``.
@@ -278,26 +289,29 @@ MODES = ("shim", "runc-cli")
 
 
 class ZicNode:
-    """A simulated Jailhouse board plus a private containerd whose runphi drives it.
+    """A private containerd whose runphi drives a simulated Jailhouse board, or (``backend
+    = "kvm"``) this host's QEMU.
 
     Everything lives under ``base``: ``sim/`` (the board), ``ctd/`` (containerd),
-    ``node/`` (runphi's state dir with the resource ledger). ``mode`` says how
-    containerd runs runphi (:data:`MODES`); in shim mode containerd finds
-    ``containerd-shim-runphi-v2`` on its PATH, beside ``runphi``. :meth:`stop` removes
-    every task and container, then stops containerd and the board (which ends
+    ``node/`` (runphi's state dir with the resource ledger, and the KVM cells).
+    ``mode`` says how containerd runs runphi (:data:`MODES`); in shim mode containerd
+    finds ``containerd-shim-runphi-v2`` on its PATH, beside ``runphi``. :meth:`stop`
+    removes every task and container, then stops containerd and the board (which ends
     its QEMU guests).
     """
 
-    def __init__(self, base: Path, runphi: Path, engine: str = "qemu", mode: str = "runc-cli") -> None:
+    def __init__(self, base: Path, runphi: Path, engine: str = "qemu", mode: str = "runc-cli",
+                 backend: str = "jailhouse") -> None:
         if mode not in MODES:
             raise ValueError(f"mode {mode!r} is not one of {MODES}")
         self.base = base
         self.runphi = runphi
         self.engine = engine
         self.mode = mode
+        self.backend = backend
         self.sim_root = base / "sim"
         base.mkdir(parents=True, exist_ok=True)
-        self.env = simulator_env(self.sim_root, base)
+        self.env = kvm_env(base) if backend == "kvm" else simulator_env(self.sim_root, base)
         self.env["PATH"] = f"{runphi.parent}{os.pathsep}{os.environ.get('PATH', '')}"
         self.containerd = PrivateContainerd(base / "ctd", runphi, env=self.env)
         self.sim = None
@@ -306,6 +320,9 @@ class ZicNode:
         """Bring up the board, then containerd; on failure nothing stays running."""
         from tools.jailhouse_sim.testing import SimBoard
 
+        if self.backend == "kvm":
+            self.containerd.start()
+            return self
         self.sim = SimBoard.start(self.sim_root, board=SIM_PLATFORM, engine=self.engine)
         try:
             self.containerd.start()
@@ -339,7 +356,11 @@ class ZicNode:
         return self.containerd.runtime_root / NAMESPACE / container_id
 
     def cells(self) -> dict[str, str]:
-        """The board's non-root cells: name → state, read from its sysfs."""
+        """The board's non-root cells: name → state, read from its sysfs (KVM: the cells'
+        phases, ``up`` while the VM process lives)."""
+        if self.backend == "kvm":
+            return {entry.name: self._kvm_cell(entry.name, "status.json").get("phase", "?")
+                    for entry in self._kvm_cells_dir().iterdir()} if self._kvm_cells_dir().is_dir() else {}
         cells = {}
         cells_dir = self.sim_root / "sys" / "devices" / "jailhouse" / "cells"
         for entry in cells_dir.iterdir():
@@ -350,6 +371,27 @@ class ZicNode:
             except FileNotFoundError:  # destroyed while we looked
                 continue
         return cells
+
+    def _kvm_cells_dir(self) -> Path:
+        return self.base / "node" / "kvm-cells"
+
+    def _kvm_cell(self, name: str, file: str) -> dict:
+        import json
+
+        try:
+            return json.loads((self._kvm_cells_dir() / name / file).read_text())
+        except FileNotFoundError:  # destroyed while we looked
+            return {}
+
+    def vcpu_threads(self, name: str) -> dict[int, int]:
+        """KVM: host thread id → the host CPU the ledger gave its vCPU."""
+        status = self._kvm_cell(name, "status.json")
+        plan = self._kvm_cell(name, "vm.json")
+        return dict(zip(status["vcpu_threads"], plan["vcpu_host_cpus"], strict=True))
+
+    def vm_pid(self, name: str) -> int:
+        """KVM: the QEMU process of the cell called ``name``."""
+        return self._kvm_cell(name, "status.json")["pid"]
 
     def cell_cpus(self, name: str) -> str:
         """``cpus_assigned_list`` of the cell called ``name``."""
@@ -371,10 +413,10 @@ class ZicNode:
 
 @contextmanager
 def running_zic_node(runphi: Path, *, mode: str, prefix: str = "rphi-zic-",
-                     env: dict[str, str] | None = None) -> Iterator[ZicNode]:
-    """A started :class:`ZicNode` in ``mode`` (its containerd's environment plus ``env``),
-    stopped and its directory removed afterwards."""
-    node = ZicNode(short_tempdir(prefix), runphi, mode=mode)
+                     env: dict[str, str] | None = None, backend: str = "jailhouse") -> Iterator[ZicNode]:
+    """A started :class:`ZicNode` in ``mode`` on ``backend`` (its containerd's environment plus
+    ``env``), stopped and its directory removed afterwards."""
+    node = ZicNode(short_tempdir(prefix), runphi, mode=mode, backend=backend)
     node.containerd.env.update(env or {})
     node.start()
     try:

@@ -329,7 +329,7 @@ class KvmBackend:
 
         qemu = self.host.qemu
         asked_mib = -(-allocation.main_ram_size // MiB)
-        linux = linux_boot(boot, request.config.annotations) if boot.is_linux else {}
+        linux = linux_boot(boot, request.config.annotations, qemu.image_dtb) if boot.is_linux else {}
         memory_mib, images, entry = (asked_mib, [], None) if boot.is_linux else self._placement(boot, asked_mib)
         linux_cfg = request.config.linux
         return VmPlan(
@@ -371,11 +371,12 @@ def vcpu_host_cpus(boot: BootDescription, cpus: frozenset[int]) -> list[int]:
     return [by_vcpu[vcpu] for vcpu in range(len(by_vcpu))]
 
 
-def linux_boot(boot: BootDescription, annotations: dict[str, str]) -> dict[str, str]:
-    """``VmPlan`` fields of a Linux guest: its files and a command line with the VM's serial console."""
+def linux_boot(boot: BootDescription, annotations: dict[str, str], image_dtb: bool) -> dict[str, str]:
+    """``VmPlan`` fields of a Linux guest: its files (the image's device tree only with
+    ``image_dtb``) and a command line with the VM's serial console."""
     cmdline = annotations.get(LINUX_CMDLINE_ANNOTATION, "")
     if not any(word.startswith("console=") for word in cmdline.split()):
         cmdline = f"console=ttyAMA0 {cmdline}".rstrip()
     kernel = boot.kernel or boot.inmate
     return {"kernel": str(kernel), "initrd": str(boot.initrd) if boot.initrd else "",
-            "dtb": str(boot.dtb) if boot.dtb else "", "append": cmdline}
+            "dtb": str(boot.dtb) if boot.dtb and image_dtb else "", "append": cmdline}

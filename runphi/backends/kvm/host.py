@@ -36,6 +36,9 @@ class QemuSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
     kvm_cpu: str = "host"
     preallocate: bool = False
     lock_memory: bool = False
+    #: Boot a Linux guest with the device tree its image carries. Off: QEMU generates the
+    #: VM's own (an image's tree describes the Jailhouse cell it was made for, not this VM).
+    image_dtb: bool = False
 
 
 class RamPool(msgspec.Struct, frozen=True):
