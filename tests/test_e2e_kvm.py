@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.fdread import read_until
+from tests.test_kvm_backend import parent_of
 from tests.test_e2e_zic import (GUEST_TIMEOUT, as_guest_sent, assert_nothing_left, ctr_run_zic, log_text,
                                 remove_task_and_container, wait_for_text, zic_rootfs)
 from tools.testbed.containerd import MODES, ZIC_IMAGE_PLATFORM
@@ -81,8 +82,9 @@ def test_crashing_guest_exits_139(kvm_node, kvm_events, built_inmates, tmp_path)
                          ids=["default-TERM", "KILL"])
 def test_ticker_killed_reports_128_plus_signal(kvm_node, kvm_events, built_inmates, tmp_path, kill_flags,
                                                expected):
-    """TERM presses the VM's power button; a bare-metal ticker ignores it, so after the grace
-    deadline the VM is destroyed: 143. KILL quits the VM at once: 137."""
+    """The VM is the child of the task's process (the monitor, or the shim server). TERM presses
+    its power button; a bare-metal ticker ignores it, so after the grace deadline the VM is
+    destroyed: 143. KILL quits the VM at once: 137."""
     cid = f"kvm-ticker-{expected}"
     log = tmp_path / "ticker.log"
     started = ctr_run_zic(kvm_node, zic_rootfs(tmp_path, built_inmates / "ticker.bin"), cid, "-d",
@@ -91,6 +93,9 @@ def test_ticker_killed_reports_128_plus_signal(kvm_node, kvm_events, built_inmat
     wait_for_text(log, "tick 2\r\n")
     assert kvm_node.cells()[cid] == "up"
     pid = kvm_node.vm_pid(cid)
+    listed = kvm_node.containerd.ctr("task", "ls").stdout.decode().splitlines()[1:]
+    tasks = {row.split()[0]: row.split()[1] for row in listed}
+    assert parent_of(pid) == int(tasks[cid]), "the VM does not belong to the task's process (monitor or shim)"
     killed = kvm_node.containerd.ctr("task", "kill", *kill_flags, cid)
     assert killed.returncode == 0, killed.stderr
     assert kvm_events.exit_status(cid) == expected

@@ -1,0 +1,164 @@
+"""The KVM backend's own promises, beyond the contract suite (tests/backend_contract):
+its QEMU command line, its host template, vCPU placement, and — with real QEMU — that the
+VM process belongs to the ZIC's monitor, dies with it, and runs in the container's cgroup.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import uuid
+from pathlib import Path
+
+import pytest
+
+from runphi.backends.base import BackendError
+from runphi.backends.kvm.host import HostTemplateError, load_host
+from runphi.backends.kvm.machine import LoaderImage, VmPlan, choose_accel, qemu_argv
+from runphi.backends.kvm.vm import _cgroup_relative, cgroup_dirs
+from runphi.config import shipped_templates_dir
+from tests.backend_contract.contract import RuntimeCli, write_zic_bundle
+from tests.backend_contract.jailhouse_sim import BOOT
+from tests.test_lifecycle_harness import subreaper, wait_exit, wait_for  # noqa: F401  (fixture)
+
+PLAN = VmPlan(name="z1", binary="qemu-system-aarch64", accel="tcg", machine="virt,gic-version=3",
+              cpu="cortex-a53", memory_mib=784, vcpu_host_cpus=[1, 0],
+              images=[LoaderImage(file="/b/boot.bin", address=0x70000000)], entry=0x70000000)
+
+
+# ---- the command line --------------------------------------------------------------------------
+
+def test_command_line_has_only_explicit_devices_and_starts_paused():
+    argv = qemu_argv(PLAN, console_fd=7, owner_qmp_fd=8, control_fd=9)
+    assert argv[0] == "qemu-system-aarch64"
+    for flag in ("-nodefaults", "-S", "-no-shutdown", "-no-reboot", "-no-user-config"):
+        assert flag in argv
+    assert not {"-net", "-nic", "-netdev"} & set(argv), "a ZIC VM has no NIC"
+    assert argv[argv.index("-serial") + 1] == "chardev:console"
+    assert "socket,id=console,fd=7" in argv
+    assert argv[argv.index("-smp") + 1] == "2" and argv[argv.index("-m") + 1] == "784M"
+    assert argv[argv.index("-accel") + 1] == "tcg,thread=multi"  # one host thread per vCPU
+    assert "loader,file=/b/boot.bin,addr=0x70000000,force-raw=on" in argv
+    assert "loader,addr=0x70000000,cpu-num=0" in argv
+
+
+def test_linux_guest_is_booted_by_qemu_with_its_own_device_tree_unless_told():
+    linux = VmPlan(**{**{f: getattr(PLAN, f) for f in PLAN.__struct_fields__}, "images": [], "entry": None,
+                      "kernel": "/b/vmlinuz", "initrd": "/b/initrd", "append": "console=ttyAMA0 quiet"})
+    argv = qemu_argv(linux, console_fd=7, owner_qmp_fd=8, control_fd=9)
+    assert argv[argv.index("-kernel") + 1] == "/b/vmlinuz"
+    assert argv[argv.index("-initrd") + 1] == "/b/initrd"
+    assert argv[argv.index("-append") + 1] == "console=ttyAMA0 quiet"
+    assert "-dtb" not in argv and not any(a.startswith("loader,") for a in argv)
+
+
+def test_a_comma_in_an_image_path_is_escaped_for_qemu():
+    plan = VmPlan(**{**{f: getattr(PLAN, f) for f in PLAN.__struct_fields__},
+                     "images": [LoaderImage(file="/b/a,b.bin", address=0x70000000)]})
+    assert "loader,file=/b/a,,b.bin,addr=0x70000000,force-raw=on" in qemu_argv(
+        plan, console_fd=7, owner_qmp_fd=8, control_fd=9)
+
+
+def test_accel_tcg_when_asked_and_kvm_refused_for_a_foreign_architecture():
+    assert choose_accel("tcg", "aarch64") == "tcg"
+    assert choose_accel("auto", "riscv64") == "tcg"
+    with pytest.raises(BackendError, match="cannot run riscv64 guests with KVM"):
+        choose_accel("kvm", "riscv64")
+
+
+# ---- the host template -------------------------------------------------------------------------
+
+def test_shipped_host_template_lends_every_cpu_this_process_may_use():
+    host = load_host(shipped_templates_dir() / "kvm" / "kvm-host.toml")
+    assert host.cell_cpu_set == frozenset(os.sched_getaffinity(0))
+    assert host.root_keeps_cpus == 0 and host.memory.pools[0].end == host.memory_mib << 20
+
+
+@pytest.mark.parametrize(("text", "problem"), [
+    ('name = "x"\nmemory_mib = 64\nbackend = "jailhouse"\n', 'backend = \'jailhouse\', expected "kvm"'),
+    ('name = "x"\nmemory_mib = 64\ncpus = "3-1"\n', "cpus:"),
+    ('name = "x"\nmemory_mib = 0\n', "must be positive"),
+    ('name = "x"\nmemory_mib = 64\ncolour = "red"\n', "unknown field"),
+])
+def test_invalid_host_template_is_one_line_naming_the_file(tmp_path, text, problem):
+    path = tmp_path / "host.toml"
+    path.write_text(text)
+    with pytest.raises(HostTemplateError) as raised:
+        load_host(path)
+    message = str(raised.value)
+    assert str(path) in message and problem in message and "\n" not in message
+
+
+# ---- cgroups -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("path", "relative"), [
+    ("/default/abc", "default/abc"),
+    ("kubepods-besteffort-pod12.slice:cri-containerd:abc",
+     "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod12.slice/cri-containerd-abc.scope"),
+    ("system.slice:runphi:z1", "system.slice/runphi-z1.scope"),
+])
+def test_cgroups_path_in_cgroupfs_and_systemd_forms(path, relative):
+    assert _cgroup_relative(path) == relative
+
+
+# ---- with real QEMU: whose process the VM is ----------------------------------------------------
+
+@pytest.fixture
+def kvm_cli(built_inmates, subreaper, tmp_path):  # noqa: F811
+    """The runphi CLI on the KVM backend (its own state dir and runphi.toml)."""
+    config = tmp_path / "runphi.toml"
+    config.write_text('backend = "kvm"\n\n[kvm]\npoll_interval_ms = 20\n')
+    env = {**os.environ, "RUNPHI_CONFIG": str(config), "RUNPHI_STATE_DIR": str(tmp_path / "node")}
+    env.pop("RUNPHI_BACKEND", None)
+    cli = RuntimeCli(tmp_path, env)
+    cli.inmates = built_inmates  # type: ignore[attr-defined]
+    try:
+        yield cli
+    finally:
+        cli.close()
+
+
+def ticker_bundle(cli: RuntimeCli, name: str, **config) -> Path:
+    bundle = write_zic_bundle(cli.base / name, (cli.inmates / "ticker.bin").read_bytes(), BOOT)
+    if config:
+        spec = json.loads((bundle / "config.json").read_text())
+        spec.update(config)
+        (bundle / "config.json").write_text(json.dumps(spec))
+    return bundle
+
+
+def vm_status(cli: RuntimeCli, container_id: str) -> dict:
+    return json.loads((cli.base / "node" / "kvm-cells" / container_id / "status.json").read_text())
+
+
+def parent_of(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("PPid:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no PPid for {pid}")
+
+
+def test_the_vm_is_the_monitors_child_and_dies_with_it(kvm_cli):
+    monitor = kvm_cli.create("owned", ticker_bundle(kvm_cli, "owned"))
+    qemu = vm_status(kvm_cli, "owned")["pid"]
+    assert parent_of(qemu) == monitor, "the VM does not belong to the ZIC's monitor"
+    os.kill(monitor, signal.SIGKILL)
+    wait_exit(monitor)
+    wait_for(lambda: not Path(f"/proc/{qemu}").exists() or "State:\tZ" in Path(f"/proc/{qemu}/status").read_text(),
+             what="the VM to die with its monitor")
+    kvm_cli.run("delete", "--force", "owned", check=True)
+    assert not (kvm_cli.base / "node" / "kvm-cells" / "owned").exists()
+
+
+def test_the_vm_runs_in_the_containers_cgroup(kvm_cli):
+    cgroup = f"/runphi-test-{uuid.uuid4().hex[:8]}"
+    dirs = cgroup_dirs(cgroup)
+    if not dirs:
+        pytest.skip("no writable cgroup hierarchy on this host")
+    kvm_cli.create("grouped", ticker_bundle(kvm_cli, "grouped", linux={"cgroupsPath": cgroup}))
+    qemu = vm_status(kvm_cli, "grouped")["pid"]
+    for directory in dirs:
+        assert str(qemu) in (directory / "cgroup.procs").read_text().split(), directory
+    kvm_cli.run("delete", "--force", "grouped", check=True)
+    assert not any(directory.exists() for directory in dirs), "the container's cgroup was left behind"
