@@ -162,3 +162,33 @@ def test_the_vm_runs_in_the_containers_cgroup(kvm_cli):
         assert str(qemu) in (directory / "cgroup.procs").read_text().split(), directory
     kvm_cli.run("delete", "--force", "grouped", check=True)
     assert not any(directory.exists() for directory in dirs), "the container's cgroup was left behind"
+
+
+def test_a_guest_reset_fails_the_cell_139_naming_its_cpus(kvm_cli):
+    """-no-reboot: a guest's PSCI SYSTEM_RESET stops the VM; runphi counts it a crash, as Jailhouse does."""
+    bundle = write_zic_bundle(kvm_cli.base / "reset", (kvm_cli.inmates / "reset.bin").read_bytes(), BOOT)
+    monitor = kvm_cli.started("reset", bundle)
+    assert wait_exit(monitor, timeout=60) == 139
+    status = vm_status(kvm_cli, "reset")
+    assert status["phase"] == "failed" and status["detail"] == "failed: guest reset", status
+    assert status["failed_cpus"] and "Hello from runphi inmate reset" in kvm_cli.run("logs", "reset").stdout
+
+
+def test_vcpu_pinning_of_the_image_decides_which_host_cpu_runs_which_vcpu():
+    from runphi.backends.kvm.backend import vcpu_host_cpus
+    from runphi.image import BootDescription
+
+    def boot(pins):
+        return BootDescription(source=Path("/c"), inmate=Path("/b"), vcpu_pins=tuple(pins))
+
+    assert vcpu_host_cpus(boot([(0, 5), (1, 3)]), frozenset({3, 5})) == [5, 3]
+    assert vcpu_host_cpus(boot([]), frozenset({6, 2})) == [2, 6]
+    with pytest.raises(BackendError, match="each vCPU 0..N-1 exactly once"):
+        vcpu_host_cpus(boot([(1, 3)]), frozenset({3}))
+
+
+def test_preallocated_locked_guest_ram_when_the_host_template_asks():
+    plan = VmPlan(**{**{f: getattr(PLAN, f) for f in PLAN.__struct_fields__}, "preallocate": True,
+                     "lock_memory": True})
+    argv = qemu_argv(plan, console_fd=7, owner_qmp_fd=8, control_fd=9)
+    assert "-mem-prealloc" in argv and argv[argv.index("-overcommit") + 1] == "mem-lock=on"

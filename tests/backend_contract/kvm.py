@@ -102,8 +102,8 @@ class KvmTarget:
     def in_use(self) -> InUse:
         """Cells are the cell directories (by phase); allocations and claims the node ledger's."""
         cells_dir = self.node / "kvm-cells"
-        cells = ({entry.name: self._status(entry.name).get("phase", "?") for entry in cells_dir.iterdir()}
-                 if cells_dir.is_dir() else {})
+        cells = ({entry.name: self._status(entry.name).get("phase", "?") for entry in cells_dir.iterdir()
+                  if not entry.name.startswith(".")} if cells_dir.is_dir() else {})
         ledger = self.node / "jailhouse-ledger.json"
         allocations = json.loads(ledger.read_text())["allocations"] if ledger.exists() else {}
         claims_dir = self.node / "jailhouse-claims"

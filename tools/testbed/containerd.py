@@ -360,7 +360,8 @@ class ZicNode:
         phases, ``up`` while the VM process lives)."""
         if self.backend == "kvm":
             return {entry.name: self._kvm_cell(entry.name, "status.json").get("phase", "?")
-                    for entry in self._kvm_cells_dir().iterdir()} if self._kvm_cells_dir().is_dir() else {}
+                    for entry in self._kvm_cells_dir().iterdir()
+                    if not entry.name.startswith(".")} if self._kvm_cells_dir().is_dir() else {}
         cells = {}
         cells_dir = self.sim_root / "sys" / "devices" / "jailhouse" / "cells"
         for entry in cells_dir.iterdir():

@@ -36,8 +36,8 @@ import msgspec
 from runphi.backends.base import (GONE, LINUX_CMDLINE_ANNOTATION, BackendError, CellNotFound, CellRecord,
                                   CellState, CellStatistics, CellStatus, LaunchedCell, LaunchRequest,
                                   OperationDenied, ResourceBusy, WatchSettings, shutdown_timeout)
-from runphi.backends.kvm.cells import (PLAN_NAME, CellFile, cell_dir, cell_names, read_status, write_atomically,
-                                       write_status)
+from runphi.backends.kvm.cells import (PLAN_NAME, CellFile, cell_dir, cell_names, read_status, remove_cell_dir,
+                                       write_atomically, write_status)
 from runphi.backends.kvm.qmp import BlockingQmp, QmpError
 from runphi.errors import RunphiError
 from runphi.undo import UndoStack
@@ -192,7 +192,7 @@ class KvmBackend:
             from runphi.backends.kvm.vm import remove_cgroup
 
             remove_cgroup(plan_cgroup)
-        shutil.rmtree(directory, ignore_errors=True)
+        remove_cell_dir(directory)
         self.release_cell_resources(cell_name)
 
     def release_cell_resources(self, cell_name: str) -> None:
@@ -280,7 +280,7 @@ class KvmBackend:
             raise ResourceBusy(f"a KVM cell named {name!r} already exists (left over, or used by another "
                                "namespace): delete its container first")
         directory.mkdir(mode=0o700, parents=True)
-        undo.push("remove the cell directory", lambda: shutil.rmtree(directory, ignore_errors=True))
+        undo.push("remove the cell directory", lambda: remove_cell_dir(directory))
         plan = self._plan(name, boot, allocation, request, *plan_tools)
         write_atomically(directory / PLAN_NAME, msgspec.json.encode(plan))
         write_status(directory, CellFile(phase="created"))

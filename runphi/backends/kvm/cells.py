@@ -54,11 +54,27 @@ def cell_dir(state_dir: str, cell_name: str) -> Path:
 
 
 def cell_names(state_dir: str) -> frozenset[str]:
-    """Every cell that exists on the node (whatever its phase)."""
+    """Every cell that exists on the node (whatever its phase; not one being removed)."""
     try:
-        return frozenset(entry.name for entry in cells_root(state_dir).iterdir() if entry.is_dir())
+        return frozenset(entry.name for entry in cells_root(state_dir).iterdir()
+                         if entry.is_dir() and not entry.name.startswith("."))
     except OSError:
         return frozenset()
+
+
+def remove_cell_dir(directory: Path) -> None:
+    """Remove a cell's directory for good: renamed away first, so that its former owner,
+    still writing its status, can never recreate a file in it (never raises)."""
+    import shutil
+
+    doomed = directory.with_name(f".{directory.name}.{os.getpid()}.removed")
+    try:
+        os.rename(directory, doomed)
+    except FileNotFoundError:
+        return
+    except OSError:
+        doomed = directory
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def read_status(directory: Path) -> CellFile | None:

@@ -146,6 +146,11 @@ class BlockingQmp:
         line, _, self._buffer = self._buffer.partition(b"\n")
         return parse_line(line)
 
+    def take_unread(self) -> bytes:
+        """Bytes received but not parsed yet (for a reader that takes the socket over)."""
+        unread, self._buffer = self._buffer, b""
+        return unread
+
     def close(self) -> None:
         self.sock.close()
 

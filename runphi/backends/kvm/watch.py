@@ -116,9 +116,8 @@ class KvmCellWatch:
             return
         try:
             self._qmp_stream = trio.SocketStream(trio.socket.from_stdlib_socket(vm.qmp.sock))
-            vm.qmp.sock.setblocking(False)
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._read_events, vm.qmp.events)
+                nursery.start_soon(self._read_events, vm.qmp.events, vm.qmp.take_unread())
                 nursery.start_soon(self._read_stderr, vm.stderr_fd)
                 nursery.start_soon(self._wait_exit, vm)
         finally:
@@ -126,11 +125,11 @@ class KvmCellWatch:
                 self._record_last_state()
                 kill_and_reap(vm.process)
 
-    async def _read_events(self, early: list[QmpMessage]) -> None:
+    async def _read_events(self, early: list[QmpMessage], pending: bytes) -> None:
+        """Events the bring-up already received, then every line QEMU sends the owner."""
         for message in early:
             await self._on_event(message)
         assert self._qmp_stream is not None
-        pending = b""
         while True:
             try:
                 chunk = await self._qmp_stream.receive_some(65536)
