@@ -10,21 +10,19 @@ cells' directories and runphi's node ledger, and ``/proc`` for where vCPU thread
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.fdread import read_until
 from tests.test_kvm_backend import parent_of
-from tests.test_e2e_zic import (GUEST_TIMEOUT, as_guest_sent, assert_nothing_left, ctr_run_zic, log_text,
-                                remove_task_and_container, wait_for_text, zic_rootfs)
-from tools.testbed.containerd import MODES, ZIC_IMAGE_PLATFORM
+from tests.test_linux_guest_containerd import imported_linux_image, uname_on_a_terminal_then_poweroff
+from tests.test_e2e_zic import (as_guest_sent, assert_nothing_left, ctr_run_zic,
+                                echo_session_on_a_terminal, log_text, remove_task_and_container, wait_for_text,
+                                zic_rootfs)
+from tools.testbed.containerd import MODES
 
 pytestmark = [pytest.mark.containerd, pytest.mark.qemu]
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 LINUX_IMAGE = "docker.io/library/runphi-linux-guest:kvm"
 
 
@@ -107,30 +105,12 @@ def test_ticker_killed_reports_128_plus_signal(kvm_node, kvm_events, built_inmat
 
 
 def test_interactive_echo_on_a_terminal(kvm_node, kvm_events, built_inmates, tmp_path):
-    rootfs = zic_rootfs(tmp_path, built_inmates / "echo.bin")
-    master, slave = os.openpty()
-    argv = kvm_node.containerd.ctr_argv("run", "--rm", "-t", *kvm_node.zic_flags(), "--rootfs", str(rootfs),
-                                        "kvm-echo", "/boot/echo.bin")
-    ctr = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=kvm_node.containerd.env,
-                           start_new_session=True)
-    os.close(slave)
-    seen = bytearray()
-    try:
-        read_until(master, b"> ", seen, timeout=GUEST_TIMEOUT)
-        os.write(master, b"typed into a VM\r")
-        read_until(master, b"typed into a VM\r\r\n> ", seen, timeout=GUEST_TIMEOUT)
-        os.write(master, b"exit\r")
-        read_until(master, b"echo: bye\r\r\n", seen, timeout=GUEST_TIMEOUT)
-        assert ctr.wait(GUEST_TIMEOUT) == 0, bytes(seen)
-    finally:
-        if ctr.poll() is None:
-            ctr.kill()
-            ctr.wait()
-        os.close(master)
-    assert as_guest_sent(bytes(seen)) == (b"Hello from runphi inmate echo\r\n"
-                                          b"echo: type a line, 'exit' powers off\r\n"
-                                          b"> typed into a VM\r\n"
-                                          b"> echo: bye\r\n")
+    seen = echo_session_on_a_terminal(kvm_node, zic_rootfs(tmp_path, built_inmates / "echo.bin"), "kvm-echo",
+                                      b"typed into a VM")
+    assert as_guest_sent(seen) == (b"Hello from runphi inmate echo\r\n"
+                                   b"echo: type a line, 'exit' powers off\r\n"
+                                   b"> typed into a VM\r\n"
+                                   b"> echo: bye\r\n")
     assert kvm_events.exit_status("kvm-echo") == 0
     assert_nothing_left(kvm_node, "kvm-echo")
 
@@ -184,45 +164,12 @@ def test_a_zic_asking_more_cpus_than_the_host_lends_is_refused(kvm_node, built_i
 @pytest.fixture(scope="module")
 def linux_image(kvm_node, tmp_path_factory) -> str:
     """The Linux ZIC (the same image the Jailhouse tests run) imported into the node's containerd."""
-    from tools.linux_guest.testing import guest_or_skip
-
-    guest_or_skip()
-    archive = tmp_path_factory.mktemp("linux-image") / "linux.tar"
-    built = subprocess.run([sys.executable, "-m", "tools.linux_guest", "zic", "--archive", str(archive),
-                            "--name", LINUX_IMAGE], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
-    assert built.returncode == 0, built.stderr
-    ctr = kvm_node.containerd.ctr
-    imported = ctr("images", "import", "--platform", ZIC_IMAGE_PLATFORM, str(archive), timeout=300)
-    assert imported.returncode == 0, imported.stderr
-    try:
-        yield LINUX_IMAGE
-    finally:
-        ctr("images", "rm", "--sync", LINUX_IMAGE)
+    with imported_linux_image(kvm_node, tmp_path_factory.mktemp("linux-image"), LINUX_IMAGE) as image:
+        yield image
 
 
 def test_linux_zic_gives_a_shell_on_ctr_run_t(kvm_node, kvm_events, linux_image):
-    from tools.linux_guest import BANNER, PROMPT
-
-    master, slave = os.openpty()
-    argv = kvm_node.containerd.ctr_argv("run", "--rm", "-t", *kvm_node.zic_flags(), linux_image, "kvm-linux")
-    ctr = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=kvm_node.containerd.env,
-                           start_new_session=True)
-    os.close(slave)
-    seen = bytearray()
-    try:
-        read_until(master, BANNER.encode(), seen, timeout=GUEST_TIMEOUT)
-        read_until(master, PROMPT.encode(), seen, timeout=GUEST_TIMEOUT)
-        mark = len(seen)
-        os.write(master, b"uname -m\r")
-        read_until(master, PROMPT.encode(), seen, start=mark, timeout=GUEST_TIMEOUT)
-        assert b"\naarch64\r" in seen[mark:], bytes(seen[mark:])
-        os.write(master, b"poweroff -f\r")
-        read_until(master, b"reboot: Power down", seen, start=mark, timeout=GUEST_TIMEOUT)
-        assert ctr.wait(GUEST_TIMEOUT) == 0, bytes(seen[-2000:])
-    finally:
-        if ctr.poll() is None:
-            ctr.kill()
-            ctr.wait()
-        os.close(master)
+    seen = uname_on_a_terminal_then_poweroff(kvm_node, linux_image, "kvm-linux")
+    assert b"uname -m\r\r\naarch64\r\r\n" in seen
     assert kvm_events.exit_status("kvm-linux") == 0
     assert_nothing_left(kvm_node, "kvm-linux")

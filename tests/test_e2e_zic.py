@@ -143,19 +143,20 @@ def as_guest_sent(terminal_bytes: bytes) -> bytes:
     return terminal_bytes.replace(b"\r\r\n", b"\r\n")
 
 
-def test_interactive_echo_session_on_a_terminal(zic_node, zic_events, built_inmates, tmp_path):
-    rootfs = zic_rootfs(tmp_path, built_inmates / "echo.bin")
+def echo_session_on_a_terminal(node: ZicNode, rootfs: Path, cid: str, line: bytes) -> bytes:
+    """``ctr run --rm -t`` of the echo inmate from a real terminal: type ``line``, then ``exit``;
+    what the terminal showed, once ctr exited 0 (AssertionError otherwise)."""
     master, slave = os.openpty()
-    argv = zic_node.containerd.ctr_argv("run", "--rm", "-t", *zic_node.zic_flags(), "--rootfs", str(rootfs),
-                                        "e2e-echo-tty", "/boot/echo.bin")
-    ctr = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=zic_node.containerd.env,
+    argv = node.containerd.ctr_argv("run", "--rm", "-t", *node.zic_flags(), "--rootfs", str(rootfs), cid,
+                                    "/boot/echo.bin")
+    ctr = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=node.containerd.env,
                            start_new_session=True)
     os.close(slave)
     seen = bytearray()
     try:
         read_until(master, b"> ", seen, timeout=GUEST_TIMEOUT)
-        os.write(master, b"typed through containerd\r")
-        read_until(master, b"typed through containerd\r\r\n> ", seen, timeout=GUEST_TIMEOUT)
+        os.write(master, line + b"\r")
+        read_until(master, line + b"\r\r\n> ", seen, timeout=GUEST_TIMEOUT)
         os.write(master, b"exit\r")
         read_until(master, b"echo: bye\r\r\n", seen, timeout=GUEST_TIMEOUT)
         assert ctr.wait(GUEST_TIMEOUT) == 0, bytes(seen)
@@ -164,12 +165,18 @@ def test_interactive_echo_session_on_a_terminal(zic_node, zic_events, built_inma
             ctr.kill()
             ctr.wait()
         os.close(master)
+    return bytes(seen)
+
+
+def test_interactive_echo_session_on_a_terminal(zic_node, zic_events, built_inmates, tmp_path):
+    rootfs = zic_rootfs(tmp_path, built_inmates / "echo.bin")
+    seen = echo_session_on_a_terminal(zic_node, rootfs, "e2e-echo-tty", b"typed through containerd")
     # The terminal does not echo (ctr made it raw): the typed line appears once, sent back by
     # the guest; `exit` is not echoed, the guest says bye and powers off.
-    assert as_guest_sent(bytes(seen)) == (b"Hello from runphi inmate echo\r\n"
-                                          b"echo: type a line, 'exit' powers off\r\n"
-                                          b"> typed through containerd\r\n"
-                                          b"> echo: bye\r\n")
+    assert as_guest_sent(seen) == (b"Hello from runphi inmate echo\r\n"
+                                   b"echo: type a line, 'exit' powers off\r\n"
+                                   b"> typed through containerd\r\n"
+                                   b"> echo: bye\r\n")
     assert zic_events.exit_status("e2e-echo-tty") == 0
     assert_nothing_left(zic_node, "e2e-echo-tty")
 

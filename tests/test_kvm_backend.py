@@ -192,3 +192,14 @@ def test_preallocated_locked_guest_ram_when_the_host_template_asks():
                      "lock_memory": True})
     argv = qemu_argv(plan, console_fd=7, owner_qmp_fd=8, control_fd=9)
     assert "-mem-prealloc" in argv and argv[argv.index("-overcommit") + 1] == "mem-lock=on"
+
+
+def test_kill_before_start_stops_the_vm_at_once_without_waiting_for_a_power_button(kvm_cli):
+    """A VM that never ran has no guest to ask: TERM ends it with 143 at once, not after the grace
+    deadline (here a minute, far beyond the wait)."""
+    bundle = ticker_bundle(kvm_cli, "unstarted", annotations={"org.runphi.runtime": "runphi",
+                                                              "org.runphi.shutdown-timeout-ms": "60000"})
+    monitor = kvm_cli.create("unstarted", bundle)
+    kvm_cli.run("kill", "unstarted", "TERM", check=True)
+    assert wait_exit(monitor, timeout=20) == 143
+    assert vm_status(kvm_cli, "unstarted")["phase"] == "shut down"

@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -27,21 +29,29 @@ ORDERLY_POWEROFF = (POWER_KEY_MESSAGE, SHUTDOWN_MESSAGE, "The system is going do
                     "Requesting system poweroff", "reboot: Power down")
 
 
-@pytest.fixture(scope="module")
-def linux_image(zic_node, tmp_path_factory) -> str:
-    """The Linux ZIC imported into the node's containerd (removed after the module)."""
+@contextmanager
+def imported_linux_image(node, directory: Path, name: str) -> Iterator[str]:
+    """``python -m tools.linux_guest zic`` built into ``directory`` and imported into the node's
+    containerd as ``name`` (removed afterwards); skips without the guest's parts."""
     guest_or_skip()
-    archive = tmp_path_factory.mktemp("linux-image") / "linux.tar"
+    archive = directory / "linux.tar"
     built = subprocess.run([sys.executable, "-m", "tools.linux_guest", "zic", "--archive", str(archive),
-                            "--name", IMAGE], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+                            "--name", name], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert built.returncode == 0, built.stderr
-    ctr = zic_node.containerd.ctr
+    ctr = node.containerd.ctr
     imported = ctr("images", "import", "--platform", ZIC_IMAGE_PLATFORM, str(archive), timeout=300)
     assert imported.returncode == 0, imported.stderr
     try:
-        yield IMAGE
+        yield name
     finally:
-        ctr("images", "rm", "--sync", IMAGE)
+        ctr("images", "rm", "--sync", name)
+
+
+@pytest.fixture(scope="module")
+def linux_image(zic_node, tmp_path_factory) -> Iterator[str]:
+    """The Linux ZIC imported into the node's containerd (removed after the module)."""
+    with imported_linux_image(zic_node, tmp_path_factory.mktemp("linux-image"), IMAGE) as image:
+        yield image
 
 
 def in_order(text: str, lines: tuple[str, ...]) -> bool:
@@ -49,10 +59,13 @@ def in_order(text: str, lines: tuple[str, ...]) -> bool:
     return -1 not in positions and positions == sorted(positions)
 
 
-def test_ctr_run_t_gives_a_shell_in_the_cell(zic_node, zic_events, linux_image):
+def uname_on_a_terminal_then_poweroff(node, image: str, cid: str, while_running=lambda: None) -> bytes:
+    """``ctr run --rm -t`` of the Linux ZIC from a real terminal: wait for its shell, check
+    ``uname -m`` says aarch64, call ``while_running``, ``poweroff -f``; what the terminal showed,
+    once ctr exited 0."""
     master, slave = os.openpty()
-    argv = zic_node.containerd.ctr_argv("run", "--rm", "-t", *zic_node.zic_flags(), linux_image, "linux-tty")
-    ctr = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=zic_node.containerd.env,
+    argv = node.containerd.ctr_argv("run", "--rm", "-t", *node.zic_flags(), image, cid)
+    ctr = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=node.containerd.env,
                            start_new_session=True)
     os.close(slave)
     seen = bytearray()
@@ -63,7 +76,7 @@ def test_ctr_run_t_gives_a_shell_in_the_cell(zic_node, zic_events, linux_image):
         os.write(master, b"uname -m\r")
         read_until(master, PROMPT.encode(), seen, start=mark, timeout=GUEST_TIMEOUT)
         assert b"\naarch64\r" in seen[mark:], bytes(seen[mark:])
-        assert zic_node.cells() == {"linux-tty": "running"}
+        while_running()
         os.write(master, b"poweroff -f\r")
         read_until(master, b"reboot: Power down", seen, start=mark, timeout=GUEST_TIMEOUT)
         assert ctr.wait(GUEST_TIMEOUT) == 0, bytes(seen[-2000:])
@@ -72,7 +85,15 @@ def test_ctr_run_t_gives_a_shell_in_the_cell(zic_node, zic_events, linux_image):
             ctr.kill()
             ctr.wait()
         os.close(master)
-    assert b"uname -m\r\r\naarch64\r\r\n" in bytes(seen)  # the guest's echo and answer, through ctr's tty
+    return bytes(seen)
+
+
+def test_ctr_run_t_gives_a_shell_in_the_cell(zic_node, zic_events, linux_image):
+    def one_running_cell() -> None:
+        assert zic_node.cells() == {"linux-tty": "running"}
+
+    seen = uname_on_a_terminal_then_poweroff(zic_node, linux_image, "linux-tty", one_running_cell)
+    assert b"uname -m\r\r\naarch64\r\r\n" in seen  # the guest's echo and answer, through ctr's tty
     assert zic_events.exit_status("linux-tty") == 0
     assert_nothing_left(zic_node, "linux-tty")
 

@@ -24,6 +24,7 @@ import hashlib
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -226,7 +227,7 @@ class KvmBackend:
             time.sleep(0.01)
         if vm_alive(file):
             try:
-                os.kill(file.pid, 9)
+                os.kill(file.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
         unowned = _UNOWNED.pop(cell_name, None)

@@ -49,6 +49,8 @@ class KvmCellWatch:
         self._ended = trio.Event()
         self._exited = trio.Event()
         self._powerdown_sent = False
+        #: QEMU's last line on stderr (said when the VM vanishes).
+        self._last_stderr = ""
         self._qmp_stream: trio.SocketStream | None = None
 
     # ---- bring-up ------------------------------------------------------------
@@ -77,8 +79,14 @@ class KvmCellWatch:
         return True  # no management side to lose: the VM is this process's child
 
     async def request_shutdown(self) -> bool:
-        """Press the power button once (``system_powerdown``); True once the VM has stopped."""
+        """Press the power button once (``system_powerdown``); True once the VM has stopped.
+
+        A VM that never ran has nobody to press it for: it counts as stopped at once (it
+        stays paused, as created, until destroyed)."""
         if self._stopped():
+            return True
+        if self.status is CREATED:
+            self.status = CellStatus(CellState.SHUT_DOWN, "stopped before it started")
             return True
         if not self._powerdown_sent:
             self._powerdown_sent = True
@@ -165,6 +173,8 @@ class KvmCellWatch:
                 lines = (pending + chunk).split(b"\n")
                 pending = lines.pop()
                 for line in lines:
+                    if line.strip():
+                        self._last_stderr = line.decode(errors="replace").strip()
                     match = _INVALID_ACCESS.search(line)
                     if match:
                         kind, address, size = match.groups()
@@ -180,7 +190,8 @@ class KvmCellWatch:
         self._exited.set()
         if not self._ended.is_set():
             self._ended.set()
-            self.status = CellStatus(CellState.GONE, f"gone: QEMU exited with status {vm.process.returncode}")
+            said = f": {self._last_stderr}" if self._last_stderr else ""
+            self.status = CellStatus(CellState.GONE, f"gone: QEMU exited with status {vm.process.returncode}{said}")
             self._write(CellFile(phase="gone", detail=self.status.detail or "gone"))
 
     async def _fail(self, why: str) -> None:
