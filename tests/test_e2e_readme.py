@@ -10,6 +10,7 @@ shared with the other docs' tests (tests/docblocks.py, tests/test_docs_blocks.py
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -45,6 +46,22 @@ def test_by_hand_block_runs_hello_on_the_simulator(built_inmates):
         for board in private.glob("rphi-*/board"):  # after a failure half-way
             subprocess.run([str(REPO_ROOT / ".venv/bin/jailhouse-sim"), "down", "--root", str(board)],
                            capture_output=True, timeout=60, stdin=subprocess.DEVNULL)
+        shutil.rmtree(private, ignore_errors=True)
+
+
+def test_by_hand_block_runs_hello_on_kvm(built_inmates):
+    block = sh_block(README, "Try it by hand on KVM (no simulator)")
+    private = short_tempdir("rphi-readme-")  # the block's `mktemp -t` honours TMPDIR
+    try:
+        result = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=REPO_ROOT,
+                                env={**clean_env(), "TMPDIR": str(private)}, capture_output=True, text=True,
+                                timeout=300, stdin=subprocess.DEVNULL)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert HELLO_CONSOLE in result.stdout.replace("\r\n", "\n")
+        [node] = private.glob("rphi-*/node")
+        assert list((node / "kvm-cells").iterdir()) == []  # `run` deleted the VM's cell
+        assert json.loads((node / "jailhouse-ledger.json").read_text())["allocations"] == {}
+    finally:
         shutil.rmtree(private, ignore_errors=True)
 
 
