@@ -94,6 +94,8 @@ def test_ticker_killed_reports_128_plus_signal(kvm_node, kvm_events, built_inmat
     listed = kvm_node.containerd.ctr("task", "ls").stdout.decode().splitlines()[1:]
     tasks = {row.split()[0]: row.split()[1] for row in listed}
     assert parent_of(pid) == int(tasks[cid]), "the VM does not belong to the task's process (monitor or shim)"
+    # ctr gives every container the cgroup /<namespace>/<id>: the VM runs in it.
+    assert f"/{cid}\n" in Path(f"/proc/{pid}/cgroup").read_text()
     killed = kvm_node.containerd.ctr("task", "kill", *kill_flags, cid)
     assert killed.returncode == 0, killed.stderr
     assert kvm_events.exit_status(cid) == expected
