@@ -16,7 +16,7 @@ import pytest
 from runphi.backends.base import BackendError
 from runphi.backends.kvm.host import HostTemplateError, load_host
 from runphi.backends.kvm.machine import LoaderImage, VmPlan, choose_accel, qemu_argv
-from runphi.backends.kvm.vm import _cgroup_relative, cgroup_dirs
+from runphi.backends.kvm.cgroups import cgroup_dirs, cgroup_relative
 from runphi.config import shipped_templates_dir
 from tests.backend_contract.contract import RuntimeCli, write_zic_bundle
 from tests.backend_contract.jailhouse_sim import BOOT
@@ -99,7 +99,7 @@ def test_invalid_host_template_is_one_line_naming_the_file(tmp_path, text, probl
     ("system.slice:runphi:z1", "system.slice/runphi-z1.scope"),
 ])
 def test_cgroups_path_in_cgroupfs_and_systemd_forms(path, relative):
-    assert _cgroup_relative(path) == relative
+    assert cgroup_relative(path) == relative
 
 
 # ---- with real QEMU: whose process the VM is ----------------------------------------------------

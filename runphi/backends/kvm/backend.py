@@ -190,7 +190,7 @@ class KvmBackend:
             self._end_vm(cell_name, file, timeout if timeout is not None else 5.0)
         plan_cgroup = self._plan_cgroup(cell_name)
         if plan_cgroup:
-            from runphi.backends.kvm.vm import remove_cgroup
+            from runphi.backends.kvm.cgroups import remove_cgroup
 
             remove_cgroup(plan_cgroup)
         remove_cell_dir(directory)

@@ -26,11 +26,11 @@ from pathlib import Path
 
 from runphi.backends.base import BackendError
 from runphi.backends.kvm.cells import QEMU_LOG_NAME, CellFile, write_status
+from runphi.backends.kvm.cgroups import join_cgroup
 from runphi.backends.kvm.machine import VmPlan, qemu_argv
 from runphi.backends.kvm.qmp import CONTROL_SOCKET, BlockingQmp, QmpError, vcpu_threads
 
 _PR_SET_PDEATHSIG = 1
-CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
 @dataclass
@@ -69,7 +69,7 @@ def start_vm(directory: Path, plan: VmPlan, console_fd: int, *, timeout: float, 
         qmp = BlockingQmp(owner_ours, timeout)
         qmp.negotiate()
         threads = _pin_vcpus(qmp, plan)
-        _join_cgroup(process.pid, plan.cgroup)
+        join_cgroup(process.pid, plan.cgroup)
     except BaseException as exc:
         if isinstance(exc, QmpError):
             reason = _qemu_says(process, stderr_read, directory)
@@ -153,51 +153,6 @@ def _pin_vcpus(qmp: BlockingQmp, plan: VmPlan) -> list[int]:
         if kept != {cpu}:
             raise BackendError(f"vCPU thread {thread} runs on CPUs {sorted(kept)}, not only on {cpu}")
     return threads
-
-
-def cgroup_dirs(cgroups_path: str) -> list[Path]:
-    """The directories of OCI ``linux.cgroupsPath`` on this host (cgroup v2: one; v1: one per
-    hierarchy but cpuset, which needs its CPUs set before anyone joins)."""
-    relative = _cgroup_relative(cgroups_path)
-    if (CGROUP_ROOT / "cgroup.controllers").exists():
-        return [CGROUP_ROOT / relative]
-    try:
-        hierarchies = sorted(entry for entry in CGROUP_ROOT.iterdir()
-                             if entry.name not in ("cpuset", "unified") and (entry / "cgroup.procs").exists())
-    except OSError:
-        return []
-    return [hierarchy / relative for hierarchy in hierarchies]
-
-
-def _cgroup_relative(cgroups_path: str) -> str:
-    """A cgroupfs path as is; systemd's ``slice:prefix:name`` as the path systemd gives it."""
-    parts = cgroups_path.split(":")
-    if len(parts) != 3 or "/" in cgroups_path:
-        return cgroups_path.strip("/")
-    slice_name, prefix, name = parts
-    nested: list[str] = []
-    if slice_name and slice_name != "-.slice":
-        words = slice_name.removesuffix(".slice").split("-")
-        nested = ["-".join(words[: i + 1]) + ".slice" for i in range(len(words))]
-    return "/".join([*nested, f"{prefix}-{name}.scope" if prefix else f"{name}.scope"])
-
-
-def _join_cgroup(pid: int, cgroups_path: str) -> None:
-    for directory in cgroup_dirs(cgroups_path) if cgroups_path else []:
-        try:
-            directory.mkdir(parents=True, exist_ok=True)
-            (directory / "cgroup.procs").write_text(str(pid))
-        except OSError as exc:
-            raise BackendError(f"cannot move the VM into cgroup {directory}: {exc.strerror}") from None
-
-
-def remove_cgroup(cgroups_path: str) -> None:
-    """Remove the container's cgroup directories once empty (never raises)."""
-    for directory in cgroup_dirs(cgroups_path) if cgroups_path else []:
-        try:
-            directory.rmdir()
-        except OSError:
-            pass
 
 
 def _qemu_says(process: subprocess.Popen[bytes], stderr_fd: int, directory: Path) -> str:
