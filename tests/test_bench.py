@@ -181,6 +181,20 @@ def test_shim_suite_installs_runphi_and_leaves_nothing_behind():
     assert result.info["processes per ctr run, ZIC, shim mode"].startswith("2: ")
 
 
+@pytest.mark.containerd
+@pytest.mark.qemu
+def test_kvm_suite_pins_every_vcpu_refuses_the_rest_and_leaves_nothing_behind():
+    reason = missing_requirements() or qemu_missing()
+    if reason:
+        pytest.skip(reason)
+    result = smoke("kvm")
+    assert {b.name for b in result.budgets} == {
+        "backend path: launch + start -> first console byte / bare QEMU",
+        "ctr run --rm hello, shim mode: KVM / simulator"}
+    assert len(result.checks) == 8
+    assert any(c.name.startswith("8 creates at once: exactly ") for c in result.checks)
+
+
 def test_scale_suite_leaves_nothing_behind():
     result = smoke("scale")
     assert len(result.checks) == 3

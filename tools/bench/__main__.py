@@ -26,6 +26,7 @@ SUITES = {
     "qemu": "qemu_first_byte",
     "e2e": "e2e",
     "shim": "shim",
+    "kvm": "kvm",
     "scale": "scale",
 }
 
