@@ -30,15 +30,21 @@ HELLO_CONSOLE = ("Hello from runphi inmate hello\n"
                  "hello: done, powering off\n")
 
 
+def run_by_hand_block(section: str, private) -> subprocess.CompletedProcess[str]:
+    """The README's block under ``section``, run from the checkout with ``mktemp -t`` in
+    ``private``; it must exit 0 after printing the hello guest's four lines."""
+    result = subprocess.run(["bash", "-euo", "pipefail", "-c", sh_block(README, section)], cwd=REPO_ROOT,
+                            env={**clean_env(), "TMPDIR": str(private)}, capture_output=True, text=True,
+                            timeout=300, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert HELLO_CONSOLE in result.stdout.replace("\r\n", "\n")
+    return result
+
+
 def test_by_hand_block_runs_hello_on_the_simulator(built_inmates):
-    block = sh_block(README, "Try it by hand on the simulator")
     private = short_tempdir("rphi-readme-")  # the block's `mktemp -t` honours TMPDIR
     try:
-        result = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=REPO_ROOT,
-                                env={**clean_env(), "TMPDIR": str(private)}, capture_output=True, text=True,
-                                timeout=300, stdin=subprocess.DEVNULL)
-        assert result.returncode == 0, result.stdout + result.stderr
-        assert HELLO_CONSOLE in result.stdout.replace("\r\n", "\n")
+        result = run_by_hand_block("Try it by hand on the simulator", private)
         assert "jailhouse-sim: stopped" in result.stdout
         [board] = private.glob("rphi-*/board")
         assert not (board / "run" / "jailhouse-sim.pid").exists()
@@ -50,14 +56,9 @@ def test_by_hand_block_runs_hello_on_the_simulator(built_inmates):
 
 
 def test_by_hand_block_runs_hello_on_kvm(built_inmates):
-    block = sh_block(README, "Try it by hand on KVM (no simulator)")
-    private = short_tempdir("rphi-readme-")  # the block's `mktemp -t` honours TMPDIR
+    private = short_tempdir("rphi-readme-")
     try:
-        result = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=REPO_ROOT,
-                                env={**clean_env(), "TMPDIR": str(private)}, capture_output=True, text=True,
-                                timeout=300, stdin=subprocess.DEVNULL)
-        assert result.returncode == 0, result.stdout + result.stderr
-        assert HELLO_CONSOLE in result.stdout.replace("\r\n", "\n")
+        run_by_hand_block("Try it by hand on KVM (no simulator)", private)
         [node] = private.glob("rphi-*/node")
         assert list((node / "kvm-cells").iterdir()) == []  # `run` deleted the VM's cell
         assert json.loads((node / "jailhouse-ledger.json").read_text())["allocations"] == {}

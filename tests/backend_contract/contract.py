@@ -60,6 +60,15 @@ class InUse:
         """Nothing at all is held: no cell, no allocation, no claim."""
         return not self.cells and not self.allocations and not self.claims
 
+    @classmethod
+    def on_node(cls, node: Path, cells: Mapping[str, str]) -> InUse:
+        """``cells`` plus what runphi's node ledger in the state dir ``node`` records."""
+        ledger = node / "jailhouse-ledger.json"
+        allocations = json.loads(ledger.read_text())["allocations"] if ledger.exists() else {}
+        claims_dir = node / "jailhouse-claims"
+        claims = {path.stem for path in claims_dir.glob("*.json")} if claims_dir.is_dir() else set()
+        return cls(cells=cells, allocations=frozenset(allocations), claims=frozenset(claims))
+
     def holds(self, container_id: str, cell_name: str) -> bool:
         """The container's cell exists and its resources are recorded (ledger and claim)."""
         return (cell_name in self.cells and container_id in self.allocations

@@ -8,7 +8,6 @@ each test gets its own state root and node state dir (so its own ledger).
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -100,11 +99,7 @@ class JailhouseSimTarget:
 
     def in_use(self) -> InUse:
         """Cells from the driver's sysfs; allocations from the node ledger; claims from their directory."""
-        ledger = self.node / "jailhouse-ledger.json"
-        allocations = json.loads(ledger.read_text())["allocations"] if ledger.exists() else {}
-        claims_dir = self.node / "jailhouse-claims"
-        claims = {path.stem for path in claims_dir.glob("*.json")} if claims_dir.is_dir() else set()
-        return InUse(cells=self.board.cells(), allocations=frozenset(allocations), claims=frozenset(claims))
+        return InUse.on_node(self.node, self.board.cells())
 
     def config(self):
         from runphi.config import load_runtime_config

@@ -104,11 +104,7 @@ class KvmTarget:
         cells_dir = self.node / "kvm-cells"
         cells = ({entry.name: self._status(entry.name).get("phase", "?") for entry in cells_dir.iterdir()
                   if not entry.name.startswith(".")} if cells_dir.is_dir() else {})
-        ledger = self.node / "jailhouse-ledger.json"
-        allocations = json.loads(ledger.read_text())["allocations"] if ledger.exists() else {}
-        claims_dir = self.node / "jailhouse-claims"
-        claims = {path.stem for path in claims_dir.glob("*.json")} if claims_dir.is_dir() else set()
-        return InUse(cells=cells, allocations=frozenset(allocations), claims=frozenset(claims))
+        return InUse.on_node(self.node, cells)
 
     def config(self):
         from runphi.config import load_runtime_config
