@@ -6,6 +6,9 @@ start fifo from ``create``. Only then is trio imported, off create's path.
 
 What it guarantees:
 
+* it brings the cell's host side up first (``CellWatch.bring_up``: the VM process of
+  a KVM cell becomes its child) and tells ``create`` on the ready pipe when that
+  waits for it;
 * it exits exactly once, with the DESIGN §4 status (:mod:`runphi.core.outcome`),
   after writing why to ``<container dir>/monitor-exit.json``;
 * SIGTERM/SIGINT/SIGHUP/SIGQUIT become stop requests of the cell's

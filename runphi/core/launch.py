@@ -7,9 +7,12 @@ The core half of ``create`` (DESIGN §2-3), the same for every backend:
 2. for a terminal, a pty whose master goes to the caller's console socket;
 3. the start fifo, opened for the monitor;
 4. the monitor — the ZIC's long-lived process, whose exit status is the
-   container's — forked with exactly those fds; or, when the front end is itself
-   the ZIC's long-lived process (the shim server), an ``adopt`` callback that keeps
-   what it needs instead (no pty, no fork: it serves the console itself).
+   container's — forked with exactly those fds (and the cell's ``host_fds``); when
+   the backend's cell has a host side that its owner brings up (KVM: the VM process),
+   ``create`` waits until the monitor says it did, so that its failure fails the
+   create. Or, when the front end is itself the ZIC's long-lived process (the shim
+   server), an ``adopt`` callback that keeps what it needs instead (no pty, no fork:
+   it serves the console itself and brings the cell up).
 
 Every step registers its undo; a failure runs them in reverse order (monitor
 killed, fds closed, the cell destroyed and its resources released through the
@@ -128,17 +131,17 @@ def _spawn_monitor(request: LaunchRequest, launched: LaunchedCell, start_fd: int
         # Terminal mode: never keep create's fds 0/1/2 (the shim's buffer pipe).
         null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
         try:
-            pid = spawn_monitor(setup, (null, null, null), keep)
+            monitor = spawn_monitor(setup, (null, null, null), keep)
         finally:
             os.close(null)
     else:
-        pid = spawn_monitor(setup, (0, 1, 2), keep)
-    undo.push("kill the monitor", lambda: _kill(pid.pid))
+        monitor = spawn_monitor(setup, (0, 1, 2), keep)
+    undo.push("kill the monitor", lambda: _kill(monitor.pid))
     try:
-        identity = identify_process(pid.pid)
+        identity = identify_process(monitor.pid)
     except ProcessLookupError:
         raise LaunchFailed("its monitor exited at once") from None
-    pid.wait_until_ready()
+    monitor.wait_until_ready()
     return identity
 
 
