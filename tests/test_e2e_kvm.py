@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from tests.test_kvm_backend import parent_of
-from tests.test_linux_guest_containerd import imported_linux_image, uname_on_a_terminal_then_poweroff
+from tests.test_linux_guest_containerd import (imported_linux_image, kill_is_an_orderly_poweroff,
+                                               uname_on_a_terminal_then_poweroff)
 from tests.test_e2e_zic import (as_guest_sent, assert_nothing_left, ctr_run_zic,
                                 echo_session_on_a_terminal, log_text, remove_task_and_container, wait_for_text,
                                 zic_rootfs)
@@ -175,3 +176,9 @@ def test_linux_zic_gives_a_shell_on_ctr_run_t(kvm_node, kvm_events, linux_image)
     assert b"uname -m\r\r\naarch64\r\r\n" in seen
     assert kvm_events.exit_status("kvm-linux") == 0
     assert_nothing_left(kvm_node, "kvm-linux")
+
+
+def test_linux_zic_killed_powers_off_in_order_through_the_vms_power_button(kvm_node, kvm_events, linux_image,
+                                                                         tmp_path):
+    """TERM is QEMU's power button (system_powerdown): the guest's acpid runs an orderly poweroff."""
+    kill_is_an_orderly_poweroff(kvm_node, kvm_events, linux_image, "kvm-linux-kill", tmp_path / "kill.log")

@@ -98,22 +98,27 @@ def test_ctr_run_t_gives_a_shell_in_the_cell(zic_node, zic_events, linux_image):
     assert_nothing_left(zic_node, "linux-tty")
 
 
-def test_ctr_task_kill_is_an_orderly_poweroff_and_exit_143(zic_node, zic_events, linux_image, tmp_path):
-    log = tmp_path / "linux-kill.log"
-    ctr = zic_node.containerd.ctr
-    started = ctr("run", "-d", "--log-uri", f"file://{log}", *zic_node.zic_flags(), linux_image, "linux-kill")
+def kill_is_an_orderly_poweroff(node, events, image: str, cid: str, log: Path) -> None:
+    """``ctr run -d`` the Linux ZIC, ``ctr task kill`` it once its shell is up: the power button
+    reaches the guest, which shuts down in order, and the task exits 143 leaving nothing."""
+    ctr = node.containerd.ctr
+    started = ctr("run", "-d", "--log-uri", f"file://{log}", *node.zic_flags(), image, cid)
     assert started.returncode == 0, started.stderr
     try:
         wait_for_text(log, PROMPT)
-        killed = ctr("task", "kill", "linux-kill")
+        killed = ctr("task", "kill", cid)
         assert killed.returncode == 0, killed.stderr
-        assert zic_events.exit_status("linux-kill", timeout=GUEST_TIMEOUT) == 143
+        assert events.exit_status(cid, timeout=GUEST_TIMEOUT) == 143
         text = log_text(log)
         assert in_order(text[text.find(PROMPT):], ORDERLY_POWEROFF), text[-2000:]
     finally:
-        ctr("task", "rm", "--force", "linux-kill")
-        ctr("containers", "rm", "linux-kill")
-    assert_nothing_left(zic_node, "linux-kill")
+        ctr("task", "rm", "--force", cid)
+        ctr("containers", "rm", cid)
+    assert_nothing_left(node, cid)
+
+
+def test_ctr_task_kill_is_an_orderly_poweroff_and_exit_143(zic_node, zic_events, linux_image, tmp_path):
+    kill_is_an_orderly_poweroff(zic_node, zic_events, linux_image, "linux-kill", tmp_path / "linux-kill.log")
 
 
 def test_linux_and_an_inmate_zic_side_by_side(zic_node, zic_events, linux_image, built_inmates, tmp_path):

@@ -274,11 +274,11 @@ def simulator_env(sim_root: Path, base: Path) -> dict[str, str]:
 def kvm_env(base: Path) -> dict[str, str]:
     """Environment making runphi run ZICs as QEMU VMs (the KVM backend, no simulator).
 
-    The graceful-stop deadline is short: a bare-metal inmate never answers the power
-    button, so every ``kill`` TERM waits that long before the VM is destroyed.
+    The graceful-stop deadline is the default one: a Linux guest's orderly poweroff takes
+    seconds, and a bare-metal inmate, which never answers the power button, waits it out.
     """
     config = base / "runphi.toml"
-    config.write_text('backend = "kvm"\n\n[kvm]\npoll_interval_ms = 20\nshutdown_timeout_ms = 2000\n')
+    config.write_text('backend = "kvm"\n\n[kvm]\npoll_interval_ms = 20\n')
     return {"RUNPHI_CONFIG": str(config), "RUNPHI_BACKEND": "kvm", "RUNPHI_STATE_DIR": str(base / "node")}
 
 
