@@ -113,8 +113,10 @@ def install(tmp_path_factory: pytest.TempPathFactory) -> Install:
     return Install(wheel=wheel, venv=base / "venv", site_packages=Path(purelib), work=work, env=env)
 
 
-def checkout_templates() -> list[str]:
-    names = sorted(str(path.relative_to(REPO / "templates")) for path in (REPO / "templates").rglob("*.toml"))
+def checkout_templates(pattern: str = "*.toml") -> list[str]:
+    """The checkout's templates (relative paths): the Jailhouse platforms by default;
+    ``**/*.toml`` adds the KVM host templates of ``templates/kvm/``."""
+    names = sorted(str(path.relative_to(REPO / "templates")) for path in (REPO / "templates").glob(pattern))
     assert names, "no platform templates in the checkout"
     return names
 
@@ -132,7 +134,7 @@ def test_wheel_holds_runtime_templates_mkzic_and_simulator_and_no_test_helpers(i
     top = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")}
     assert top == TOP_LEVEL
     assert not [name for name in names if name.startswith("tools/") or "/tests/" in name]
-    for template in checkout_templates():
+    for template in checkout_templates("**/*.toml"):
         assert f"runphi/templates/{template}" in names
     for package in checkout_packages():
         assert f"{package}/__init__.py" in names, f"{package} is missing: list it in pyproject.toml"
@@ -146,7 +148,7 @@ def test_site_packages_has_no_tools_package_and_has_the_templates(install: Insta
     assert not (install.site_packages / "tools").exists()
     templates = install.site_packages / "runphi/templates"
     installed = sorted(str(path.relative_to(templates)) for path in templates.rglob("*.toml"))
-    assert installed == checkout_templates()
+    assert installed == checkout_templates("**/*.toml")
 
 
 # --- what a user runs -------------------------------------------------------------
