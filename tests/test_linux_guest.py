@@ -13,10 +13,11 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from tools.linux_guest import BANNER, LinuxGuestError, build, build_initramfs, default_cache_dir, fetch
+from tools.linux_guest import (BANNER, HTTP_PAGE, NET_FAILED_MESSAGE, LinuxGuestError, build, build_initramfs,
+                               default_cache_dir, fetch, net_argument, net_ready_line)
 from tools.linux_guest import apt, cpio
-from tools.linux_guest.guest import Fetched, LinuxGuest, _release_of
-from tools.linux_guest.initramfs import initramfs_entries
+from tools.linux_guest.guest import KERNEL_MODULES, Fetched, LinuxGuest, _release_of, check_load_order, module_depends
+from tools.linux_guest.initramfs import NET_MODULES, initramfs_entries
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 HOST_BUSYBOX = shutil.which("busybox")
@@ -127,6 +128,66 @@ def test_guest_scripts_parse_in_busybox_sh(tmp_path: Path) -> None:
         assert done.returncode == 0, f"{path}: {done.stderr}"
 
 
+def test_initramfs_has_the_net_script_and_the_known_page() -> None:
+    entries = _entries_by_path({})
+    assert entries["www/index.html"].data == HTTP_PAGE.encode()
+    assert entries["etc/init.d/net"].mode == stat.S_IFREG | 0o755
+    rcs = entries["etc/init.d/rcS"].data.decode()
+    assert rcs.index("/etc/init.d/net") < rcs.index(BANNER)  # the banner means: network up too
+    net = entries["etc/init.d/net"].data.decode()
+    assert f"for module in {' '.join(NET_MODULES)}; do" in net
+    assert "httpd -p 80 -h /www" in net
+
+
+def _run_net_script(tmp_path: Path, cmdline: str) -> subprocess.CompletedProcess[str]:
+    """The guest's net script under the host's busybox, reading ``cmdline`` for /proc/cmdline.
+
+    Only for command lines that stop it before it touches anything (no modules, no links)."""
+    (tmp_path / "cmdline").write_text(cmdline + "\n")
+    script = _entries_by_path({})["etc/init.d/net"].data.decode()
+    path = tmp_path / "net"
+    path.write_text(script.replace("/proc/cmdline", str(tmp_path / "cmdline")))
+    return subprocess.run([HOST_BUSYBOX, "sh", str(path)], capture_output=True, text=True, timeout=30)
+
+
+@needs_busybox
+@pytest.mark.parametrize("cmdline, stdout, returncode", [
+    ("console=ttyAMA0 quiet", "", 0),
+    ("console=ttyAMA0 runphi.netx=1 xrunphi.net=169.254.1.2/30", "", 0),
+    ("console=ttyAMA0 runphi.net=169.254.10.2",
+     f"{NET_FAILED_MESSAGE}: runphi.net=169.254.10.2 is not <address>/<prefix>[,<gateway>]\n", 1),
+    ("runphi.net=169.254.10.2,169.254.10.1 console=ttyAMA0",
+     f"{NET_FAILED_MESSAGE}: runphi.net=169.254.10.2,169.254.10.1 is not <address>/<prefix>[,<gateway>]\n", 1),
+])
+def test_net_script_without_a_usable_argument_touches_nothing(tmp_path: Path, cmdline, stdout, returncode) -> None:
+    done = _run_net_script(tmp_path, cmdline)
+    assert (done.stdout, done.stderr, done.returncode) == (stdout, "", returncode)
+
+
+def test_net_argument_and_ready_line() -> None:
+    assert net_argument("169.254.10.2/30", "169.254.10.1") == "runphi.net=169.254.10.2/30,169.254.10.1"
+    assert net_argument("169.254.10.2/30") == "runphi.net=169.254.10.2/30"
+    assert net_ready_line("169.254.10.2/30") == "runphi linux guest: httpd listening on port 80 of eth0 169.254.10.2/30"
+
+
+def test_module_dependencies_are_read_from_modinfo() -> None:
+    assert module_depends(b"\x7fELF\0license=GPL\0depends=failover,other\0name=net_failover\0") == \
+        ["failover", "other"]
+    assert module_depends(b"depends=\0name=failover\0") == []
+    assert module_depends(b"\0xdepends=failover\0") == []
+    assert module_depends(b"no modinfo at all") == []
+
+
+def test_a_module_loaded_before_its_dependency_is_refused() -> None:
+    check_load_order({"virtio_mmio.ko": b"\0depends=\0", "failover.ko": b"\0depends=\0",
+                      "net_failover.ko": b"\0depends=failover\0", "virtio_net.ko": b"\0depends=net_failover\0"})
+    check_load_order({"virtio_net.ko": b"\0depends=\0"})  # dependencies built into the kernel are not named
+    with pytest.raises(LinuxGuestError, match="kernel module virtio_net needs net_failover loaded before it"):
+        check_load_order({"virtio_net.ko": b"\0depends=net_failover\0"})
+    with pytest.raises(LinuxGuestError, match="kernel module virtio_net needs vhost_thing loaded before it"):
+        check_load_order({"net_failover.ko": b"\0depends=\0", "virtio_net.ko": b"\0depends=net_failover,vhost_thing\0"})
+
+
 def test_kernel_metapackage_dependency_is_parsed() -> None:
     assert apt.kernel_image_of("linux-image-arm64", "linux-image-6.1.0-56-arm64 (= 6.1.192-2)") == \
         "linux-image-6.1.0-56-arm64"
@@ -159,7 +220,8 @@ def _seed_cache(cache: Path, kernel_request: str = "linux-image-arm64") -> None:
     (directory / "modules/evdev.ko").write_bytes(b"EVDEV")
     fetched = Fetched(kernel_request=kernel_request, kernel_package="linux-image-6.1.0-test",
                       kernel_version="6.1.1-1", kernel_release="6.1.0-test", busybox_version="1:1.35",
-                      kernel="vmlinuz-6.1.0-test", busybox="busybox", modules=["modules/evdev.ko"])
+                      kernel="vmlinuz-6.1.0-test", busybox="busybox", modules=["modules/evdev.ko"],
+                      wanted_modules=list(KERNEL_MODULES))
     (directory / "fetched.json").write_bytes(msgspec.json.encode(fetched))
 
 
@@ -187,6 +249,62 @@ def test_cache_for_another_kernel_is_not_reused(monkeypatch, tmp_path: Path) -> 
 def test_cache_with_a_missing_file_is_not_reused(monkeypatch, tmp_path: Path) -> None:
     _seed_cache(tmp_path)
     (tmp_path / "linux-guest/modules/evdev.ko").unlink()
+    monkeypatch.setenv("PATH", str(tmp_path / "no-tools-here"))
+    with pytest.raises(LinuxGuestError, match="not found"):
+        fetch(tmp_path)
+
+
+def _deb(debs: Path, package: str, version: str, files: dict[str, bytes]) -> None:
+    """A real .deb (built by dpkg-deb) named as ``apt-get download`` names it."""
+    root = debs / f".{package}"
+    for name, data in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    (root / "DEBIAN").mkdir(parents=True)
+    (root / "DEBIAN/control").write_text(f"Package: {package}\nVersion: {version}\nArchitecture: arm64\n"
+                                         "Maintainer: test <test@example.invalid>\nDescription: test\n")
+    subprocess.run(["dpkg-deb", "--root-owner-group", "-Zgzip", "--build", str(root),
+                    str(debs / apt.deb_file_name(package, version))], check=True, capture_output=True)
+    shutil.rmtree(root)
+
+
+def _seed_old_cache(cache: Path) -> Path:
+    """A cache fetched before the network modules were wanted (no ``wanted_modules``)."""
+    _seed_cache(cache)
+    directory = cache / "linux-guest"
+    fetched = msgspec.json.decode((directory / "fetched.json").read_bytes())
+    del fetched["wanted_modules"]
+    (directory / "fetched.json").write_bytes(msgspec.json.encode(fetched))
+    return directory
+
+
+@pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="dpkg-deb not found (not a Debian host)")
+def test_cache_from_before_the_network_modules_is_extracted_again_without_downloading(monkeypatch,
+                                                                                      tmp_path: Path) -> None:
+    directory = _seed_old_cache(tmp_path)
+    modules = "lib/modules/6.1.0-test/kernel"
+    _deb(directory / "debs", "linux-image-6.1.0-test", "6.1.1-1", {
+        "boot/vmlinuz-6.1.0-test": b"KERNEL", f"{modules}/drivers/input/evdev.ko": b"\0depends=\0EVDEV",
+        f"{modules}/net/core/failover.ko": b"\0depends=\0FAILOVER",
+        f"{modules}/drivers/net/net_failover.ko": b"\0depends=failover\0NET_FAILOVER",
+        f"{modules}/drivers/net/virtio_net.ko": b"\0depends=net_failover\0VIRTIO_NET"})
+    _deb(directory / "debs", "busybox-static", "1:1.35", {"bin/busybox": b"BUSYBOX"})
+
+    def no_download(*args):
+        raise AssertionError(f"downloaded {args}")
+    monkeypatch.setattr(apt, "download", no_download)
+    guest = build(tmp_path)
+    fetched = msgspec.json.decode((directory / "fetched.json").read_bytes(), type=Fetched)
+    assert fetched.wanted_modules == list(KERNEL_MODULES)
+    assert fetched.modules == ["modules/evdev.ko", "modules/failover.ko", "modules/net_failover.ko",
+                               "modules/virtio_net.ko"]
+    image = gzip.decompress(Path(guest.initrd).read_bytes())
+    assert b"lib/modules/6.1.0-test/virtio_net.ko" in image and b"VIRTIO_NET" in image
+
+
+def test_cache_from_before_the_network_modules_without_its_packages_is_fetched_again(monkeypatch,
+                                                                                    tmp_path: Path) -> None:
+    _seed_old_cache(tmp_path)
     monkeypatch.setenv("PATH", str(tmp_path / "no-tools-here"))
     with pytest.raises(LinuxGuestError, match="not found"):
         fetch(tmp_path)
@@ -242,3 +360,12 @@ def test_cli_zic_without_an_output_is_one_line(tmp_path: Path) -> None:
     done = _cli("zic", "--cache", str(tmp_path))
     assert (done.returncode, done.stdout) == (1, "")
     assert done.stderr == "linux_guest: zic needs an output: pass --bundle DIR and/or --archive FILE\n"
+
+
+def test_cli_zic_net_asks_for_a_link_in_the_boot_description(tmp_path: Path) -> None:
+    _seed_cache(tmp_path / "cache")
+    bundle = tmp_path / "bundle"
+    done = _cli("zic", "--cache", str(tmp_path / "cache"), "--bundle", str(bundle), "--net")
+    assert done.returncode == 0, done.stderr
+    boot = msgspec.json.decode((bundle / "rootfs/boot/config.json").read_bytes())
+    assert boot["net"] == "true"

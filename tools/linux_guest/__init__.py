@@ -6,9 +6,12 @@
 from tools.linux_guest.errors import LinuxGuestError
 from tools.linux_guest.guest import (DEFAULT_KERNEL_PACKAGE, Fetched, LinuxGuest, build,
                                      default_cache_dir, fetch, qemu_argv)
-from tools.linux_guest.initramfs import (BANNER, HOSTNAME, POWER_KEY_MESSAGE, PROMPT,
-                                         SHUTDOWN_MESSAGE, build_initramfs)
+from tools.linux_guest.initramfs import (BANNER, HOSTNAME, HTTP_PAGE, HTTP_PORT, NET_ARGUMENT, NET_DEVICE,
+                                         NET_FAILED_MESSAGE, NET_MODULES, NET_READY_MESSAGE,
+                                         POWER_KEY_MESSAGE, PROMPT, SHUTDOWN_MESSAGE, build_initramfs,
+                                         net_argument, net_ready_line)
 
-__all__ = ["BANNER", "DEFAULT_KERNEL_PACKAGE", "HOSTNAME", "POWER_KEY_MESSAGE", "PROMPT",
-           "SHUTDOWN_MESSAGE", "Fetched", "LinuxGuest", "LinuxGuestError", "build",
-           "build_initramfs", "default_cache_dir", "fetch", "qemu_argv"]
+__all__ = ["BANNER", "DEFAULT_KERNEL_PACKAGE", "HOSTNAME", "HTTP_PAGE", "HTTP_PORT", "NET_ARGUMENT",
+           "NET_DEVICE", "NET_FAILED_MESSAGE", "NET_MODULES", "NET_READY_MESSAGE", "POWER_KEY_MESSAGE",
+           "PROMPT", "SHUTDOWN_MESSAGE", "Fetched", "LinuxGuest", "LinuxGuestError", "build",
+           "build_initramfs", "default_cache_dir", "fetch", "net_argument", "net_ready_line", "qemu_argv"]

@@ -88,6 +88,11 @@ def kernel_image_of(meta_package: str, depends: str) -> str:
     return match.group(1)
 
 
+def deb_file_name(package: str, version: str) -> str:
+    """The file name ``apt-get download`` gives ``package:arm64=version`` (an epoch's ``:`` quoted)."""
+    return f"{package}_{version.replace(':', '%3a')}_{ARCH}.deb"
+
+
 def download(package: str, version: str, dest: Path) -> Path:
     """Download ``package:arm64=version`` into ``dest`` (a directory); the .deb's path."""
     dest.mkdir(parents=True, exist_ok=True)

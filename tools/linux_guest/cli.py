@@ -8,6 +8,10 @@
   (Ctrl-A x quits QEMU; ``poweroff`` in the guest ends it).
 * ``zic``: ``build``, then make a Linux ZIC of it with mkzic: ``--bundle DIR`` (OCI bundle)
   and/or ``--archive FILE [--name NAME]`` (OCI image archive); prints mkzic's lines.
+  ``--net`` asks for a network link (boot description ``"net": "true"``): runphi then adds
+  ``runphi.net=<address>/<prefix>[,<gateway>]`` to the kernel command line and the guest
+  serves a known page on port 80 (see :mod:`tools.linux_guest.initramfs`). The image is the
+  same with or without it.
 
 The cache is ``--cache DIR``, else ``$RUNPHI_CACHE``, else ``$XDG_CACHE_HOME/runphi``,
 else ``~/.cache/runphi``. Errors: one ``linux_guest: ...`` line on stderr, exit 1.
@@ -63,6 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     zic.add_argument("--dtb", type=Path, help="guest device tree (default: the simulator board's)")
     zic.add_argument("--cmdline", help="kernel command line (bundle annotation org.runphi.linux.cmdline)")
     zic.add_argument("--terminal", action="store_true", help="bundle: process.terminal true")
+    zic.add_argument("--net", action="store_true",
+                     help='ask runphi for a network link (boot description "net": "true")')
     zic.add_argument("--annotation", action="append", default=[], metavar="KEY=VALUE",
                      help="bundle annotation (repeatable)")
     return parser
@@ -97,7 +103,7 @@ def _make_zic(args: argparse.Namespace, guest) -> int:
     dtb = args.dtb or default_dtb(args.cache or default_cache_dir())
     return mkzic(mkzic_argv(guest, dtb, memory_mib=args.memory, vcpus=args.vcpus, bundle=args.bundle,
                             archive=args.archive, name=args.name, terminal=args.terminal,
-                            cmdline=args.cmdline, annotations=args.annotation))
+                            cmdline=args.cmdline, annotations=args.annotation, net=args.net))
 
 
 def main(argv: list[str] | None = None) -> int:

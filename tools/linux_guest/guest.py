@@ -6,7 +6,7 @@ Layout of ``<cache>/linux-guest/``::
     fetched.json        what was fetched (:class:`Fetched`)
     vmlinuz-<release>   the kernel image
     busybox             busybox-static for arm64
-    modules/*.ko        the kernel's power-key modules, when it has them as modules
+    modules/*.ko        the kernel's power-key and network modules, when it has them as modules
     initrd.cpio.gz      the built initramfs
     guest.json          the result of ``build`` (:class:`LinuxGuest`)
 
@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -27,14 +28,22 @@ import msgspec
 
 from tools.linux_guest import apt
 from tools.linux_guest.errors import LinuxGuestError
-from tools.linux_guest.initramfs import build_initramfs
+from tools.linux_guest.initramfs import NET_MODULES, POWER_KEY_MODULES, build_initramfs
 
 DEFAULT_KERNEL_PACKAGE = "linux-image-arm64"
 BUSYBOX_PACKAGE = "busybox-static"
-_POWER_KEY_MODULES = {
+#: The modules the guest's init loads, by file name → path under ``/lib/modules/<release>/``.
+#: Each is optional: a kernel that builds it in ships no file (Debian's arm64 kernel builds
+#: ``virtio`` and ``virtio_ring`` in, these as modules).
+KERNEL_MODULES = {
     "evdev.ko": "kernel/drivers/input/evdev.ko",
     "gpio_keys.ko": "kernel/drivers/input/keyboard/gpio_keys.ko",
+    "virtio_mmio.ko": "kernel/drivers/virtio/virtio_mmio.ko",
+    "failover.ko": "kernel/net/core/failover.ko",
+    "net_failover.ko": "kernel/drivers/net/net_failover.ko",
+    "virtio_net.ko": "kernel/drivers/net/virtio_net.ko",
 }
+assert list(KERNEL_MODULES) == [f"{name}.ko" for name in (*POWER_KEY_MODULES, *NET_MODULES)]
 
 
 class Fetched(msgspec.Struct, frozen=True):
@@ -48,6 +57,9 @@ class Fetched(msgspec.Struct, frozen=True):
     kernel: str
     busybox: str
     modules: list[str] = []
+    #: The module file names the fetch looked for (:data:`KERNEL_MODULES`); a cache that
+    #: looked for others is extracted again from its packages.
+    wanted_modules: list[str] = []
 
 
 class LinuxGuest(msgspec.Struct, frozen=True):
@@ -112,8 +124,26 @@ def _cached_fetch(directory: Path, kernel_request: str) -> Fetched | None:
     fetched = _load(directory / "fetched.json", Fetched)
     if fetched is None or fetched.kernel_request != kernel_request:
         return None
+    if fetched.wanted_modules != list(KERNEL_MODULES):
+        fetched = _extract_again(directory, fetched)
+        if fetched is None:
+            return None
     files = [fetched.kernel, fetched.busybox, *fetched.modules]
     return fetched if all((directory / name).is_file() for name in files) else None
+
+
+def _extract_again(directory: Path, fetched: Fetched) -> Fetched | None:
+    """A cache from before :data:`KERNEL_MODULES` changed, brought up to date from the
+    packages kept in ``debs/`` (no download); None when they are gone."""
+    debs = directory / "debs"
+    kernel_deb = debs / apt.deb_file_name(fetched.kernel_package, fetched.kernel_version)
+    busybox_deb = debs / apt.deb_file_name(BUSYBOX_PACKAGE, fetched.busybox_version)
+    if not (kernel_deb.is_file() and busybox_deb.is_file()):
+        return None
+    modules = _extract(directory, kernel_deb, busybox_deb, fetched.kernel_release)
+    updated = msgspec.structs.replace(fetched, modules=modules, wanted_modules=list(KERNEL_MODULES))
+    _write_atomic(directory / "fetched.json", msgspec.json.format(msgspec.json.encode(updated)))
+    return updated
 
 
 def _resolve(package: str) -> tuple[str, str]:
@@ -158,13 +188,13 @@ def _download(packages: _Packages, debs: Path) -> tuple[Path, Path]:
 
 
 def _extract(directory: Path, kernel_deb: Path, busybox_deb: Path, release: str) -> list[str]:
-    """Move the kernel, its power-key modules and busybox into the cache; the module file names."""
+    """Move the kernel, its wanted modules and busybox into the cache; the module file names."""
     with tempfile.TemporaryDirectory(dir=directory, prefix=".fetch-") as tmp:
         staging = Path(tmp)
         (staging / "modules").mkdir()
         kernel_name = f"vmlinuz-{release}"
         optional = {f"./lib/modules/{release}/{path}": staging / "modules" / name
-                    for name, path in _POWER_KEY_MODULES.items()}
+                    for name, path in KERNEL_MODULES.items()}
         present = apt.read_members(kernel_deb, {f"./boot/{kernel_name}": staging / kernel_name}, optional)
         apt.read_members(busybox_deb, {"./bin/busybox": staging / "busybox"}, {})
         modules = sorted(f"modules/{Path(name).name}" for name in present)
@@ -191,7 +221,7 @@ def _fetch_new(directory: Path, kernel_request: str) -> Fetched:
     fetched = Fetched(kernel_request=kernel_request, kernel_package=packages.image_package,
                       kernel_version=packages.image_version, kernel_release=release,
                       busybox_version=packages.busybox_version, kernel=f"vmlinuz-{release}",
-                      busybox="busybox", modules=modules)
+                      busybox="busybox", modules=modules, wanted_modules=list(KERNEL_MODULES))
     _write_atomic(directory / "fetched.json", msgspec.json.format(msgspec.json.encode(fetched)))
     return fetched
 
@@ -206,6 +236,28 @@ def fetch(cache: Path | None = None, kernel_package: str = DEFAULT_KERNEL_PACKAG
         return cached or _fetch_new(directory, kernel_package)
 
 
+def module_depends(data: bytes) -> list[str]:
+    """The modules a ``.ko`` needs loaded first (its modinfo ``depends=``; built-in ones are not named)."""
+    match = re.search(rb"(?:^|\0)depends=([^\0]*)\0", data)
+    return [name.decode() for name in match.group(1).split(b",") if name] if match else []
+
+
+def check_load_order(modules: Mapping[str, bytes]) -> None:
+    """Refuse a guest whose init would load a module before one it needs (``insmod`` does not
+    resolve dependencies): each module's ``depends=`` must be shipped and come earlier."""
+    loaded: set[str] = set()
+    for name in (*POWER_KEY_MODULES, *NET_MODULES):
+        data = modules.get(f"{name}.ko")
+        if data is None:
+            continue
+        missing = [dep for dep in module_depends(data) if dep not in loaded]
+        if missing:
+            raise LinuxGuestError(f"kernel module {name} needs {', '.join(missing)} loaded before it",
+                                  "add them to KERNEL_MODULES (tools/linux_guest/guest.py) and the "
+                                  "load order (tools/linux_guest/initramfs.py)")
+        loaded.add(name)
+
+
 def build(cache: Path | None = None, kernel_package: str = DEFAULT_KERNEL_PACKAGE,
           refresh: bool = False) -> LinuxGuest:
     """A bootable guest: the fetched kernel and a freshly built initramfs.
@@ -217,6 +269,7 @@ def build(cache: Path | None = None, kernel_package: str = DEFAULT_KERNEL_PACKAG
     directory = guest_dir(cache or default_cache_dir())
     with _locked(directory):
         modules = {Path(name).name: (directory / name).read_bytes() for name in fetched.modules}
+        check_load_order(modules)
         image = build_initramfs((directory / fetched.busybox).read_bytes(), modules,
                                 fetched.kernel_release)
         initrd = directory / "initrd.cpio.gz"

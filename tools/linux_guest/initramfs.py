@@ -5,7 +5,15 @@ Boot sequence inside the guest:
 * ``/init`` (the kernel's first process) mounts proc, sysfs, devtmpfs and devpts,
   installs the busybox applet links and hands PID 1 over to busybox ``init``;
 * ``/etc/init.d/rcS`` loads the power-key drivers when the kernel has them as
-  modules, starts busybox ``acpid`` on the input devices and prints :data:`BANNER`;
+  modules, starts busybox ``acpid`` on the input devices, runs ``/etc/init.d/net`` and
+  prints :data:`BANNER`;
+* ``/etc/init.d/net`` does nothing unless the kernel command line carries
+  ``runphi.net=<address>/<prefix>[,<gateway>]`` (:data:`NET_ARGUMENT`). With it, it loads
+  the network drivers (:data:`NET_MODULES`, in dependency order), gives ``eth0`` the
+  address (IPv4 only: IPv6 is disabled on it), adds the default route via the gateway when
+  one is given, starts busybox ``httpd`` on port 80 serving :data:`HTTP_PAGE` as
+  ``/index.html`` and prints :func:`net_ready_line`; on a failure it prints one
+  :data:`NET_FAILED_MESSAGE` line and the boot goes on;
 * ``/etc/init.d/console`` runs a job-control shell on the real console device
   (``setsid cttyhack`` finds it from ``console=``); leaving that shell powers the guest off.
 
@@ -31,6 +39,36 @@ PROMPT = f"{HOSTNAME}:/# "
 POWER_KEY_MESSAGE = "runphi linux guest: power button pressed, powering off"
 SHUTDOWN_MESSAGE = "runphi linux guest: orderly shutdown"
 
+POWER_KEY_MODULES = ("evdev", "gpio_keys")
+"""The QEMU virt power button's drivers (a gpio-keys device), loaded at every boot when present."""
+NET_MODULES = ("virtio_mmio", "failover", "net_failover", "virtio_net")
+"""The network drivers in load order (each after the modules its ``depends=`` names); loaded only
+with :data:`NET_ARGUMENT`. The device is a virtio-net on a virtio-mmio transport (QEMU
+``-device virtio-net-device``); it becomes ``eth0``."""
+
+NET_ARGUMENT = "runphi.net"
+"""Kernel command line argument ``runphi.net=<address>/<prefix>[,<gateway>]``, e.g.
+``runphi.net=169.254.10.2/30,169.254.10.1``: the guest's ``eth0`` address and default route."""
+NET_DEVICE = "eth0"
+HTTP_PORT = 80
+HTTP_PAGE = ("<!DOCTYPE html>\n<html><head><title>runphi linux guest</title></head>\n"
+             "<body><h1>runphi linux guest</h1><p>served by busybox httpd inside a ZIC</p></body></html>\n")
+"""The exact body of ``GET /`` on the networked guest."""
+NET_READY_MESSAGE = f"runphi linux guest: httpd listening on port {HTTP_PORT} of {NET_DEVICE}"
+"""Start of the console line printed once httpd listens; :func:`net_ready_line` gives the whole line."""
+NET_FAILED_MESSAGE = "runphi linux guest: network setup failed"
+
+
+def net_argument(address: str, gateway: str | None = None) -> str:
+    """The kernel command line argument for ``address`` (``A.B.C.D/prefix``) and an optional gateway."""
+    return f"{NET_ARGUMENT}={address}" + (f",{gateway}" if gateway else "")
+
+
+def net_ready_line(address: str) -> str:
+    """The console line the guest prints once httpd listens on ``address`` (``A.B.C.D/prefix``)."""
+    return f"{NET_READY_MESSAGE} {address}"
+
+
 _INIT = """#!/bin/sh
 # PID 1 until busybox init takes over: the kernel filesystems first.
 /bin/busybox --install -s
@@ -55,12 +93,13 @@ _INITTAB = """::sysinit:/etc/init.d/rcS
 _RCS = f"""#!/bin/sh
 hostname -F /etc/hostname
 # The QEMU virt power button is a gpio-keys device; Debian builds these drivers as modules.
-for module in evdev gpio_keys; do
+for module in {" ".join(POWER_KEY_MODULES)}; do
     file=/lib/modules/$(uname -r)/$module.ko
     [ -e "$file" ] && insmod "$file"
 done
 # acpid only watches the input devices present when it starts.
 ls /dev/input/event* >/dev/null 2>&1 && acpid -c /etc/acpi -l /dev/null
+/etc/init.d/net
 echo "{BANNER} ($(uname -s) $(uname -r) $(uname -m)); poweroff ends it"
 """
 
@@ -69,6 +108,45 @@ _CONSOLE = """#!/bin/sh
 # the controlling tty, which only a session leader may do: hence setsid.
 setsid cttyhack sh -l
 poweroff
+"""
+
+_NET = f"""#!/bin/sh
+# {NET_ARGUMENT}=<address>/<prefix>[,<gateway>] on the kernel command line: bring {NET_DEVICE} up
+# and serve /www on port {HTTP_PORT}. Without it: nothing (the guest has no network).
+net=
+for arg in $(cat /proc/cmdline); do
+    case "$arg" in {NET_ARGUMENT}=*) net="${{arg#{NET_ARGUMENT}=}}" ;; esac
+done
+[ -n "$net" ] || exit 0
+fail() {{
+    echo "{NET_FAILED_MESSAGE}: $*"
+    exit 1
+}}
+address="${{net%%,*}}"
+gateway=
+case "$net" in *,*) gateway="${{net#*,}}" ;; esac
+case "$address" in
+    */*) ;;
+    *) fail "{NET_ARGUMENT}=$net is not <address>/<prefix>[,<gateway>]" ;;
+esac
+# insmod does not resolve dependencies: the list is in load order. Built-in drivers have no file.
+for module in {" ".join(NET_MODULES)}; do
+    file=/lib/modules/$(uname -r)/$module.ko
+    if [ -e "$file" ]; then insmod "$file" || fail "insmod $module"; fi
+done
+[ -e /sys/class/net/{NET_DEVICE} ] || fail "no {NET_DEVICE} (no virtio-net device on a virtio-mmio transport?)"
+# The link is IPv4 only: no IPv6 link-local address, solicitations or DAD on it.
+v6=/proc/sys/net/ipv6/conf/{NET_DEVICE}/disable_ipv6
+if [ -w "$v6" ]; then echo 1 >"$v6"; fi
+ip link set lo up
+ip addr add "$address" dev {NET_DEVICE} || fail "ip addr add $address dev {NET_DEVICE}"
+ip link set {NET_DEVICE} up || fail "ip link set {NET_DEVICE} up"
+if [ -n "$gateway" ]; then
+    ip route add default via "$gateway" dev {NET_DEVICE} || fail "ip route add default via $gateway"
+fi
+# httpd binds and listens before it goes to the background: once it returns, it serves.
+httpd -p {HTTP_PORT} -h /www || fail "httpd -p {HTTP_PORT} -h /www"
+echo "{NET_READY_MESSAGE} $address"
 """
 
 _RCK = f"""#!/bin/sh
@@ -91,7 +169,7 @@ cd "$HOME" 2>/dev/null; cd /
 
 _DIRECTORIES = ("bin", "sbin", "usr", "usr/bin", "usr/sbin", "dev", "proc", "sys", "tmp",
                 "run", "root", "etc", "etc/init.d", "etc/acpi", "lib", "lib/modules", "var",
-                "var/run")
+                "var/run", "www")
 
 
 def initramfs_entries(busybox: bytes, modules: Mapping[str, bytes], kernel_release: str) -> list[cpio.Entry]:
@@ -108,6 +186,8 @@ def initramfs_entries(busybox: bytes, modules: Mapping[str, bytes], kernel_relea
         cpio.file("etc/init.d/rcS", _RCS.encode(), 0o755),
         cpio.file("etc/init.d/rcK", _RCK.encode(), 0o755),
         cpio.file("etc/init.d/console", _CONSOLE.encode(), 0o755),
+        cpio.file("etc/init.d/net", _NET.encode(), 0o755),
+        cpio.file("www/index.html", HTTP_PAGE.encode()),
         cpio.file("etc/acpid.conf", _ACPID_CONF.encode()),
         cpio.file("etc/acpi/power-button", _POWER_BUTTON.encode(), 0o755),
         cpio.file("etc/profile", _PROFILE.encode()),

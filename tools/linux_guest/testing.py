@@ -1,5 +1,6 @@
 """Test helpers for the Linux guest: the built guest (or a skip), QEMU virt's device
-tree, a console transcript, and the guest booted directly under QEMU on a real pty.
+tree, a console transcript, the guest booted directly under QEMU on a real pty, and a
+network namespace with a tap for the networked guest (with an HTTP GET from inside it).
 
 Used by this package's tests and by tests that run the guest inside a cell or a ZIC::
 
@@ -10,13 +11,18 @@ Used by this package's tests and by tests that run the guest inside a cell or a 
 
 from __future__ import annotations
 
+import fcntl
+import ipaddress
 import os
 import shutil
+import struct
 import subprocess
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import trio
 
@@ -26,6 +32,7 @@ from tools.linux_guest.guest import LinuxGuest, build, default_cache_dir, guest_
 from tools.linux_guest.initramfs import PROMPT
 
 QEMU = "qemu-system-aarch64"
+T = TypeVar("T")
 
 
 def guest_unavailable(cache: Path | None = None) -> str | None:
@@ -171,16 +178,21 @@ class QemuGuest:
 
 @asynccontextmanager
 async def boot_in_qemu(guest: LinuxGuest, workdir: Path, memory_mib: int = 96,
-                       cmdline: str = "console=ttyAMA0") -> AsyncIterator[QemuGuest]:
+                       cmdline: str = "console=ttyAMA0", extra_argv: Sequence[str] = (),
+                       pass_fds: Sequence[int] = ()) -> AsyncIterator[QemuGuest]:
     """Boot ``guest`` under QEMU with its PL011 on a fresh pty; QEMU is killed on exit.
 
+    ``extra_argv`` is added to QEMU's command line (devices, e.g. :meth:`TapNamespace.qemu_argv`),
+    ``pass_fds`` are the descriptors QEMU inherits under their own numbers.
     The QMP socket (``workdir/qmp.sock``) accepts connections once QEMU is running.
     """
     qmp_path = workdir / "qmp.sock"
-    argv = qemu_argv(guest, memory_mib, cmdline) + ["-qmp", f"unix:{qmp_path},server=on,wait=off"]
+    argv = qemu_argv(guest, memory_mib, cmdline) + ["-qmp", f"unix:{qmp_path},server=on,wait=off",
+                                                    *extra_argv]
     master, slave = os.openpty()
     try:
-        process = await trio.lowlevel.open_process(argv, stdin=slave, stdout=slave, stderr=slave)
+        process = await trio.lowlevel.open_process(argv, stdin=slave, stdout=slave, stderr=slave,
+                                                   pass_fds=tuple(pass_fds))
     finally:
         os.close(slave)
     stream = trio.lowlevel.FdStream(master)
@@ -198,3 +210,122 @@ async def boot_in_qemu(guest: LinuxGuest, workdir: Path, memory_mib: int = 96,
                 nursery.cancel_scope.cancel()
     finally:
         await stream.aclose()
+
+
+LINK_LOCAL = ipaddress.IPv4Network("169.254.0.0/16")
+"""The only addresses test networks use (inside namespaces the tests make)."""
+_TUNSETIFF = 0x400454CA
+_IFF_TAP = 0x0002
+_IFF_NO_PI = 0x1000
+
+
+@dataclass(frozen=True)
+class TapNamespace:
+    """A network namespace made for a test, holding a tap (IPv4 only) with the host's address.
+
+    ``fd`` is the tap's queue, opened inside the namespace: QEMU takes it as
+    ``-netdev tap,fd=N`` (pass it in ``pass_fds``), so QEMU itself stays in the host's
+    namespace and needs no ``ip netns exec``. Closing ``fd`` removes the tap.
+    """
+
+    name: str
+    tap: str
+    fd: int
+    address: ipaddress.IPv4Interface
+
+    def qemu_argv(self, netdev: str = "n0") -> list[str]:
+        """The guest's network device: virtio-net on a virtio-mmio transport of ``virt``."""
+        return ["-netdev", f"tap,id={netdev},fd={self.fd}", "-device", f"virtio-net-device,netdev={netdev}"]
+
+
+def _link_local(address: str) -> ipaddress.IPv4Interface:
+    interface = ipaddress.ip_interface(address)
+    if not isinstance(interface, ipaddress.IPv4Interface) or not interface.network.subnet_of(LINK_LOCAL):
+        raise ValueError(f"{address} is not inside {LINK_LOCAL}: test networks use link-local addresses only")
+    return interface
+
+
+def _in_namespace(name: str, work: Callable[[], T]) -> T:
+    """``work()`` run on a fresh thread that entered network namespace ``name`` (setns is per
+    thread; the thread ends with it, so no other code runs in the namespace by mistake)."""
+    from pyroute2 import netns
+
+    values: list[T] = []
+    errors: list[BaseException] = []
+
+    def body() -> None:
+        try:
+            netns.setns(name, flags=0)
+            values.append(work())
+        except BaseException as exc:  # handed to the caller below
+            errors.append(exc)
+
+    thread = threading.Thread(target=body, name=f"netns-{name}")
+    thread.start()
+    thread.join()
+    if errors:
+        raise errors[0]
+    return values[0]
+
+
+def _open_tap(tap: str) -> int:
+    """In the namespace: IPv6 off for new links, then a tap named ``tap``; its queue's fd."""
+    ipv6 = Path("/proc/sys/net/ipv6/conf")
+    if ipv6.is_dir():
+        (ipv6 / "default" / "disable_ipv6").write_text("1\n")
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, _TUNSETIFF, struct.pack("16sH22x", tap.encode(), _IFF_TAP | _IFF_NO_PI))
+        if ipv6.is_dir() and (ipv6 / tap / "disable_ipv6").read_text().strip() != "1":
+            raise OSError(f"IPv6 is still enabled on {tap}")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+@contextmanager
+def tap_namespace(name: str, tap: str, address: str) -> Iterator[TapNamespace]:
+    """A new network namespace ``name`` with tap ``tap`` up at ``address`` (``A.B.C.D/prefix``,
+    inside 169.254.0.0/16); the namespace and the tap are gone afterwards. Needs root."""
+    from pyroute2 import IPRoute, netns
+
+    interface = _link_local(address)
+    netns.create(name)
+    fd = None
+    try:
+        fd = _in_namespace(name, lambda: _open_tap(tap))
+        with IPRoute(netns=name, flags=0) as ipr:
+            (index,) = ipr.link_lookup(ifname=tap)
+            ipr.addr("add", index=index, address=str(interface.ip), prefixlen=interface.network.prefixlen)
+            ipr.link("set", index=index, state="up")
+        yield TapNamespace(name, tap, fd, interface)
+    finally:
+        if fd is not None:
+            os.close(fd)
+        netns.remove(name)
+
+
+async def http_get_in(namespace: str, host: str, port: int = 80, path: str = "/",
+                      timeout: float = 30.0) -> tuple[int, bytes]:
+    """``GET path`` (HTTP/1.0) to ``host:port`` from inside network namespace ``namespace``:
+    (status code, body). ``host`` must be link-local. The socket is made in the namespace
+    (pyroute2's ``create_socket``), then used here like any other."""
+    from pyroute2 import netns
+
+    _link_local(host)
+    sock = await trio.to_thread.run_sync(lambda: netns.create_socket(namespace, flags=0))
+    request = f"GET {path} HTTP/1.0\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
+    response = bytearray()
+    with trio.fail_after(timeout):
+        tsock = trio.socket.from_stdlib_socket(sock)
+        await tsock.connect((host, port))
+        async with trio.SocketStream(tsock) as stream:
+            await stream.send_all(request)
+            while chunk := await stream.receive_some(65536):
+                response += chunk
+    head, _, body = bytes(response).partition(b"\r\n\r\n")
+    status = head.split(b"\r\n", 1)[0].split()
+    if len(status) < 2 or not status[0].startswith(b"HTTP/") or not status[1].isdigit():
+        raise AssertionError(f"not an HTTP response from {host}:{port}: {bytes(response[:200])!r}")
+    return int(status[1]), body

@@ -1,8 +1,9 @@
 """A Linux ZIC from the cached guest: kernel + initramfs + device tree, built by mkzic.
 
 The boot description is ``{"os_var": "linux", "inmate": "/boot/vmlinuz-…",
-"initrd": "/boot/initrd.cpio.gz", "dtb": "/boot/<dtb>", "memory": …, "vcpus": …}``;
-runphi places and patches them as ``jailhouse cell linux`` would.
+"initrd": "/boot/initrd.cpio.gz", "dtb": "/boot/<dtb>", "memory": …, "vcpus": …}``
+(plus ``"net": "true"`` for a networked ZIC); runphi places and patches them as
+``jailhouse cell linux`` would.
 """
 
 from __future__ import annotations
@@ -34,10 +35,12 @@ def default_dtb(cache: Path) -> Path:
 def mkzic_argv(guest: LinuxGuest, dtb: Path, *, memory_mib: int = DEFAULT_MEMORY_MIB, vcpus: int = 1,
                bundle: Path | None = None, archive: Path | None = None, name: str | None = None,
                terminal: bool = False, cmdline: str | None = None,
-               annotations: list[str] | None = None) -> list[str]:
+               annotations: list[str] | None = None, net: bool = False) -> list[str]:
     """The ``python -m tools.mkzic`` arguments that build the Linux ZIC."""
     argv = ["--os-var", "linux", "--inmate", guest.kernel, "--initrd", guest.initrd, "--dtb", str(dtb),
             "--memory", str(memory_mib), "--vcpus", str(vcpus)]
+    if net:
+        argv += ["--net", "true"]
     if bundle is not None:
         argv += ["--bundle", str(bundle)]
         if terminal:
