@@ -204,15 +204,14 @@ class SpawnedMonitor:
             return
         import select
 
-        answer = b""
+        answer, ended = b"", False
         try:
             poller = select.poll()
             poller.register(self._ready_fd, select.POLLIN)
             deadline = _now() + timeout
-            while (left := deadline - _now()) > 0 and poller.poll(left * 1000):
+            while not ended and (left := deadline - _now()) > 0 and poller.poll(left * 1000):
                 chunk = os.read(self._ready_fd, 4096)
-                if not chunk:
-                    break
+                ended = not chunk
                 answer += chunk
         finally:
             os.close(self._ready_fd)
@@ -222,8 +221,10 @@ class SpawnedMonitor:
             return
         if text.startswith("error "):
             raise BackendError(text.removeprefix("error "))
-        raise BackendError(f"its monitor did not bring the cell up within {timeout:.0f} s"
-                           if not text else f"its monitor answered {text!r}")
+        if text:
+            raise BackendError(f"its monitor answered {text!r} instead of bringing the cell up")
+        raise BackendError("its monitor exited before bringing the cell up (see its log)" if ended
+                           else f"its monitor did not bring the cell up within {timeout:.0f} s")
 
 
 def _now() -> float:

@@ -203,3 +203,31 @@ def test_kill_before_start_stops_the_vm_at_once_without_waiting_for_a_power_butt
     kvm_cli.run("kill", "unstarted", "TERM", check=True)
     assert wait_exit(monitor, timeout=20) == 143
     assert vm_status(kvm_cli, "unstarted")["phase"] == "shut down"
+
+
+# ---- create waits for the monitor's bring-up ----------------------------------------------------
+
+@pytest.mark.parametrize(("answer", "close", "outcome"), [
+    (b"ok", True, None),
+    (b"error QEMU could not bring up VM z: no kernel", True, "QEMU could not bring up VM z: no kernel"),
+    (b"", True, "its monitor exited before bringing the cell up"),
+    (b"", False, "did not bring the cell up within 0 s"),
+])
+def test_create_learns_how_the_monitors_bring_up_went(answer, close, outcome):
+    from runphi.monitor import SpawnedMonitor
+
+    read_end, write_end = os.pipe()
+    if answer:
+        os.write(write_end, answer)
+    if close:
+        os.close(write_end)
+    try:
+        monitor = SpawnedMonitor(os.getpid(), read_end)
+        if outcome is None:
+            monitor.wait_until_ready(timeout=5)
+        else:
+            with pytest.raises(BackendError, match=outcome):
+                monitor.wait_until_ready(timeout=0.2 if not close else 5)
+    finally:
+        if not close:
+            os.close(write_end)
