@@ -111,6 +111,27 @@ class BackendTarget(Protocol):
         """After a test: remove any cell and pending fault injection runphi left behind."""
 
 
+class GuestBundles:
+    """The bundle-making half of a :class:`BackendTarget`, the same for every setup: ZIC bundles
+    of its ``guests`` under ``base/bundles`` with the setup's boot descriptions."""
+
+    base: Path
+    guests: Mapping[Guest, GuestImage]
+    #: The boot description of every contract guest, and one this setup cannot place.
+    boot: Mapping[str, object]
+    unhostable_boot: Mapping[str, object]
+
+    def bundle(self, name: str, guest: Guest) -> Path:
+        return write_zic_bundle(self.base / "bundles" / name, self.guests[guest].image, self.boot)
+
+    def first_output(self, guest: Guest) -> bytes:
+        return self.guests[guest].first_output
+
+    def unhostable_bundle(self, name: str) -> Path:
+        return write_zic_bundle(self.base / "bundles" / name, self.guests[Guest.RUNS_FOREVER].image,
+                                self.unhostable_boot)
+
+
 def write_zic_bundle(bundle: Path, image: bytes, description: Mapping[str, object]) -> Path:
     """Write a ZIC bundle: config.json + rootfs/boot/{config.json, boot.bin} (the image).
 

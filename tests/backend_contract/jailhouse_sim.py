@@ -17,7 +17,7 @@ import pytest
 
 from tests.test_lifecycle_harness import Board, board_in_tempdir, guest_script
 
-from .contract import Guest, GuestImage, InUse, write_zic_bundle
+from .contract import Guest, GuestBundles, GuestImage, InUse
 
 #: The boot description of every contract guest: bare metal, loaded and started at 0x70000000.
 BOOT = {"os_var": "baremetal", "starting_vaddress": "0x70000000", "memory": 16}
@@ -57,8 +57,11 @@ class JailhouseSimMachine:
         return JailhouseSimTarget(self, base)
 
 
-class JailhouseSimTarget:
+class JailhouseSimTarget(GuestBundles):
     """:class:`~tests.backend_contract.contract.BackendTarget` for Jailhouse on the simulator."""
+
+    boot = BOOT
+    unhostable_boot = UNHOSTABLE_BOOT
 
     def __init__(self, machine: JailhouseSimMachine, base: Path) -> None:
         self.name = machine.name
@@ -78,16 +81,6 @@ class JailhouseSimTarget:
             "RUNPHI_PLATFORM": "sim-qemu-arm64",
             "RUNPHI_STATE_DIR": str(self.node),
         })
-
-    def bundle(self, name: str, guest: Guest) -> Path:
-        return write_zic_bundle(self.base / "bundles" / name, self.guests[guest].image, BOOT)
-
-    def first_output(self, guest: Guest) -> bytes:
-        return self.guests[guest].first_output
-
-    def unhostable_bundle(self, name: str) -> Path:
-        return write_zic_bundle(self.base / "bundles" / name, self.guests[Guest.RUNS_FOREVER].image,
-                                UNHOSTABLE_BOOT)
 
     def fail_next_launch(self) -> None:
         """The next ``cell load`` fails (EINVAL): the cell exists and its resources are taken then."""

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from .contract import Guest, GuestImage, InUse, write_zic_bundle
+from .contract import Guest, GuestBundles, GuestImage, InUse
 from .jailhouse_sim import BOOT, qemu_guests
 
 #: No host has CPU 511: a guest pinned there cannot be placed.
@@ -53,8 +53,11 @@ class KvmMachine:
         return KvmTarget(self, base)
 
 
-class KvmTarget:
+class KvmTarget(GuestBundles):
     """:class:`~tests.backend_contract.contract.BackendTarget` for the KVM backend."""
+
+    boot = BOOT
+    unhostable_boot = UNHOSTABLE_BOOT
 
     def __init__(self, machine: KvmMachine, base: Path) -> None:
         self.name = machine.name
@@ -71,16 +74,6 @@ class KvmTarget:
         self.env = dict(os.environ)
         self.env.update({"RUNPHI_CONFIG": str(config), "RUNPHI_BACKEND": "kvm", "RUNPHI_QEMU": str(wrapper),
                          "RUNPHI_STATE_DIR": str(self.node)})
-
-    def bundle(self, name: str, guest: Guest) -> Path:
-        return write_zic_bundle(self.base / "bundles" / name, self.guests[guest].image, BOOT)
-
-    def first_output(self, guest: Guest) -> bytes:
-        return self.guests[guest].first_output
-
-    def unhostable_bundle(self, name: str) -> Path:
-        return write_zic_bundle(self.base / "bundles" / name, self.guests[Guest.RUNS_FOREVER].image,
-                                UNHOSTABLE_BOOT)
 
     def fail_next_launch(self) -> None:
         """The next QEMU refuses to start: the cell and its resources exist by then."""
