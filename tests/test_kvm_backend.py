@@ -231,3 +231,39 @@ def test_create_learns_how_the_monitors_bring_up_went(answer, close, outcome):
     finally:
         if not close:
             os.close(write_end)
+
+
+# ---- a networked ZIC's link ----------------------------------------------------------------------
+
+def test_link_slots_are_the_30s_of_the_link_subnet_after_the_first():
+    from runphi.backends.kvm.net import link_slots, plan_link, tap_name
+
+    assert list(link_slots("169.254.100.0/28")) == [1, 2, 3]
+    link = plan_link("web", "169.254.100.0/24", 2)
+    assert (link.host_address, link.guest_address) == ("169.254.100.9", "169.254.100.10")
+    assert link.guest_argument() == "runphi.net=169.254.100.10/30,169.254.100.9"
+    assert link.tap == tap_name("web") and len(link.tap) <= 15 and link.mac.startswith("02:")
+    with pytest.raises(BackendError, match="does not fit"):
+        plan_link("web", "169.254.100.0/28", 4)
+
+
+def test_a_networked_vm_gets_a_virtio_net_device_on_its_tap_and_no_pci_rom():
+    plan = VmPlan(**{**{f: getattr(PLAN, f) for f in PLAN.__struct_fields__}, "net_tap": "rphiabc",
+                     "net_mac": "02:00:00:00:00:01"})
+    argv = qemu_argv(plan, console_fd=7, owner_qmp_fd=8, control_fd=9)
+    assert argv[argv.index("-netdev") + 1] == "tap,id=net0,ifname=rphiabc,script=no,downscript=no"
+    assert "virtio-net-device,netdev=net0,mac=02:00:00:00:00:01" in argv
+    assert not any("pci" in arg for arg in argv)
+
+
+def test_no_free_link_refuses_the_next_networked_zic_with_one_line(tmp_path):
+    from runphi.backends.ledger import AllocationError, NodeLedger, ResourceRequest
+
+    template = tmp_path / "host.toml"
+    template.write_text('name = "small"\nmemory_mib = 256\ncpus = "0"\nlink_subnet = "169.254.100.0/29"\n')
+    ledger = NodeLedger(load_host(template), tmp_path / "node", root_cpus=lambda: frozenset({0}),
+                        live_cells=frozenset, cell_name=str)
+    assert ledger.allocate("a", ResourceRequest(cpus=frozenset(), cpu_count=0, network=True)).ivshmem_slot == 1
+    with pytest.raises(AllocationError) as refused:
+        ledger.allocate("b", ResourceRequest(cpus=frozenset(), cpu_count=0, network=True))
+    assert "a network link requested, all 1 tap links are in use" in str(refused.value)

@@ -164,11 +164,12 @@ class Zic:
 
 
 def run_runphi(root: Path, args, env: dict[str, str], logs: Path, *, check: bool = False,
-               timeout: float = 60, stdin=subprocess.DEVNULL) -> subprocess.CompletedProcess[str]:
-    """Run `runphi --root ROOT ARGS`; stdout/stderr go through files in ``logs``, never
-    pipes a monitor could inherit and keep open. With ``check``, a failure raises."""
+               timeout: float = 60, stdin=subprocess.DEVNULL, prefix: tuple[str, ...] = ()
+               ) -> subprocess.CompletedProcess[str]:
+    """Run `[PREFIX...] runphi --root ROOT ARGS`; stdout/stderr go through files in ``logs``,
+    never pipes a monitor could inherit and keep open. With ``check``, a failure raises."""
     with tempfile.TemporaryFile(dir=logs) as out, tempfile.TemporaryFile(dir=logs) as err:
-        proc = subprocess.run([str(RUNPHI), "--root", str(root), *args], stdout=out, stderr=err,
+        proc = subprocess.run([*prefix, str(RUNPHI), "--root", str(root), *args], stdout=out, stderr=err,
                               stdin=stdin, env=env, timeout=timeout)
         out.seek(0)
         err.seek(0)

@@ -98,10 +98,14 @@ class LedgerMemory(Protocol):
 
 
 class LedgerIvshmem(Protocol):
-    """The network links a cell can get: one PCI slot each."""
+    """The network links a cell can get: one slot each (Jailhouse: an ivshmem PCI slot)."""
 
     @property
     def slots(self) -> Sequence[int]: ...
+
+    @property
+    def kind(self) -> str:
+        """What a link is, in the messages ("ivshmem", "tap")."""
 
 
 class LedgerRpu(Protocol):
@@ -587,7 +591,7 @@ class NodeLedger:
         for slot in ivshmem.slots:
             if slot not in used:
                 return slot
-        missing.append(f"a network link requested, all {len(ivshmem.slots)} ivshmem links are in use")
+        missing.append(f"a network link requested, all {len(ivshmem.slots)} {ivshmem.kind} links are in use")
         return None
 
     def _pick_rpu(self, held: list[Allocation], missing: list[str]) -> frozenset[int]:

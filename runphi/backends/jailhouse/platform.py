@@ -121,6 +121,10 @@ class Ivshmem(_Table, frozen=True, kw_only=True):
     vpci_irq_base: int
     slots: list[int] = msgspec.field(default_factory=lambda: [1, 2])
 
+    @property
+    def kind(self) -> str:
+        return "ivshmem"
+
     def window_of(self, slot: int) -> int:
         """Physical start of slot `slot`'s 1 MiB shared-memory window."""
         return self.base + (slot - 1) * self.window

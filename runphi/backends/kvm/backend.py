@@ -46,6 +46,7 @@ from runphi.undo import UndoStack
 if TYPE_CHECKING:
     from runphi.backends.kvm.host import KvmHost
     from runphi.backends.kvm.machine import VmPlan
+    from runphi.backends.kvm.net import Link
     from runphi.backends.ledger import Allocation, NodeLedger
     from runphi.config import RuntimeConfig
     from runphi.image import BootDescription
@@ -188,11 +189,7 @@ class KvmBackend:
         file = read_status(directory)
         if file is not None and file.phase == "up" and vm_alive(file):
             self._end_vm(cell_name, file, timeout if timeout is not None else 5.0)
-        plan_cgroup = self._plan_cgroup(cell_name)
-        if plan_cgroup:
-            from runphi.backends.kvm.cgroups import remove_cgroup
-
-            remove_cgroup(plan_cgroup)
+        self._remove_host_side(cell_name)
         remove_cell_dir(directory)
         self.release_cell_resources(cell_name)
 
@@ -242,11 +239,20 @@ class KvmBackend:
         except (OSError, msgspec.DecodeError, msgspec.ValidationError) as exc:
             raise BackendError(f"cannot read the VM plan of cell {cell_name!r}: {exc}") from None
 
-    def _plan_cgroup(self, cell_name: str) -> str:
+    def _remove_host_side(self, cell_name: str) -> None:
+        """Remove the cgroup and the tap the cell's plan names (a cell without a plan has none)."""
         try:
-            return self._plan_of(cell_name).cgroup
+            plan = self._plan_of(cell_name)
         except BackendError:
-            return ""
+            return
+        if plan.cgroup:
+            from runphi.backends.kvm.cgroups import remove_cgroup
+
+            remove_cgroup(plan.cgroup)
+        if plan.net_tap:
+            from runphi.backends.kvm.net import remove_tap
+
+            remove_tap(plan.net_tap)
 
     # ---- create ------------------------------------------------------------
 
@@ -283,7 +289,13 @@ class KvmBackend:
         directory.mkdir(mode=0o700, parents=True)
         undo.push("remove the cell directory", lambda: remove_cell_dir(directory))
         plan = self._plan(name, boot, allocation, request, *plan_tools)
+        link = self._link(name, allocation.ivshmem_slot)
+        if link is not None:
+            plan = with_link(plan, link)
+        # The plan first: a delete after a crash finds the tap it names.
         write_atomically(directory / PLAN_NAME, msgspec.json.encode(plan))
+        if link is not None:
+            self._make_tap(link, undo)
         write_status(directory, CellFile(phase="created"))
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         undo.push("close the console", ours.close)
@@ -297,6 +309,21 @@ class KvmBackend:
         undo.discard()
         return LaunchedCell(cell=cell, console_fd=ours.detach(), host_fds=host_fds,
                             watch=self._watch_settings(directory, grace))
+
+    def _link(self, cell_name: str, slot: int | None) -> Link | None:
+        """The network link of ledger slot ``slot`` (None for a ZIC without a network)."""
+        if slot is None:
+            return None
+        from runphi.backends.kvm.net import plan_link
+
+        return plan_link(cell_name, self.host.link_subnet, slot)
+
+    @staticmethod
+    def _make_tap(link: Link, undo: UndoStack) -> None:
+        from runphi.backends.kvm.net import create_tap, remove_tap
+
+        create_tap(link)
+        undo.push(f"remove the tap {link.tap}", lambda: remove_tap(link.tap))
 
     def _bring_up_here(self, name: str, directory: Path, plan: VmPlan, console_fd: int, undo: UndoStack) -> None:
         """Start the VM paused as this process's child (a direct protocol caller owns it)."""
@@ -370,6 +397,13 @@ def vcpu_host_cpus(boot: BootDescription, cpus: frozenset[int]) -> list[int]:
     if sorted(by_vcpu) != list(range(len(by_vcpu))) or len(by_vcpu) != len(boot.vcpu_pins):
         raise BackendError("vcpu_pinning must name each vCPU 0..N-1 exactly once")
     return [by_vcpu[vcpu] for vcpu in range(len(by_vcpu))]
+
+
+def with_link(plan: VmPlan, link: Link) -> VmPlan:
+    """``plan`` with the VM's NIC on ``link``'s tap and, for a Linux guest, its address on the
+    kernel command line."""
+    append = f"{plan.append} {link.guest_argument()}".strip() if plan.kernel else plan.append
+    return msgspec.structs.replace(plan, net_tap=link.tap, net_mac=link.mac, append=append)
 
 
 def linux_boot(boot: BootDescription, annotations: dict[str, str], image_dtb: bool) -> dict[str, str]:

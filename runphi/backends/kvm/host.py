@@ -9,6 +9,7 @@ so the pool starts at 0 and an allocation's segment is bookkeeping only.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 
@@ -57,6 +58,13 @@ class LentMemory(msgspec.Struct, frozen=True, kw_only=True):
     alignment: int = MiB
 
 
+class TapLinks(msgspec.Struct, frozen=True):
+    """The ledger's view of the network links: slots of the link subnet, each a tap."""
+
+    slots: list[int]
+    kind: str = "tap"
+
+
 class KvmHost(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """One host template."""
 
@@ -67,6 +75,8 @@ class KvmHost(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=T
     host_keeps: int = 0
     memory_mib: int
     default_memory_mib: int = 64
+    #: Networked ZICs' point-to-point links: one /30 each (host side, guest side).
+    link_subnet: str = "169.254.100.0/24"
     qemu: QemuSettings = QemuSettings()
 
     # ---- what the node ledger plans with (runphi.backends.ledger.LedgerPlatform) ----
@@ -83,9 +93,14 @@ class KvmHost(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=T
     def root_keeps_cpus(self) -> int:
         return self.host_keeps
 
+    @property
+    def ivshmem(self) -> TapLinks:
+        from runphi.backends.kvm.net import link_slots
+
+        return TapLinks(slots=list(link_slots(self.link_subnet)))
+
     per_cell_uarts = False
     uarts: tuple[()] = ()
-    ivshmem = None
     rpus: tuple[()] = ()
 
 
@@ -126,6 +141,12 @@ def _problems(host: KvmHost) -> list[str]:
             problems.append(f"cpus: {exc}")
     if host.host_keeps < 0:
         problems.append("host_keeps must not be negative")
+    try:
+        subnet = ipaddress.IPv4Network(host.link_subnet)
+        if subnet.prefixlen > 29:
+            problems.append(f"link_subnet {host.link_subnet} holds no link: give it /29 or more")
+    except ValueError as exc:
+        problems.append(f"link_subnet: {exc}")
     if host.memory_mib <= 0 or host.default_memory_mib <= 0:
         problems.append("memory_mib and default_memory_mib must be positive")
     if (host.default_memory_mib * MiB) % PAGE_SIZE:

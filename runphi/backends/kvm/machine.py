@@ -2,15 +2,17 @@
 
 The plan (:class:`VmPlan`, ``vm.json`` in the cell's directory) is complete: the
 owner that brings the VM up needs nothing else. The command line has only explicit
-devices (``-nodefaults``, no NIC, no display, no default serial backend):
+devices (``-nodefaults``, no display, no default serial backend):
 
 * the machine's own UART (the PL011 of ``virt``) on ``-serial chardev:console``, a
-  socket the owner's console pipeline holds the other end of;
+  socket the owner's console pipeline holds the other end of (no NIC unless the ZIC
+  asks for a network);
 * two QMP monitors: the owner's (events, power button, quit) and the control
   socket the verbs use (``cont``, ``stop``, ``query-status``);
 * a bare-metal or Zephyr inmate placed at ``starting_vaddress`` with QEMU's generic
   loader, the first vCPU starting there; a Linux guest booted by QEMU itself with
   ``-kernel``/``-initrd``/``-dtb`` (QEMU's own device tree when the image has none);
+* a networked ZIC's virtio-net device on its tap (:mod:`runphi.backends.kvm.net`);
 * ``-S`` (the vCPUs wait for ``cont``: ``start``), ``-no-shutdown``/``-no-reboot``
   (a guest power-off or reset stops the VM instead of ending or restarting it, so
   the owner can tell which it was) and ``-d guest_errors`` (a store to unassigned
@@ -62,6 +64,9 @@ class VmPlan(msgspec.Struct, frozen=True, kw_only=True):
     lock_memory: bool = False
     #: The container's cgroup (OCI ``linux.cgroupsPath``), joined by the VM process ("" = none).
     cgroup: str = ""
+    #: A networked ZIC's tap (made by ``launch``) and its NIC's MAC ("" = no network).
+    net_tap: str = ""
+    net_mac: str = ""
 
 
 def choose_accel(setting: str, guest_arch: str) -> Accel:
@@ -104,6 +109,10 @@ def qemu_argv(plan: VmPlan, *, console_fd: int, owner_qmp_fd: int, control_fd: i
         argv += ["-mem-prealloc"]
     if plan.lock_memory:
         argv += ["-overcommit", "mem-lock=on"]
+    if plan.net_tap:
+        # virtio-net on a virtio-mmio transport of `virt`: no PCI option ROM needed.
+        argv += ["-netdev", f"tap,id=net0,ifname={plan.net_tap},script=no,downscript=no",
+                 "-device", f"virtio-net-device,netdev=net0,mac={plan.net_mac}"]
     argv += _boot_arguments(plan)
     return argv
 
