@@ -248,12 +248,16 @@ def test_link_slots_are_the_30s_of_the_link_subnet_after_the_first():
 
 
 def test_a_networked_vm_gets_a_virtio_net_device_on_its_tap_and_no_pci_rom():
-    plan = VmPlan(**{**{f: getattr(PLAN, f) for f in PLAN.__struct_fields__}, "net_tap": "rphiabc",
-                     "net_mac": "02:00:00:00:00:01"})
+    from runphi.backends.kvm.net import plan_link
+
+    link = plan_link("web", "169.254.100.0/24", 1)
+    plan = VmPlan(**{**{f: getattr(PLAN, f) for f in PLAN.__struct_fields__}, "host_link": link})
     argv = qemu_argv(plan, console_fd=7, owner_qmp_fd=8, control_fd=9)
-    assert argv[argv.index("-netdev") + 1] == "tap,id=net0,ifname=rphiabc,script=no,downscript=no"
-    assert "virtio-net-device,netdev=net0,mac=02:00:00:00:00:01" in argv
+    assert argv[argv.index("-netdev") + 1] == f"tap,id=net0,ifname={link.tap},script=no,downscript=no"
+    assert f"virtio-net-device,netdev=net0,mac={link.mac}" in argv
     assert not any("pci" in arg for arg in argv)
+    in_a_pod = qemu_argv(plan, console_fd=7, owner_qmp_fd=8, control_fd=9, tap_fd=10)
+    assert in_a_pod[in_a_pod.index("-netdev") + 1] == "tap,id=net0,fd=10"  # opened in the pod's namespace
 
 
 def test_no_free_link_refuses_the_next_networked_zic_with_one_line(tmp_path):

@@ -1,15 +1,23 @@
-"""A networked ZIC on the KVM backend, without a pod (``net: true`` under the runphi CLI): its
-link is a tap with the link subnet's host address, the guest's virtio-net NIC gets the
-guest address, and the Linux guest's httpd answers on it. ``delete`` removes the tap.
+"""A networked ZIC on the KVM backend (``net: true``), its Linux guest's httpd answering:
 
-runphi runs inside a network namespace the test makes (``nsenter --net``), so the tap,
-and every packet, stay in it; the addresses are link-local (169.254.0.0/16).
+* without a pod (the runphi CLI alone): the link is a tap with the link subnet's host
+  address, the guest's virtio-net NIC gets the guest address; runphi runs inside a network
+  namespace the test makes (``nsenter --net``), so the tap stays in it;
+* in a pod (the spec names the pod's network namespace, as CRI does): the guest *is* the
+  pod's address, reached through the pod's interface (a veth whose other end lives in a
+  second namespace the test makes, standing in for the CNI bridge).
+
+``delete`` removes the tap and every redirect. Every packet stays in namespaces the test
+makes, on link-local addresses (169.254.0.0/16).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -21,17 +29,43 @@ from tests.test_lifecycle_harness import run_runphi, subreaper, wait_exit  # noq
 pytestmark = pytest.mark.qemu
 
 
-@pytest.fixture
-def namespace():
+@contextmanager
+def own_namespace(role: str) -> Iterator[str]:
     """A network namespace of the test's own, removed afterwards."""
     from pyroute2 import netns
 
-    name = f"rphi-kvmnet-{os.getpid()}"
+    name = f"rphi-kvmnet-{role}-{os.getpid()}"
     netns.create(name)
     try:
         yield name
     finally:
         netns.remove(name)
+
+
+@pytest.fixture
+def namespace():
+    with own_namespace("ctr") as name:
+        yield name
+
+
+@pytest.fixture
+def pod():
+    """(outside, pod): two namespaces joined by a veth — ``vpeer`` 169.254.60.1/24 outside,
+    ``eth0`` 169.254.60.2/24 in the pod with its default route via the outside end."""
+    from pyroute2 import IPRoute
+
+    with own_namespace("outside") as outside, own_namespace("pod") as inside:
+        with IPRoute(netns=outside, flags=0) as ipr:
+            ipr.link("add", ifname="vpeer", kind="veth", peer={"ifname": "eth0", "net_ns_fd": f"/run/netns/{inside}"})
+            index = ipr.link_lookup(ifname="vpeer")[0]
+            ipr.addr("add", index=index, address="169.254.60.1", prefixlen=24)
+            ipr.link("set", index=index, state="up")
+        with IPRoute(netns=inside, flags=0) as ipr:
+            index = ipr.link_lookup(ifname="eth0")[0]
+            ipr.addr("add", index=index, address="169.254.60.2", prefixlen=24)
+            ipr.link("set", index=index, state="up")
+            ipr.route("add", dst="0.0.0.0/0", gateway="169.254.60.1")
+        yield outside, inside
 
 
 def networked_linux_bundle(directory: Path) -> Path:
@@ -84,3 +118,35 @@ def test_networked_linux_zic_serves_its_page_on_the_links_guest_address(kvm_cli,
     deleted = in_namespace(namespace, kvm_cli, "delete", "web")
     assert deleted.returncode == 0, deleted.stderr
     assert taps(namespace) == [], f"the link's tap {tap} was left behind"
+
+
+def ingress_filters(namespace: str, interface: str) -> int:
+    from pyroute2 import IPRoute
+
+    with IPRoute(netns=namespace, flags=0) as ipr:
+        index = ipr.link_lookup(ifname=interface)[0]
+        return len(ipr.get_filters(index=index, parent=0xFFFF0000))
+
+
+def test_networked_linux_zic_in_a_pod_answers_on_the_pods_address(kvm_cli, pod, tmp_path):  # noqa: F811
+    from tools.linux_guest import HTTP_PAGE
+    from tools.linux_guest.initramfs import NET_READY_MESSAGE
+    from tools.linux_guest.testing import http_get_in
+
+    outside, inside = pod
+    bundle = networked_linux_bundle(tmp_path)
+    spec = json.loads((bundle / "config.json").read_text())
+    spec.setdefault("linux", {})["namespaces"] = [{"type": "network", "path": f"/run/netns/{inside}"}]
+    (bundle / "config.json").write_text(json.dumps(spec))
+    monitor = kvm_cli.started("in-pod", bundle)
+    console = kvm_cli.console_until("in-pod", f"{NET_READY_MESSAGE} 169.254.60.2/24".encode(), timeout=120)
+    assert b"network setup failed" not in console
+    [tap] = [name for name in taps(inside) if name != "eth0"]
+    assert tap.startswith("rphi"), taps(inside)  # the ZIC's tap lives in the pod
+    status, body = trio.run(http_get_in, outside, "169.254.60.2")
+    assert (status, body.decode()) == (200, HTTP_PAGE)  # the pod's address is the guest
+    kvm_cli.run("kill", "in-pod", "KILL", check=True)
+    assert wait_exit(monitor, timeout=60) == 137
+    kvm_cli.run("delete", "in-pod", check=True)
+    assert taps(inside) == ["eth0"], "the ZIC's tap was left in the pod"
+    assert ingress_filters(inside, "eth0") == 0, "the redirect from the pod's interface was left behind"

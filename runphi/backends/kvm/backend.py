@@ -30,7 +30,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -46,7 +46,7 @@ from runphi.undo import UndoStack
 if TYPE_CHECKING:
     from runphi.backends.kvm.host import KvmHost
     from runphi.backends.kvm.machine import VmPlan
-    from runphi.backends.kvm.net import Link
+    from runphi.oci import Config
     from runphi.backends.ledger import Allocation, NodeLedger
     from runphi.config import RuntimeConfig
     from runphi.image import BootDescription
@@ -249,10 +249,14 @@ class KvmBackend:
             from runphi.backends.kvm.cgroups import remove_cgroup
 
             remove_cgroup(plan.cgroup)
-        if plan.net_tap:
+        if plan.pod_link is not None:
+            from runphi.backends.kvm.net import remove_pod_redirect
+
+            remove_pod_redirect(plan.pod_link)
+        elif plan.host_link is not None:
             from runphi.backends.kvm.net import remove_tap
 
-            remove_tap(plan.net_tap)
+            remove_tap(plan.host_link.tap)
 
     # ---- create ------------------------------------------------------------
 
@@ -289,47 +293,61 @@ class KvmBackend:
         directory.mkdir(mode=0o700, parents=True)
         undo.push("remove the cell directory", lambda: remove_cell_dir(directory))
         plan = self._plan(name, boot, allocation, request, *plan_tools)
-        link = self._link(name, allocation.ivshmem_slot)
-        if link is not None:
-            plan = with_link(plan, link)
-        # The plan first: a delete after a crash finds the tap it names.
+        plan = self._with_network(plan, allocation.ivshmem_slot, pod_namespace(request.config))
+        # The plan first: a delete after a crash finds the tap and redirects it names.
         write_atomically(directory / PLAN_NAME, msgspec.json.encode(plan))
-        if link is not None:
-            self._make_tap(link, undo)
+        tap_fd = self._make_link(plan, undo)
         write_status(directory, CellFile(phase="created"))
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         undo.push("close the console", ours.close)
-        host_fds: tuple[int, ...] = ()
+        host_fds = (theirs.detach(), *([tap_fd] if tap_fd >= 0 else []))
         if request.owned:
-            host_fds = (theirs.detach(),)
-            undo.push("close QEMU's console end", lambda: os.close(host_fds[0]))
+            undo.push("close QEMU's ends", lambda: _close_all(host_fds))
         else:
-            self._bring_up_here(name, directory, plan, theirs.detach(), undo)
+            self._bring_up_here(name, directory, plan, host_fds, undo)  # takes the fds over
+            host_fds = ()
         cell = CellRecord(cell_name=name, allocation=msgspec.to_builtins(allocation))
         undo.discard()
         return LaunchedCell(cell=cell, console_fd=ours.detach(), host_fds=host_fds,
                             watch=self._watch_settings(directory, grace))
 
-    def _link(self, cell_name: str, slot: int | None) -> Link | None:
-        """The network link of ledger slot ``slot`` (None for a ZIC without a network)."""
+    def _with_network(self, plan: VmPlan, slot: int | None, namespace: str) -> VmPlan:
+        """``plan`` with the ZIC's link (ledger slot ``slot``; None: no network): inside the
+        pod's network namespace when the spec names one, else a link-local /30 on the host.
+        A Linux guest finds its address on its kernel command line."""
         if slot is None:
-            return None
-        from runphi.backends.kvm.net import plan_link
+            return plan
+        from runphi.backends.kvm.net import plan_link, read_pod_link
 
-        return plan_link(cell_name, self.host.link_subnet, slot)
+        if namespace:
+            pod = read_pod_link(namespace, plan.name)
+            return msgspec.structs.replace(plan, pod_link=pod, append=_with_argument(plan, pod.guest_argument()))
+        link = plan_link(plan.name, self.host.link_subnet, slot)
+        return msgspec.structs.replace(plan, host_link=link, append=_with_argument(plan, link.guest_argument()))
 
     @staticmethod
-    def _make_tap(link: Link, undo: UndoStack) -> None:
-        from runphi.backends.kvm.net import create_tap, remove_tap
+    def _make_link(plan: VmPlan, undo: UndoStack) -> int:
+        """Make the planned link; the tap's fd for QEMU when it lives in a pod (else -1)."""
+        from runphi.backends.kvm.net import create_tap, open_pod_tap, remove_pod_redirect, remove_tap
 
-        create_tap(link)
-        undo.push(f"remove the tap {link.tap}", lambda: remove_tap(link.tap))
+        pod, link = plan.pod_link, plan.host_link
+        if pod is not None:
+            fd = open_pod_tap(pod)
+            undo.push(f"remove the redirect on {pod.interface}", lambda: remove_pod_redirect(pod))
+            return fd
+        if link is not None:
+            create_tap(link)
+            undo.push(f"remove the tap {link.tap}", lambda: remove_tap(link.tap))
+        return -1
 
-    def _bring_up_here(self, name: str, directory: Path, plan: VmPlan, console_fd: int, undo: UndoStack) -> None:
-        """Start the VM paused as this process's child (a direct protocol caller owns it)."""
+    def _bring_up_here(self, name: str, directory: Path, plan: VmPlan, host_fds: tuple[int, ...],
+                       undo: UndoStack) -> None:
+        """Start the VM paused as this process's child (a direct protocol caller owns it); it
+        takes over ``host_fds`` (QEMU's end of the console, a pod link's tap)."""
         from runphi.backends.kvm.vm import kill_and_reap, start_vm
 
-        vm = start_vm(directory, plan, console_fd, timeout=10.0, follow_stderr=False)
+        vm = start_vm(directory, plan, host_fds[0], tap_fd=host_fds[1] if len(host_fds) > 1 else -1,
+                      timeout=10.0, follow_stderr=False)
         vm.qmp.close()
         _UNOWNED[name] = vm.process
         undo.push("kill the VM", lambda: kill_and_reap(_UNOWNED.pop(name, vm.process)))
@@ -399,14 +417,23 @@ def vcpu_host_cpus(boot: BootDescription, cpus: frozenset[int]) -> list[int]:
     return [by_vcpu[vcpu] for vcpu in range(len(by_vcpu))]
 
 
-def with_link(plan: VmPlan, link: Link) -> VmPlan:
-    """``plan`` with the VM's NIC on ``link``'s tap and, for a Linux guest, its address on the
-    kernel command line."""
-    append = f"{plan.append} {link.guest_argument()}".strip() if plan.kernel else plan.append
-    return msgspec.structs.replace(plan, net_tap=link.tap, net_mac=link.mac, append=append)
+def _close_all(fds: tuple[int, ...]) -> None:
+    for fd in fds:
+        os.close(fd)
 
 
-def linux_boot(boot: BootDescription, annotations: dict[str, str], image_dtb: bool) -> dict[str, str]:
+def _with_argument(plan: VmPlan, argument: str) -> str:
+    """A Linux guest's command line with ``argument`` added (a bare-metal guest has none)."""
+    return f"{plan.append} {argument}".strip() if plan.kernel else plan.append
+
+
+def pod_namespace(config: Config) -> str:
+    """The network namespace the spec joins (a CRI pod's), or "" when it names none."""
+    namespaces = config.linux.namespaces if config.linux else []
+    return next((ns.path for ns in namespaces if ns.type == "network" and ns.path), "")
+
+
+def linux_boot(boot: BootDescription, annotations: dict[str, str], image_dtb: bool) -> dict[str, Any]:
     """``VmPlan`` fields of a Linux guest: its files (the image's device tree only with
     ``image_dtb``) and a command line with the VM's serial console."""
     cmdline = annotations.get(LINUX_CMDLINE_ANNOTATION, "")

@@ -28,6 +28,7 @@ from typing import Literal
 import msgspec
 
 from runphi.backends.base import BackendError
+from runphi.backends.kvm.net import Link, PodLink
 
 Accel = Literal["kvm", "tcg"]
 
@@ -64,9 +65,14 @@ class VmPlan(msgspec.Struct, frozen=True, kw_only=True):
     lock_memory: bool = False
     #: The container's cgroup (OCI ``linux.cgroupsPath``), joined by the VM process ("" = none).
     cgroup: str = ""
-    #: A networked ZIC's tap (made by ``launch``) and its NIC's MAC ("" = no network).
-    net_tap: str = ""
-    net_mac: str = ""
+    #: A networked ZIC's link: a tap on the host with a link-local /30, or (in a pod) a tap
+    #: inside the pod's network namespace, which reaches QEMU as an fd. None: no network.
+    host_link: Link | None = None
+    pod_link: PodLink | None = None
+
+    @property
+    def link(self) -> Link | PodLink | None:
+        return self.pod_link or self.host_link
 
 
 def choose_accel(setting: str, guest_arch: str) -> Accel:
@@ -84,8 +90,9 @@ def choose_accel(setting: str, guest_arch: str) -> Accel:
     return "kvm"
 
 
-def qemu_argv(plan: VmPlan, *, console_fd: int, owner_qmp_fd: int, control_fd: int) -> list[str]:
-    """The QEMU command line of ``plan``; the fds are QEMU's ends of its sockets."""
+def qemu_argv(plan: VmPlan, *, console_fd: int, owner_qmp_fd: int, control_fd: int, tap_fd: int = -1) -> list[str]:
+    """The QEMU command line of ``plan``; the fds are QEMU's ends of its sockets (and the tap
+    of a ZIC in a pod, opened in the pod's namespace)."""
     accel = "kvm" if plan.accel == "kvm" else "tcg,thread=multi"
     argv = [
         plan.binary,
@@ -109,10 +116,11 @@ def qemu_argv(plan: VmPlan, *, console_fd: int, owner_qmp_fd: int, control_fd: i
         argv += ["-mem-prealloc"]
     if plan.lock_memory:
         argv += ["-overcommit", "mem-lock=on"]
-    if plan.net_tap:
+    link = plan.link
+    if link is not None:
         # virtio-net on a virtio-mmio transport of `virt`: no PCI option ROM needed.
-        argv += ["-netdev", f"tap,id=net0,ifname={plan.net_tap},script=no,downscript=no",
-                 "-device", f"virtio-net-device,netdev=net0,mac={plan.net_mac}"]
+        tap = f"fd={tap_fd}" if tap_fd >= 0 else f"ifname={link.tap},script=no,downscript=no"
+        argv += ["-netdev", f"tap,id=net0,{tap}", "-device", f"virtio-net-device,netdev=net0,mac={link.mac}"]
     argv += _boot_arguments(plan)
     return argv
 

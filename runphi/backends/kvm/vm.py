@@ -44,23 +44,32 @@ class RunningVm:
     vcpu_threads: list[int]
 
 
-def start_vm(directory: Path, plan: VmPlan, console_fd: int, *, timeout: float, follow_stderr: bool) -> RunningVm:
+def start_vm(directory: Path, plan: VmPlan, console_fd: int, *, timeout: float, follow_stderr: bool,
+             tap_fd: int = -1) -> RunningVm:
     """Start ``plan``'s QEMU paused (module docstring); ``console_fd`` is QEMU's end of the
-    console and is closed here. ``follow_stderr``: a pipe for the caller, else qemu.log."""
-    control = _control_listener(directory)
+    console, ``tap_fd`` a pod link's tap (-1: none); both are closed here. ``follow_stderr``: a
+    pipe for the caller, else qemu.log."""
+    try:
+        control = _control_listener(directory)
+    except BaseException:
+        for fd in (console_fd, tap_fd):
+            if fd >= 0:
+                os.close(fd)
+        raise
     owner_ours, owner_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     stderr_read, stderr_write = _stderr_target(directory, follow_stderr)
     try:
         argv = qemu_argv(plan, console_fd=console_fd, owner_qmp_fd=owner_theirs.fileno(),
-                         control_fd=control.fileno())
-        process = _spawn(argv, (console_fd, owner_theirs.fileno(), control.fileno()), stderr_write, plan)
+                         control_fd=control.fileno(), tap_fd=tap_fd)
+        fds = (console_fd, owner_theirs.fileno(), control.fileno(), *([tap_fd] if tap_fd >= 0 else []))
+        process = _spawn(argv, fds, stderr_write, plan)
     except BaseException:
         owner_ours.close()
         if stderr_read >= 0:
             os.close(stderr_read)
         raise
     finally:
-        for fd in (console_fd, stderr_write):
+        for fd in (console_fd, stderr_write, tap_fd):
             if fd >= 0:
                 os.close(fd)
         owner_theirs.close()

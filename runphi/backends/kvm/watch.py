@@ -38,11 +38,12 @@ RUNNING = CellStatus(CellState.RUNNING, "running")
 class KvmCellWatch:
     """One VM, as the process that owns it sees it."""
 
-    def __init__(self, directory: Path, cell_name: str, tool_timeout: float, console_fd: int) -> None:
+    def __init__(self, directory: Path, cell_name: str, tool_timeout: float, host_fds: tuple[int, ...]) -> None:
         self.directory = directory
         self.name = cell_name
         self.tool_timeout = tool_timeout
-        self._console_fd = console_fd
+        #: QEMU's end of the console, and a pod link's tap when there is one.
+        self._host_fds = host_fds
         self.vm: RunningVm | None = None
         self._plan: VmPlan | None = None
         self.status = CREATED
@@ -60,15 +61,12 @@ class KvmCellWatch:
         try:
             self._plan = msgspec.json.decode(plan_path.read_bytes(), type=VmPlan)
         except (OSError, msgspec.DecodeError, msgspec.ValidationError) as exc:
-            self._close_console()
+            for fd in self._host_fds:
+                os.close(fd)
             raise BackendError(f"cannot read the VM plan {plan_path}: {exc}") from None
-        console, self._console_fd = self._console_fd, -1
-        self.vm = start_vm(self.directory, self._plan, console, timeout=self.tool_timeout, follow_stderr=True)
-
-    def _close_console(self) -> None:
-        if self._console_fd >= 0:
-            os.close(self._console_fd)
-            self._console_fd = -1
+        fds, self._host_fds = self._host_fds, ()
+        self.vm = start_vm(self.directory, self._plan, fds[0], tap_fd=fds[1] if len(fds) > 1 else -1,
+                           timeout=self.tool_timeout, follow_stderr=True)
 
     # ---- the CellWatch protocol ------------------------------------------------
 
@@ -235,6 +233,5 @@ def status_of_ending(ending: CellFile) -> CellStatus:
 def open_cell_watch(backend_config: dict[str, str], cell_name: str, tool_timeout: float,
                     host_fds: tuple[int, ...] = ()) -> KvmCellWatch:
     """The watch of one VM, with the settings ``launch`` put in its WatchSettings; it takes
-    over QEMU's end of the console (``host_fds[0]``)."""
-    return KvmCellWatch(Path(backend_config["cell_dir"]), cell_name, tool_timeout,
-                        host_fds[0] if host_fds else -1)
+    over QEMU's end of the console (``host_fds[0]``) and a pod link's tap (``host_fds[1]``)."""
+    return KvmCellWatch(Path(backend_config["cell_dir"]), cell_name, tool_timeout, host_fds)
