@@ -9,8 +9,8 @@ Steps (in the order a verb reaches them):
 
 ``create``: ``create:record`` (the ``creating`` record is written),
 ``create:allocated`` (ledger entry written), ``create:cell-created``,
-``create:loaded``, ``create:launched`` (monitor forked, record not yet
-updated), ``create:recorded`` (record holds the cell and the monitor),
+``create:loaded``, ``create:linked`` (KVM: the VM plan written and its network link
+made), ``create:launched`` (monitor forked, record not yet updated), ``create:recorded`` (record holds the cell and the monitor),
 ``create:hooks-done``.
 ``delete``: ``delete:monitor-stopped``, ``delete:cell-destroyed`` (ledger not yet
 released), ``delete:released`` (record not yet removed).

@@ -150,3 +150,37 @@ def test_networked_linux_zic_in_a_pod_answers_on_the_pods_address(kvm_cli, pod, 
     kvm_cli.run("delete", "in-pod", check=True)
     assert taps(inside) == ["eth0"], "the ZIC's tap was left in the pod"
     assert ingress_filters(inside, "eth0") == 0, "the redirect from the pod's interface was left behind"
+
+
+@pytest.mark.parametrize("step", ["create:allocated", "create:linked", "create:launched", "create:recorded"])
+def test_a_create_killed_at_any_step_leaves_no_tap_or_redirect_after_delete_force(kvm_cli, pod, tmp_path, step):  # noqa: F811
+    """kill -9 of a networked create wherever it is; ``delete --force`` then leaves nothing in the
+    pod (no tap, no redirect), no cell and no ledger entry."""
+    from runphi.procfs import process_state
+    from tests.test_lifecycle_harness import RUNPHI, wait_for
+
+    _, inside = pod
+    bundle = networked_linux_bundle(tmp_path)
+    spec = json.loads((bundle / "config.json").read_text())
+    spec.setdefault("linux", {})["namespaces"] = [{"type": "network", "path": f"/run/netns/{inside}"}]
+    (bundle / "config.json").write_text(json.dumps(spec))
+    with open(tmp_path / "create.out", "wb") as out:
+        create = subprocess.Popen([str(RUNPHI), "--root", str(kvm_cli.root), "create", "--bundle", str(bundle),
+                                   "crashed"], env={**kvm_cli.env, "RUNPHI_TEST_PAUSE_AT": step},
+                                  stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+    try:
+        wait_for(lambda: create.poll() is not None or process_state(create.pid) == "T", timeout=60,
+                 what=f"create to stop at {step}")
+        assert create.poll() is None, (tmp_path / "create.out").read_text()
+    finally:
+        create.kill()
+        create.wait()
+    deleted = kvm_cli.run("delete", "--force", "crashed")
+    assert deleted.returncode == 0 and "Traceback" not in deleted.stderr, deleted.stderr
+    wait_for(lambda: taps(inside) == ["eth0"], timeout=30, what="the ZIC's tap to go")
+    assert ingress_filters(inside, "eth0") == 0, "a redirect from the pod's interface was left behind"
+    node = kvm_cli.base / "node"
+    cells = node / "kvm-cells"
+    left = [p.name for p in cells.iterdir() if not p.name.startswith(".")] if cells.is_dir() else []
+    assert left == [], f"cells left behind: {left}"
+    assert json.loads((node / "jailhouse-ledger.json").read_text())["allocations"] == {}

@@ -41,6 +41,7 @@ from runphi.backends.kvm.cells import (PLAN_NAME, CellFile, cell_dir, cell_names
                                        write_atomically, write_status)
 from runphi.backends.kvm.qmp import BlockingQmp, QmpError
 from runphi.errors import RunphiError
+from runphi.pausepoint import pause_point
 from runphi.undo import UndoStack
 
 if TYPE_CHECKING:
@@ -297,6 +298,7 @@ class KvmBackend:
         # The plan first: a delete after a crash finds the tap and redirects it names.
         write_atomically(directory / PLAN_NAME, msgspec.json.encode(plan))
         tap_fd = self._make_link(plan, undo)
+        pause_point("create:linked")
         write_status(directory, CellFile(phase="created"))
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         undo.push("close the console", ours.close)
