@@ -13,8 +13,10 @@ import os
 from pathlib import Path
 
 import pytest
+import trio
 
 from tests.test_kvm_backend import parent_of
+from tests.test_kvm_net import ingress_filters, pod, taps  # noqa: F401  (fixture)
 from tests.test_linux_guest_containerd import (imported_linux_image, kill_is_an_orderly_poweroff,
                                                uname_on_a_terminal_then_poweroff)
 from tests.test_e2e_zic import (as_guest_sent, assert_nothing_left, ctr_run_zic,
@@ -25,6 +27,7 @@ from tools.testbed.containerd import MODES
 pytestmark = [pytest.mark.containerd, pytest.mark.qemu]
 
 LINUX_IMAGE = "docker.io/library/runphi-linux-guest:kvm"
+NET_IMAGE = "docker.io/library/runphi-linux-guest:kvm-net"
 
 
 @pytest.fixture(scope="module", params=MODES)
@@ -182,3 +185,40 @@ def test_linux_zic_killed_powers_off_in_order_through_the_vms_power_button(kvm_n
                                                                          tmp_path):
     """TERM is QEMU's power button (system_powerdown): the guest's acpid runs an orderly poweroff."""
     kill_is_an_orderly_poweroff(kvm_node, kvm_events, linux_image, "kvm-linux-kill", tmp_path / "kill.log")
+
+
+# ---- a networked ZIC joining a pod's network namespace -------------------------------------------
+
+@pytest.fixture(scope="module")
+def networked_linux_image(kvm_node, tmp_path_factory) -> str:
+    """The Linux ZIC asking for a network (``net: true``)."""
+    with imported_linux_image(kvm_node, tmp_path_factory.mktemp("net-image"), NET_IMAGE, "--net") as image:
+        yield image
+
+
+def test_networked_zic_joining_a_pods_namespace_answers_on_the_pods_address(kvm_node, kvm_events,
+                                                                            networked_linux_image, pod, tmp_path):
+    """``ctr run --with-ns network:<pod>``: runphi (as runc, or as the shim) makes the VM's link
+    inside the pod's namespace; a GET from the other end of the pod's veth reaches the guest;
+    removing the task leaves no tap and no redirect in the pod."""
+    from tools.linux_guest import HTTP_PAGE
+    from tools.linux_guest.initramfs import NET_READY_MESSAGE
+    from tools.linux_guest.testing import http_get_in
+
+    outside, inside = pod
+    log = tmp_path / "web.log"
+    ctr = kvm_node.containerd.ctr
+    started = ctr("run", "-d", "--log-uri", f"file://{log}", "--with-ns", f"network:/run/netns/{inside}",
+                  *kvm_node.zic_flags(), networked_linux_image, "kvm-web")
+    assert started.returncode == 0, started.stderr
+    try:
+        wait_for_text(log, f"{NET_READY_MESSAGE} 169.254.60.2/24")
+        status, body = trio.run(http_get_in, outside, "169.254.60.2")
+        assert (status, body.decode()) == (200, HTTP_PAGE)
+        assert ctr("task", "kill", "--signal", "SIGKILL", "kvm-web").returncode == 0
+        assert kvm_events.exit_status("kvm-web") == 137
+    finally:
+        ctr("task", "rm", "--force", "kvm-web")
+        ctr("containers", "rm", "kvm-web")
+    assert_nothing_left(kvm_node, "kvm-web")
+    assert taps(inside) == ["eth0"] and ingress_filters(inside, "eth0") == 0, "the link was left in the pod"

@@ -30,13 +30,14 @@ ORDERLY_POWEROFF = (POWER_KEY_MESSAGE, SHUTDOWN_MESSAGE, "The system is going do
 
 
 @contextmanager
-def imported_linux_image(node, directory: Path, name: str) -> Iterator[str]:
-    """``python -m tools.linux_guest zic`` built into ``directory`` and imported into the node's
-    containerd as ``name`` (removed afterwards); skips without the guest's parts."""
+def imported_linux_image(node, directory: Path, name: str, *zic_flags: str) -> Iterator[str]:
+    """``python -m tools.linux_guest zic [ZIC_FLAGS]`` built into ``directory`` and imported into
+    the node's containerd as ``name`` (removed afterwards); skips without the guest's parts."""
     guest_or_skip()
     archive = directory / "linux.tar"
     built = subprocess.run([sys.executable, "-m", "tools.linux_guest", "zic", "--archive", str(archive),
-                            "--name", name], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+                            "--name", name, *zic_flags], cwd=REPO_ROOT, capture_output=True, text=True,
+                           timeout=300)
     assert built.returncode == 0, built.stderr
     ctr = node.containerd.ctr
     imported = ctr("images", "import", "--platform", ZIC_IMAGE_PLATFORM, str(archive), timeout=300)
