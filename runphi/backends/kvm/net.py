@@ -1,11 +1,19 @@
 """A networked KVM ZIC's link: a tap on the host side, a virtio-net device in the VM.
 
-The link of ledger slot ``n`` is the ``n``-th /30 of the host template's link subnet
-(link-local by default): the host side (the tap) has the first address, the guest the
-second. The tap is created by ``launch`` in the network namespace runphi runs in,
-persistent and up, named after its cell (so that ``destroy_cell`` finds it even after a
-crash), and QEMU attaches to it by name. A Linux guest learns its address from
-``runphi.net=<address>/30,<host address>`` on its kernel command line.
+Without a pod (:class:`Link`), the link of ledger slot ``n`` is the ``n``-th /30 of the
+host template's link subnet (link-local by default): the host side (the tap) has the
+first address, the guest the second. The tap is created by ``launch`` in the network
+namespace runphi runs in, persistent and up, named after its cell, and QEMU attaches to
+it by name.
+
+In a pod (:class:`PodLink`, the spec names the pod's network namespace), the guest takes
+the pod's place: its tap is made inside the pod's namespace, reaches QEMU as an fd, and
+every frame is redirected between it and the pod's interface (kata's model: the link is
+L2-transparent, so no address translation is needed).
+
+A Linux guest learns its address from ``runphi.net=<address>/<prefix>[,<gateway>]`` on
+its kernel command line. ``launch`` writes the VM plan naming the link before it makes
+the link, so ``destroy_cell`` removes it even after a crash.
 """
 
 from __future__ import annotations
@@ -49,7 +57,7 @@ def plan_link(cell_name: str, subnet: str, slot: int) -> Link:
     hosts = list(links[slot].hosts())
     digest = hashlib.sha256(cell_name.encode()).digest()
     mac = "02:" + ":".join(f"{byte:02x}" for byte in digest[:5])
-    return Link(tap=f"rphi{digest.hex()[:11]}", host_address=str(hosts[0]), guest_address=str(hosts[1]), mac=mac)
+    return Link(tap=tap_name(cell_name), host_address=str(hosts[0]), guest_address=str(hosts[1]), mac=mac)
 
 
 def link_slots(subnet: str) -> range:
@@ -58,7 +66,7 @@ def link_slots(subnet: str) -> range:
 
 
 def tap_name(cell_name: str) -> str:
-    """The tap of ``cell_name``'s link, whatever its slot."""
+    """The tap of ``cell_name``'s link, whatever its slot or namespace (fits IFNAMSIZ)."""
     return f"rphi{hashlib.sha256(cell_name.encode()).hexdigest()[:11]}"
 
 
