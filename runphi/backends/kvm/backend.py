@@ -6,7 +6,9 @@
    CPUs and RAM in the node's resource ledger (the ``kvm-host`` template lends them);
 2. make the cell's directory with its VM plan (``vm.json``) and ``status.json``
    ``created`` (:mod:`runphi.backends.kvm.cells`);
-3. open the console: a socket pair, one end the console source the core pumps, the
+3. for a networked ZIC, its link (:mod:`runphi.backends.kvm.net`): a tap on the host,
+   or inside the pod's network namespace when the spec names one;
+   then the console: a socket pair, one end the console source the core pumps, the
    other QEMU's serial;
 4. when the core hands the cell to an owner (``LaunchRequest.owned``), QEMU is
    *not* started here: the owner's watch brings it up, so that the VM process is the
