@@ -11,6 +11,7 @@ import signal
 import uuid
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from runphi.backends.base import BackendError
@@ -44,8 +45,8 @@ def test_command_line_has_only_explicit_devices_and_starts_paused():
 
 
 def test_linux_guest_is_booted_by_qemu_with_its_own_device_tree_unless_told():
-    linux = VmPlan(**{**{f: getattr(PLAN, f) for f in PLAN.__struct_fields__}, "images": [], "entry": None,
-                      "kernel": "/b/vmlinuz", "initrd": "/b/initrd", "append": "console=ttyAMA0 quiet"})
+    linux = msgspec.structs.replace(PLAN, images=[], entry=None, kernel="/b/vmlinuz", initrd="/b/initrd",
+                                    append="console=ttyAMA0 quiet")
     argv = qemu_argv(linux, console_fd=7, owner_qmp_fd=8, control_fd=9)
     assert argv[argv.index("-kernel") + 1] == "/b/vmlinuz"
     assert argv[argv.index("-initrd") + 1] == "/b/initrd"
@@ -54,8 +55,7 @@ def test_linux_guest_is_booted_by_qemu_with_its_own_device_tree_unless_told():
 
 
 def test_a_comma_in_an_image_path_is_escaped_for_qemu():
-    plan = VmPlan(**{**{f: getattr(PLAN, f) for f in PLAN.__struct_fields__},
-                     "images": [LoaderImage(file="/b/a,b.bin", address=0x70000000)]})
+    plan = msgspec.structs.replace(PLAN, images=[LoaderImage(file="/b/a,b.bin", address=0x70000000)])
     assert "loader,file=/b/a,,b.bin,addr=0x70000000,force-raw=on" in qemu_argv(
         plan, console_fd=7, owner_qmp_fd=8, control_fd=9)
 
@@ -107,11 +107,9 @@ def test_cgroups_path_in_cgroupfs_and_systemd_forms(path, relative):
 @pytest.fixture
 def kvm_cli(built_inmates, subreaper, tmp_path):  # noqa: F811
     """The runphi CLI on the KVM backend (its own state dir and runphi.toml)."""
-    config = tmp_path / "runphi.toml"
-    config.write_text('backend = "kvm"\n\n[kvm]\npoll_interval_ms = 20\n')
-    env = {**os.environ, "RUNPHI_CONFIG": str(config), "RUNPHI_STATE_DIR": str(tmp_path / "node")}
-    env.pop("RUNPHI_BACKEND", None)
-    cli = RuntimeCli(tmp_path, env)
+    from tools.testbed.containerd import kvm_env
+
+    cli = RuntimeCli(tmp_path, {**os.environ, **kvm_env(tmp_path)})
     cli.inmates = built_inmates  # type: ignore[attr-defined]
     try:
         yield cli
@@ -188,8 +186,7 @@ def test_vcpu_pinning_of_the_image_decides_which_host_cpu_runs_which_vcpu():
 
 
 def test_preallocated_locked_guest_ram_when_the_host_template_asks():
-    plan = VmPlan(**{**{f: getattr(PLAN, f) for f in PLAN.__struct_fields__}, "preallocate": True,
-                     "lock_memory": True})
+    plan = msgspec.structs.replace(PLAN, preallocate=True, lock_memory=True)
     argv = qemu_argv(plan, console_fd=7, owner_qmp_fd=8, control_fd=9)
     assert "-mem-prealloc" in argv and argv[argv.index("-overcommit") + 1] == "mem-lock=on"
 
@@ -251,7 +248,7 @@ def test_a_networked_vm_gets_a_virtio_net_device_on_its_tap_and_no_pci_rom():
     from runphi.backends.kvm.net import plan_link
 
     link = plan_link("web", "169.254.100.0/24", 1)
-    plan = VmPlan(**{**{f: getattr(PLAN, f) for f in PLAN.__struct_fields__}, "host_link": link})
+    plan = msgspec.structs.replace(PLAN, host_link=link)
     argv = qemu_argv(plan, console_fd=7, owner_qmp_fd=8, control_fd=9)
     assert argv[argv.index("-netdev") + 1] == f"tap,id=net0,ifname={link.tap},script=no,downscript=no"
     assert f"virtio-net-device,netdev=net0,mac={link.mac}" in argv

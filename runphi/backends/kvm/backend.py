@@ -39,9 +39,10 @@ import msgspec
 from runphi.backends.base import (GONE, LINUX_CMDLINE_ANNOTATION, BackendError, CellNotFound, CellRecord,
                                   CellState, CellStatistics, CellStatus, LaunchedCell, LaunchRequest,
                                   OperationDenied, ResourceBusy, WatchSettings, shutdown_timeout)
-from runphi.backends.kvm.cells import (PLAN_NAME, CellFile, cell_dir, cell_names, read_status, remove_cell_dir,
-                                       write_atomically, write_status)
+from runphi.backends.kvm.cells import (PLAN_NAME, CellFile, cell_dir, cell_names, read_plan, read_status,
+                                       remove_cell_dir, status_of, write_atomically, write_status)
 from runphi.backends.kvm.qmp import BlockingQmp, QmpError
+from runphi.backends.ledger import MiB
 from runphi.errors import RunphiError
 from runphi.pausepoint import pause_point
 from runphi.undo import UndoStack
@@ -54,7 +55,6 @@ if TYPE_CHECKING:
     from runphi.config import RuntimeConfig
     from runphi.image import BootDescription
 
-MiB = 1 << 20
 #: Longest container id used as a cell name as it is.
 NAME_MAX_LEN = 64
 _NAME_SAFE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -67,21 +67,8 @@ QEMU_STATES = {
     "guest-panicked": CellState.FAILED,
     "internal-error": CellState.FAILED,
 }
-#: ``status.json`` phases once the VM has ended.
-ENDED_PHASES = {"shut down": CellState.SHUT_DOWN, "failed": CellState.FAILED, "gone": CellState.GONE}
 #: VMs this process started for a direct protocol caller (kept so they are reaped here).
 _UNOWNED: dict[str, subprocess.Popen[bytes]] = {}
-
-
-def status_of(file: CellFile | None) -> CellStatus | None:
-    """The cell's status from ``status.json`` alone; None when only QEMU can tell (``up``)."""
-    if file is None:
-        return GONE
-    if file.phase == "created":
-        return CellStatus(CellState.CREATED, "created")
-    if file.phase in ENDED_PHASES:
-        return CellStatus(ENDED_PHASES[file.phase], file.detail or file.phase)
-    return None
 
 
 def vm_alive(file: CellFile) -> bool:
@@ -235,12 +222,7 @@ class KvmBackend:
             unowned.wait()
 
     def _plan_of(self, cell_name: str) -> VmPlan:
-        from runphi.backends.kvm.machine import VmPlan
-
-        try:
-            return msgspec.json.decode((self._dir(cell_name) / PLAN_NAME).read_bytes(), type=VmPlan)
-        except (OSError, msgspec.DecodeError, msgspec.ValidationError) as exc:
-            raise BackendError(f"cannot read the VM plan of cell {cell_name!r}: {exc}") from None
+        return read_plan(self._dir(cell_name))
 
     def _remove_host_side(self, cell_name: str) -> None:
         """Remove the cgroup and the tap the cell's plan names (a cell without a plan has none)."""

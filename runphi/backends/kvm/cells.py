@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import msgspec
 
-from runphi.backends.base import BackendError
+from runphi.backends.base import GONE, BackendError, CellState, CellStatus
 from runphi.errors import MALFORMED_INPUT
+
+if TYPE_CHECKING:
+    from runphi.backends.kvm.machine import VmPlan
 
 CELLS_DIR = "kvm-cells"
 PLAN_NAME = "vm.json"
@@ -85,6 +88,32 @@ def read_status(directory: Path) -> CellFile | None:
         return None
     except (OSError, *MALFORMED_INPUT) as exc:
         raise BackendError(f"cannot read the KVM cell status {directory / STATUS_NAME}: {exc}") from None
+
+
+#: ``status.json`` phases once the VM has ended.
+ENDED_PHASES = {"shut down": CellState.SHUT_DOWN, "failed": CellState.FAILED, "gone": CellState.GONE}
+
+
+def status_of(file: CellFile | None) -> CellStatus | None:
+    """The cell's status from ``status.json`` alone; None when only QEMU can tell (``up``)."""
+    if file is None:
+        return GONE
+    if file.phase == "created":
+        return CellStatus(CellState.CREATED, "created")
+    if file.phase in ENDED_PHASES:
+        return CellStatus(ENDED_PHASES[file.phase], file.detail or file.phase)
+    return None
+
+
+def read_plan(directory: Path) -> VmPlan:
+    """The cell's VM plan (``vm.json``); BackendError naming the file when it cannot be read."""
+    from runphi.backends.kvm.machine import VmPlan
+
+    path = directory / PLAN_NAME
+    try:
+        return msgspec.json.decode(path.read_bytes(), type=VmPlan)
+    except (OSError, *MALFORMED_INPUT) as exc:
+        raise BackendError(f"cannot read the VM plan {path}: {exc}") from None
 
 
 def write_status(directory: Path, status: CellFile) -> None:

@@ -23,6 +23,12 @@ from runphi.backends.base import BackendError
 CONTROL_SOCKET = "qmp.sock"
 
 
+def control_path(dir_fd: int) -> str:
+    """The control socket's address through an fd of its cell's directory: short whatever the
+    directory's own path (a socket address holds 108 bytes)."""
+    return f"/proc/self/fd/{dir_fd}/{CONTROL_SOCKET}"
+
+
 class QmpError(BackendError):
     """QEMU refused a command, closed the connection or did not answer in time."""
 
@@ -99,7 +105,7 @@ class BlockingQmp:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             sock.settimeout(timeout)
-            sock.connect(f"/proc/self/fd/{dir_fd}/{CONTROL_SOCKET}")
+            sock.connect(control_path(dir_fd))
             session = cls(sock, timeout)
             session.negotiate()
         except OSError as exc:

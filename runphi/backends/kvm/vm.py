@@ -28,7 +28,7 @@ from runphi.backends.base import BackendError
 from runphi.backends.kvm.cells import QEMU_LOG_NAME, CellFile, write_status
 from runphi.backends.kvm.cgroups import join_cgroup
 from runphi.backends.kvm.machine import VmPlan, qemu_argv
-from runphi.backends.kvm.qmp import CONTROL_SOCKET, BlockingQmp, QmpError, vcpu_threads
+from runphi.backends.kvm.qmp import BlockingQmp, QmpError, control_path, vcpu_threads
 
 _PR_SET_PDEATHSIG = 1
 
@@ -102,7 +102,7 @@ def _control_listener(directory: Path) -> socket.socket:
     dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        path = f"/proc/self/fd/{dir_fd}/{CONTROL_SOCKET}"
+        path = control_path(dir_fd)
         try:
             os.unlink(path)
         except FileNotFoundError:

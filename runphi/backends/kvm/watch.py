@@ -21,11 +21,10 @@ import os
 import re
 from pathlib import Path
 
-import msgspec
 import trio
 
 from runphi.backends.base import GONE, BackendError, CellState, CellStatus
-from runphi.backends.kvm.cells import CellFile, read_status, write_status
+from runphi.backends.kvm.cells import CellFile, read_plan, read_status, status_of, write_status
 from runphi.backends.kvm.machine import VmPlan
 from runphi.backends.kvm.qmp import QmpMessage, command_line, parse_line
 from runphi.backends.kvm.vm import RunningVm, kill_and_reap, start_vm
@@ -57,13 +56,12 @@ class KvmCellWatch:
     # ---- bring-up ------------------------------------------------------------
 
     def bring_up(self) -> None:
-        plan_path = self.directory / "vm.json"
         try:
-            self._plan = msgspec.json.decode(plan_path.read_bytes(), type=VmPlan)
-        except (OSError, msgspec.DecodeError, msgspec.ValidationError) as exc:
+            self._plan = read_plan(self.directory)
+        except BackendError:
             for fd in self._host_fds:
                 os.close(fd)
-            raise BackendError(f"cannot read the VM plan {plan_path}: {exc}") from None
+            raise
         fds, self._host_fds = self._host_fds, ()
         self.vm = start_vm(self.directory, self._plan, fds[0], tap_fd=fds[1] if len(fds) > 1 else -1,
                            timeout=self.tool_timeout, follow_stderr=True)
@@ -202,7 +200,7 @@ class KvmCellWatch:
             return
         self._ended.set()
         self._write(ending)
-        self.status = status_of_ending(ending)
+        self.status = status_of(ending) or GONE  # an ending is never `up`
         await self._send("quit")
 
     def _write(self, file: CellFile) -> None:
@@ -223,11 +221,6 @@ class KvmCellWatch:
             self._write(CellFile(phase="shut down", detail=self.status.detail or "shut down"))
         else:
             self._write(CellFile(phase="gone", detail="gone: its owner ended"))
-
-
-def status_of_ending(ending: CellFile) -> CellStatus:
-    state = {"shut down": CellState.SHUT_DOWN, "failed": CellState.FAILED}.get(ending.phase, CellState.GONE)
-    return CellStatus(state, ending.detail) if state is not CellState.GONE else GONE
 
 
 def open_cell_watch(backend_config: dict[str, str], cell_name: str, tool_timeout: float,
