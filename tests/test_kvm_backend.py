@@ -233,7 +233,8 @@ def test_create_learns_how_the_monitors_bring_up_went(answer, close, outcome):
 # ---- a networked ZIC's link ----------------------------------------------------------------------
 
 def test_link_slots_are_the_30s_of_the_link_subnet_after_the_first():
-    from runphi.backends.kvm.net import link_slots, plan_link, tap_name
+    from runphi.backends.kvm.net import plan_link, tap_name
+    from runphi.backends.links import link_slots
 
     assert list(link_slots("169.254.100.0/28")) == [1, 2, 3]
     link = plan_link("web", "169.254.100.0/24", 2)

@@ -6,8 +6,9 @@ and without trio:
 1. read the image's boot description; allocate CPUs/RAM/UART/link under the
    node ledger lock;
 2. render the ``.cell`` into the container's directory;
-3. ``cell create``; ``cell load`` the inmate at its guest address (Omnivisor
-   RPU images with ``-r``);
+3. ``cell create``; for a networked ZIC, configure the root side of its link
+   (:mod:`runphi.backends.jailhouse.net`: on the host, or joined to the pod);
+   ``cell load`` the inmate at its guest address (Omnivisor RPU images with ``-r``);
 4. open the console UART, the cell's console source.
 
 Every step registers its undo; any failure runs them in reverse order (fd
@@ -30,6 +31,7 @@ from runphi.backends.base import (LINUX_CMDLINE_ANNOTATION, BackendError,
                                   ResourceBusy, WatchSettings, shutdown_timeout)
 from runphi.backends.jailhouse.driver import JailhouseDriver, LoadImage, RpuImage
 from runphi.errors import RunphiError
+from runphi.pausepoint import pause_point
 from runphi.undo import UndoStack
 
 if TYPE_CHECKING:
@@ -37,6 +39,7 @@ if TYPE_CHECKING:
     from runphi.backends.jailhouse.cellconfig import CellConfig
     from runphi.backends.jailhouse.platform import Platform
     from runphi.backends.ledger import Allocation
+    from runphi.backends.links import LinkAddresses
     from runphi.config import RuntimeConfig
     from runphi.image import BootDescription
     from runphi.log import VerbLog
@@ -105,14 +108,18 @@ class JailhouseBackend:
         self.driver.shutdown(cell_name, timeout)
 
     def destroy_cell(self, cell_name: str, timeout: float | None = None) -> None:
-        """Destroy the cell if it exists, then release what its container held in the ledger.
+        """Destroy the cell if it exists, undo its network link's root side, then release what
+        its container held in the ledger.
 
         Idempotent: a cell that is already gone only has its resources released.
         """
+        from runphi.backends.jailhouse.net import remove_root_link
+
         try:
             self.driver.destroy(cell_name, timeout)
         except CellNotFound:
             pass
+        remove_root_link(self.config.state_dir, cell_name)
         self.firmware_link(cell_name).unlink(missing_ok=True)
         self.release_cell_resources(cell_name)
 
@@ -161,14 +168,18 @@ class JailhouseBackend:
             raise ResourceBusy(f"a Jailhouse cell named {name!r} already exists "
                                "(left over, or used by another namespace): destroy it first")
         cell_config = self.planned_cell(allocation, boot, cid)
-        linux_images = (self._prepare_linux(boot, cell_config, request, self._linux_console(allocation))
-                        if boot.is_linux else None)
+        addresses = self._link_addresses(allocation, boot)
+        net_argument = addresses.guest_argument() if addresses is not None else ""
+        linux_images = (self._prepare_linux(boot, cell_config, request, self._linux_console(allocation),
+                                            net_argument) if boot.is_linux else None)
         cell_file = Path(request.container_dir, f"{name}.cell")
         cell_file.write_bytes(write_cell(cell_config, platform.profile))
         undo.push("remove the .cell file", lambda: cell_file.unlink(missing_ok=True))
 
         self._create_cell(str(cell_file), name, allocation)
         undo.push(f"destroy cell {name}", lambda: self.driver.destroy(name, UNDO_TIMEOUT))
+        if addresses is not None and allocation.ivshmem_slot is not None:
+            self._make_link(name, allocation.ivshmem_slot, addresses, request, undo)
         if linux_images is not None:
             self.driver.load(name, linux_images)
         elif boot.rpu_req:
@@ -181,6 +192,37 @@ class JailhouseBackend:
                           allocation=msgspec.to_builtins(allocation), uart_device=device)
         undo.discard()
         return LaunchedCell(cell=cell, console_fd=console_fd, watch=self._watch_settings(grace))
+
+    def _link_addresses(self, allocation: Allocation, boot: BootDescription) -> LinkAddresses | None:
+        """The two ends of the ZIC's network link (None without one): the /30 of its slot in
+        the platform's link subnet, or what the image's ``netconf`` states."""
+        from runphi.backends.links import link_addresses
+
+        ivshmem = self.platform.ivshmem
+        if allocation.ivshmem_slot is None or ivshmem is None:
+            return None
+        return link_addresses(ivshmem.link_subnet, allocation.ivshmem_slot, boot.netconf)
+
+    def _make_link(self, name: str, slot: int, addresses: LinkAddresses, request: LaunchRequest,
+                   undo: UndoStack) -> None:
+        """Configure the root side of the cell's link: on the root, or joined to the pod the
+        spec names. Recorded before it is done, so ``destroy_cell`` undoes it after any crash."""
+        from runphi.backends.jailhouse.net import (RootLink, find_root_netdev, make_root_link, plan_pod_link,
+                                                   remove_root_link, write_record)
+        from runphi.backends.jailhouse.platform import default_placeholders
+        from runphi.backends.links import pod_namespace, read_pod_interface
+
+        assert self.platform.ivshmem is not None
+        directory = self.platform.ivshmem.netdev_path(slot, default_placeholders(self.jh.sysfs))
+        link = RootLink(cell=name, interface=find_root_netdev(directory, name), addresses=addresses)
+        namespace = pod_namespace(request.config)
+        if namespace:
+            link = plan_pod_link(link, read_pod_interface(namespace))
+        state_dir = self.config.state_dir
+        write_record(state_dir, link)
+        undo.push("remove the network link", lambda: remove_root_link(state_dir, name))
+        make_root_link(link)
+        pause_point("create:linked")
 
     def _watch_settings(self, grace: float) -> WatchSettings:
         """How the monitor watches a cell of this Jailhouse (runphi.backends.jailhouse.watch)."""
@@ -332,11 +374,12 @@ class JailhouseBackend:
         return path
 
     def _prepare_linux(self, boot: BootDescription, cell_config: CellConfig, request: LaunchRequest,
-                       console: str | None) -> list[LoadImage]:
+                       console: str | None, net_argument: str) -> list[LoadImage]:
         """Place and patch a Linux guest (see runphi.backends.jailhouse.linux); the images to load.
 
         The kernel command line is the annotation's, with ``console=`` of the ZIC's UART
-        slot in front unless the annotation names a console itself."""
+        slot in front unless the annotation names a console itself, and the network link's
+        ``runphi.net=`` argument at the end for a networked ZIC."""
         from runphi.backends.jailhouse.linux import LinuxGuestError, patch_device_tree, place_linux, with_console
 
         loader = self.linux_loader()
@@ -354,6 +397,7 @@ class JailhouseBackend:
         placed = place_linux(cell_config, loader_address=0, kernel=kernel, dtb_size=len(dtb) + 0x1000,
                              initrd_size=initrd_size)
         cmdline = with_console(request.config.annotations.get(LINUX_CMDLINE_ANNOTATION, ""), console)
+        cmdline = f"{cmdline} {net_argument}".strip()
         patched = patch_device_tree(dtb, cell_config, placed, cmdline=cmdline, initrd_size=initrd_size)
         if len(patched) > len(dtb) + 0x1000:
             raise LinuxGuestError("the patched device tree outgrew the room left for it "

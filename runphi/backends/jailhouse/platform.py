@@ -113,13 +113,19 @@ class Gic(_Table, frozen=True, kw_only=True):
 
 
 class Ivshmem(_Table, frozen=True, kw_only=True):
-    """ivshmem virtual-ethernet links to the root: slot n uses window base + (n-1)*window."""
+    """ivshmem virtual-ethernet links to the root: slot n uses window base + (n-1)*window.
+
+    The root side of slot n is the net device the root's ivshmem-net driver makes for the
+    virtual PCI device ``<domain>:00:<n>.0``: the one entry of ``netdev_dir`` (placeholders
+    ``{domain}``, ``{slot}``, ``{sim_root}``). Its link is the n-th /30 of ``link_subnet``."""
 
     base: int
     window: int = 0x100000
     domain: int = 1
     vpci_irq_base: int
     slots: list[int] = msgspec.field(default_factory=lambda: [1, 2])
+    netdev_dir: str = "/sys/bus/pci/devices/{domain:04x}:00:{slot:02x}.0/net"
+    link_subnet: str = "169.254.101.0/24"
 
     @property
     def kind(self) -> str:
@@ -128,6 +134,13 @@ class Ivshmem(_Table, frozen=True, kw_only=True):
     def window_of(self, slot: int) -> int:
         """Physical start of slot `slot`'s 1 MiB shared-memory window."""
         return self.base + (slot - 1) * self.window
+
+    def netdev_path(self, slot: int, placeholders: dict[str, str]) -> Path:
+        """Where the root's net device for slot ``slot`` appears (PlatformError without a needed placeholder)."""
+        try:
+            return Path(self.netdev_dir.format(domain=self.domain, slot=slot, **placeholders))
+        except KeyError as exc:
+            raise PlatformError(f"ivshmem.netdev_dir needs {{{exc.args[0]}}}: set RUNPHI_SIM_ROOT") from None
 
     def intx_irq(self, slot: int) -> int:
         """The SPI a cell sees for the device in PCI slot `slot` (32 + vpci_irq_base + slot&3)."""
@@ -232,9 +245,22 @@ def _problems(p: Platform) -> list[str]:
         bad = [s for s in p.ivshmem.slots if not 1 <= s <= 31]
         if bad or len(set(p.ivshmem.slots)) != len(p.ivshmem.slots):
             out.append(f"ivshmem.slots {p.ivshmem.slots} must be distinct PCI slots 1..31")
+        out += _link_subnet_problems(p.ivshmem)
     if p.rpus and p.format in cc.PROFILES and not cc.PROFILES[p.format].has_rcpu_set:
         out.append(f"rpus need a format with an rCPU set (omnivisor-rev14), not {p.format}")
     return out
+
+
+def _link_subnet_problems(ivshmem: Ivshmem) -> list[str]:
+    from runphi.backends.links import link_slots
+
+    try:
+        offered = link_slots(ivshmem.link_subnet)
+    except ValueError as exc:
+        return [f"ivshmem.link_subnet: {exc}"]
+    if any(slot not in offered for slot in ivshmem.slots):
+        return [f"ivshmem.link_subnet {ivshmem.link_subnet} has too few /30 links for slots {ivshmem.slots}"]
+    return []
 
 
 def _memory_problems(m: MemoryLayout) -> list[str]:

@@ -50,7 +50,6 @@ from runphi.undo import UndoStack
 if TYPE_CHECKING:
     from runphi.backends.kvm.host import KvmHost
     from runphi.backends.kvm.machine import VmPlan
-    from runphi.oci import Config
     from runphi.backends.ledger import Allocation, NodeLedger
     from runphi.config import RuntimeConfig
     from runphi.image import BootDescription
@@ -259,6 +258,7 @@ class KvmBackend:
 
     def _launch(self, request: LaunchRequest, undo: UndoStack) -> LaunchedCell:
         from runphi.backends.ledger import request_from
+        from runphi.backends.links import pod_namespace
         from runphi.image import load_boot_description
 
         cid = request.container_id
@@ -278,7 +278,7 @@ class KvmBackend:
         directory.mkdir(mode=0o700, parents=True)
         undo.push("remove the cell directory", lambda: remove_cell_dir(directory))
         plan = self._plan(name, boot, allocation, request, *plan_tools)
-        plan = self._with_network(plan, allocation.ivshmem_slot, pod_namespace(request.config))
+        plan = self._with_network(plan, allocation.ivshmem_slot, pod_namespace(request.config), boot.netconf)
         # The plan first: a delete after a crash finds the tap and redirects it names.
         write_atomically(directory / PLAN_NAME, msgspec.json.encode(plan))
         tap_fd = self._make_link(plan, undo)
@@ -297,10 +297,11 @@ class KvmBackend:
         return LaunchedCell(cell=cell, console_fd=ours.detach(), host_fds=host_fds,
                             watch=self._watch_settings(directory, grace))
 
-    def _with_network(self, plan: VmPlan, slot: int | None, namespace: str) -> VmPlan:
+    def _with_network(self, plan: VmPlan, slot: int | None, namespace: str, netconf: str) -> VmPlan:
         """``plan`` with the ZIC's link (ledger slot ``slot``; None: no network): inside the
-        pod's network namespace when the spec names one, else a link-local /30 on the host.
-        A Linux guest finds its address on its kernel command line."""
+        pod's network namespace when the spec names one, else a link-local /30 on the host (or
+        the addresses the image's ``netconf`` states). A Linux guest finds its address on its
+        kernel command line."""
         if slot is None:
             return plan
         from runphi.backends.kvm.net import plan_link, read_pod_link
@@ -308,7 +309,7 @@ class KvmBackend:
         if namespace:
             pod = read_pod_link(namespace, plan.name)
             return msgspec.structs.replace(plan, pod_link=pod, append=_with_argument(plan, pod.guest_argument()))
-        link = plan_link(plan.name, self.host.link_subnet, slot)
+        link = plan_link(plan.name, self.host.link_subnet, slot, netconf)
         return msgspec.structs.replace(plan, host_link=link, append=_with_argument(plan, link.guest_argument()))
 
     @staticmethod
@@ -411,12 +412,6 @@ def _close_all(fds: tuple[int, ...]) -> None:
 def _with_argument(plan: VmPlan, argument: str) -> str:
     """A Linux guest's command line with ``argument`` added (a bare-metal guest has none)."""
     return f"{plan.append} {argument}".strip() if plan.kernel else plan.append
-
-
-def pod_namespace(config: Config) -> str:
-    """The network namespace the spec joins (a CRI pod's), or "" when it names none."""
-    namespaces = config.linux.namespaces if config.linux else []
-    return next((ns.path for ns in namespaces if ns.type == "network" and ns.path), "")
 
 
 def linux_boot(boot: BootDescription, annotations: dict[str, str], image_dtb: bool) -> dict[str, Any]:

@@ -95,7 +95,7 @@ class KvmHost(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=T
 
     @property
     def ivshmem(self) -> TapLinks:
-        from runphi.backends.kvm.net import link_slots
+        from runphi.backends.links import link_slots
 
         return TapLinks(slots=list(link_slots(self.link_subnet)))
 

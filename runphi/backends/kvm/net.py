@@ -20,19 +20,14 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import ipaddress
 import os
 import struct
-import threading
-from collections.abc import Callable
 
 import msgspec
 
 from runphi.backends.base import BackendError
-
-#: The kernel command line argument a Linux guest configures its network from.
-GUEST_NET_ARGUMENT = "runphi.net"
-LINK_PREFIX = 30
+from runphi.backends.links import (GUEST_NET_ARGUMENT, LINK_PREFIX, LinkAddresses, PodInterface, in_namespace,
+                                   ipv4_only, link_addresses, read_pod_interface)
 
 
 class Link(msgspec.Struct, frozen=True, kw_only=True):
@@ -43,26 +38,20 @@ class Link(msgspec.Struct, frozen=True, kw_only=True):
     guest_address: str
     #: The guest NIC's MAC (locally administered, from the cell name).
     mac: str
+    prefix: int = LINK_PREFIX
 
     def guest_argument(self) -> str:
-        return f"{GUEST_NET_ARGUMENT}={self.guest_address}/{LINK_PREFIX},{self.host_address}"
+        return LinkAddresses(root=self.host_address, guest=self.guest_address, prefix=self.prefix).guest_argument()
 
 
-def plan_link(cell_name: str, subnet: str, slot: int) -> Link:
-    """The link of ledger slot ``slot`` (1-based) in ``subnet``; BackendError when it does not fit."""
-    network = ipaddress.IPv4Network(subnet)
-    links = list(network.subnets(new_prefix=LINK_PREFIX))
-    if not 1 <= slot < len(links):
-        raise BackendError(f"network link slot {slot} does not fit the link subnet {subnet}")
-    hosts = list(links[slot].hosts())
+def plan_link(cell_name: str, subnet: str, slot: int, netconf: str = "") -> Link:
+    """The link of ledger slot ``slot`` (1-based) in ``subnet`` (or as the image's ``netconf``
+    states it); BackendError when it does not fit."""
+    addresses = link_addresses(subnet, slot, netconf)
     digest = hashlib.sha256(cell_name.encode()).digest()
     mac = "02:" + ":".join(f"{byte:02x}" for byte in digest[:5])
-    return Link(tap=tap_name(cell_name), host_address=str(hosts[0]), guest_address=str(hosts[1]), mac=mac)
-
-
-def link_slots(subnet: str) -> range:
-    """The ledger slots a link subnet offers (slot 0, its first /30, is never handed out)."""
-    return range(1, 2 ** (LINK_PREFIX - ipaddress.IPv4Network(subnet).prefixlen))
+    return Link(tap=tap_name(cell_name), host_address=addresses.root, guest_address=addresses.guest, mac=mac,
+                prefix=addresses.prefix)
 
 
 def tap_name(cell_name: str) -> str:
@@ -78,22 +67,13 @@ def create_tap(link: Link) -> None:
     try:
         with IPRoute() as ipr:
             ipr.link("add", ifname=link.tap, kind="tuntap", mode="tap")
-            _ipv4_only(link.tap)
+            ipv4_only(link.tap)
             index = ipr.link_lookup(ifname=link.tap)[0]
-            ipr.addr("add", index=index, address=link.host_address, prefixlen=LINK_PREFIX)
+            ipr.addr("add", index=index, address=link.host_address, prefixlen=link.prefix)
             ipr.link("set", index=index, state="up")
     except (NetlinkError, OSError) as exc:
         remove_tap(link.tap)
         raise BackendError(f"cannot make the network link's tap {link.tap}: {exc}") from None
-
-
-def _ipv4_only(tap: str) -> None:
-    """No IPv6 on the link (its addresses are IPv4): no router solicitations, no DAD."""
-    try:
-        with open(f"/proc/sys/net/ipv6/conf/{tap}/disable_ipv6", "w") as setting:
-            setting.write("1\n")
-    except OSError:
-        pass  # a host without IPv6 sends none anyway
 
 
 def remove_tap(name: str) -> None:
@@ -139,35 +119,16 @@ class PodLink(msgspec.Struct, frozen=True, kw_only=True):
 
 
 def read_pod_link(namespace: str, cell_name: str) -> PodLink:
-    """The pod's addressing, read from its namespace: the interface of its default route (else
-    its only non-loopback interface with an IPv4 address). BackendError when it has none."""
-    from pyroute2 import IPRoute
-    from pyroute2.netlink.exceptions import NetlinkError
-
-    try:
-        with IPRoute(netns=namespace, flags=0) as ipr:
-            routes = [r for r in ipr.get_default_routes(family=2) if r.get_attr("RTA_OIF")]
-            addresses = [a for a in ipr.get_addr(family=2) if a.get_attr("IFA_LABEL") != "lo"]
-            if routes:
-                index = routes[0].get_attr("RTA_OIF")
-                addresses = [a for a in addresses if a["index"] == index]
-            if not addresses:
-                raise BackendError(f"the pod's network namespace {namespace} has no IPv4 address to give "
-                                   "the ZIC (did the CNI plugin run?)")
-            chosen = addresses[0]
-            link = ipr.get_links(chosen["index"])[0]
-    except (NetlinkError, OSError) as exc:
-        raise BackendError(f"cannot read the pod's network namespace {namespace}: {exc}") from None
-    gateway = (routes[0].get_attr("RTA_GATEWAY") or "") if routes else ""
-    return PodLink(namespace=namespace, interface=link.get_attr("IFLA_IFNAME"), tap=tap_name(cell_name),
-                   address=f"{chosen.get_attr('IFA_ADDRESS')}/{chosen['prefixlen']}", gateway=gateway,
-                   mac=link.get_attr("IFLA_ADDRESS"))
+    """The pod's link for ``cell_name``: the guest takes the pod interface's address, MAC and gateway."""
+    pod: PodInterface = read_pod_interface(namespace)
+    return PodLink(namespace=namespace, interface=pod.name, tap=tap_name(cell_name), address=pod.address,
+                   gateway=pod.gateway, mac=pod.mac)
 
 
 def open_pod_tap(link: PodLink) -> int:
     """Make the link's tap inside the pod's namespace and wire the redirects; the tap's fd
     (QEMU's ``-netdev tap,fd=``). The tap lives as long as an fd of it is open."""
-    fd = _in_namespace(link.namespace, lambda: _open_tap(link.tap))
+    fd = in_namespace(link.namespace, lambda: _open_tap(link.tap))
     try:
         _redirect_both_ways(link)
     except BaseException:
@@ -208,29 +169,6 @@ def remove_pod_redirect(link: PodLink) -> None:
         pass  # no redirect there, or the pod's namespace is gone already
 
 
-def _in_namespace(namespace: str, work: Callable[[], int]) -> int:
-    """``work()`` on a thread that entered ``namespace`` (setns changes only the calling thread;
-    this one ends with the work, so nothing else ever runs in the pod's namespace)."""
-    from pyroute2 import netns
-
-    results: list[int] = []
-    errors: list[BaseException] = []
-
-    def body() -> None:
-        try:
-            netns.setns(namespace, flags=0)
-            results.append(work())
-        except BaseException as exc:  # re-raised in the caller
-            errors.append(exc)
-
-    thread = threading.Thread(target=body, name="runphi-netns")
-    thread.start()
-    thread.join()
-    if errors:
-        raise BackendError(f"cannot make the ZIC's tap in {namespace}: {errors[0]}") from None
-    return results[0]
-
-
 def _open_tap(name: str) -> int:
     fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
     try:
@@ -238,5 +176,5 @@ def _open_tap(name: str) -> int:
     except BaseException:
         os.close(fd)
         raise
-    _ipv4_only(name)
+    ipv4_only(name)
     return fd

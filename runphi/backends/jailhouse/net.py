@@ -1,0 +1,230 @@
+"""A networked Jailhouse ZIC's link, root side: the net device the root's ivshmem-net driver
+makes for the cell's virtual PCI device (the simulator's stand-in is a tap).
+
+The device appears when the cell is created and goes when it is destroyed; the platform
+template says where it shows in sysfs (:attr:`Platform.ivshmem.netdev_dir`). runphi
+configures it, depending on the container's spec:
+
+* **No pod** (``ctr run``): the device keeps its namespace (the root's) and gets the root
+  address of the link's /30; the guest has the other one.
+* **A pod** (the spec names a network namespace): the device moves into the pod's namespace
+  with the same /30, and the pod's address is translated to the guest's (nftables: DNAT of
+  what reaches the pod's IP, masquerade of what the guest sends out). This is runPHI's
+  model. The link is not L2-transparent: the guest's ivshmem-net driver picks its own MAC
+  and the root's device is a separate interface, so the pod interface's frames cannot be
+  handed to the guest unchanged as on KVM.
+
+Before touching anything, ``launch`` writes a :class:`RootLink` record into
+``<state_dir>/jailhouse-links/<cell>.json``; :func:`remove_root_link` undoes what the record
+names, so ``delete`` (also ``--force`` after a crash at any step) leaves no address, rule or
+forwarding switch behind.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import msgspec
+
+from runphi.backends.base import BackendError
+from runphi.backends.links import LinkAddresses, PodInterface, in_namespace, ipv4_only
+
+LINKS_DIR = "jailhouse-links"
+#: The nftables table runphi adds to a pod's namespace (one networked ZIC per pod).
+NAT_TABLE = "runphi"
+#: How long the root's driver may take to register the net device after ``cell create``.
+NETDEV_TIMEOUT = 5.0
+_FORWARDING = "/proc/sys/net/ipv4/ip_forward"
+
+
+class RootLink(msgspec.Struct, frozen=True, kw_only=True):
+    """What runphi does to one cell's link root side (written before it does it)."""
+
+    cell: str
+    interface: str
+    addresses: LinkAddresses
+    #: The pod's interface when the link joined a pod ("namespace" "" = the root's own).
+    pod: PodInterface | None = None
+    #: The pod namespace's IPv4 forwarding switch before runphi turned it on ("" = unknown).
+    forwarding_was: str = ""
+
+
+def record_path(state_dir: str, cell: str) -> Path:
+    return Path(state_dir) / LINKS_DIR / f"{cell}.json"
+
+
+def find_root_netdev(directory: Path, cell: str, timeout: float = NETDEV_TIMEOUT) -> str:
+    """The name of the one net device under ``directory`` (waiting up to ``timeout`` for the
+    driver); BackendError naming the cell and the directory when none appears."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            names = sorted(os.listdir(directory))
+        except OSError:
+            names = []
+        if names:
+            return names[0]
+        if time.monotonic() >= deadline:
+            raise BackendError(f"cell {cell!r}: the root's net device for its network link did not appear "
+                               f"under {directory} (is the ivshmem-net driver loaded in the root cell?)")
+        time.sleep(0.02)
+
+
+def write_record(state_dir: str, link: RootLink) -> None:
+    """Write ``link``'s record atomically (the directory is made when missing)."""
+    path = record_path(state_dir, link.cell)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staged = path.with_suffix(".tmp")
+    staged.write_bytes(msgspec.json.encode(link))
+    os.replace(staged, path)
+
+
+def read_record(state_dir: str, cell: str) -> RootLink | None:
+    """The cell's link record, or None when it has none (or only a torn one)."""
+    try:
+        return msgspec.json.decode(record_path(state_dir, cell).read_bytes(), type=RootLink)
+    except (OSError, msgspec.ValidationError, msgspec.DecodeError):
+        return None
+
+
+def plan_pod_link(link: RootLink, pod: PodInterface) -> RootLink:
+    """``link`` joined to ``pod``, with the pod namespace's current forwarding switch.
+    BackendError when another ZIC of the pod has its address already."""
+    if in_namespace(pod.namespace, _has_nat_table):
+        raise BackendError(f"cell {link.cell!r}: the pod's address {pod.ip} already goes to another ZIC "
+                           "(a pod has one networked ZIC): give this one its own pod or no network")
+    was = in_namespace(pod.namespace, _read_forwarding)
+    return msgspec.structs.replace(link, pod=pod, forwarding_was=was)
+
+
+def make_root_link(link: RootLink) -> None:
+    """Configure the root side as :class:`RootLink` says; BackendError when the kernel refuses."""
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    try:
+        if link.pod is None:
+            ipv4_only(link.interface)
+            with IPRoute() as ipr:
+                _address_and_up(ipr, link)
+            return
+        with IPRoute() as ipr:
+            ipr.link("set", index=_index(ipr, link.interface), net_ns_fd=link.pod.namespace)
+        pod = link.pod
+        in_namespace(pod.namespace, lambda: _forwarding_on(link.interface))
+        with IPRoute(netns=pod.namespace, flags=0) as ipr:
+            _address_and_up(ipr, link)
+        in_namespace(pod.namespace, lambda: _nft(_nat_rules(link, pod)))
+    except (NetlinkError, OSError, IndexError) as exc:
+        raise BackendError(f"cell {link.cell!r}: cannot set up its network link {link.interface}: {exc}") from None
+
+
+def _address_and_up(ipr, link: RootLink) -> None:
+    index = _index(ipr, link.interface)
+    ipr.addr("add", index=index, address=link.addresses.root, prefixlen=link.addresses.prefix)
+    ipr.link("set", index=index, state="up")
+
+
+def _index(ipr, interface: str) -> int:
+    found = ipr.link_lookup(ifname=interface)
+    if not found:
+        raise BackendError(f"the net device {interface} is gone")
+    return found[0]
+
+
+def _read_forwarding() -> str:
+    with open(_FORWARDING) as setting:
+        return setting.read().strip()
+
+
+def _forwarding_on(interface: str) -> None:
+    ipv4_only(interface)
+    with open(_FORWARDING, "w") as setting:
+        setting.write("1\n")
+
+
+def _nat_rules(link: RootLink, pod: PodInterface) -> str:
+    """The pod's address is the guest's: DNAT what reaches it (from outside and from the pod
+    itself), masquerade what the guest sends out of the pod."""
+    guest = link.addresses.guest
+    return f"""table ip {NAT_TABLE} {{
+  chain prerouting {{
+    type nat hook prerouting priority dstnat; policy accept;
+    iifname "{pod.name}" ip daddr {pod.ip} dnat to {guest}
+  }}
+  chain output {{
+    type nat hook output priority -100; policy accept;
+    ip daddr {pod.ip} dnat to {guest}
+  }}
+  chain postrouting {{
+    type nat hook postrouting priority srcnat; policy accept;
+    oifname "{pod.name}" ip saddr {guest} masquerade
+  }}
+}}
+"""
+
+
+def _nft(script: str) -> None:
+    """Run an nft script in the calling thread's namespace; BackendError with nft's line."""
+    try:
+        done = subprocess.run(["nft", "-f", "-"], input=script, capture_output=True, text=True, timeout=30)
+    except FileNotFoundError:
+        raise BackendError("nft is not installed (apt-get install nftables)") from None
+    if done.returncode != 0:
+        problem = done.stderr.strip().splitlines()[0] if done.stderr.strip() else f"exit {done.returncode}"
+        raise BackendError(f"nft refused the pod's NAT rules: {problem}")
+
+
+def remove_root_link(state_dir: str, cell: str) -> None:
+    """Undo what the cell's link record names, then drop the record. Idempotent; never raises
+    for a part already gone (the cell's device, the pod's namespace)."""
+    link = read_record(state_dir, cell)
+    if link is not None:
+        if link.pod is not None:
+            _unjoin_pod(link, link.pod)
+        else:
+            _remove_address(link, namespace="")
+    record_path(state_dir, cell).unlink(missing_ok=True)
+
+
+def _unjoin_pod(link: RootLink, pod: PodInterface) -> None:
+    if not os.path.exists(pod.namespace):
+        return  # the pod's namespace is gone, and everything runphi added in it with it
+    try:
+        if in_namespace(pod.namespace, _has_nat_table):
+            in_namespace(pod.namespace, lambda: _nft(f"delete table ip {NAT_TABLE}\n"))
+        if link.forwarding_was and link.forwarding_was != "1":
+            in_namespace(pod.namespace, lambda: _restore_forwarding(link.forwarding_was))
+    except BackendError:
+        pass  # the namespace went while we worked in it
+    _remove_address(link, namespace=pod.namespace)
+
+
+def _has_nat_table() -> bool:
+    """Whether the calling thread's namespace has runphi's NAT table."""
+    try:
+        listed = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True, timeout=30)
+    except FileNotFoundError:
+        return False
+    return f"table ip {NAT_TABLE}" in listed.stdout.splitlines()
+
+
+def _restore_forwarding(value: str) -> None:
+    with open(_FORWARDING, "w") as setting:
+        setting.write(f"{value}\n")
+
+
+def _remove_address(link: RootLink, namespace: str) -> None:
+    """Take the link's root address off its device, if the device is still there."""
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    try:
+        with (IPRoute(netns=namespace, flags=0) if namespace else IPRoute()) as ipr:
+            for index in ipr.link_lookup(ifname=link.interface):
+                ipr.addr("del", index=index, address=link.addresses.root, prefixlen=link.addresses.prefix)
+    except (NetlinkError, OSError):
+        pass  # the device went with its cell
