@@ -36,8 +36,12 @@ def test_netconf_states_the_guests_fixed_address_and_the_roots():
     assert stated.guest_argument() == "runphi.net=192.0.2.10/24,192.0.2.1"
 
 
-@pytest.mark.parametrize("netconf", ["br0", "192.0.2.10/24", "192.0.2.10/24,198.51.100.1", "192.0.2.1/24,192.0.2.1"])
-def test_a_netconf_that_is_not_two_addresses_of_one_network_is_one_clear_error(netconf):
+def test_a_netconf_without_addresses_is_runphis_bridge_name_and_ignored():
+    assert link_addresses("169.254.101.0/24", 1, "br0") == link_addresses("169.254.101.0/24", 1)
+
+
+@pytest.mark.parametrize("netconf", ["192.0.2.10/24", "192.0.2.10/24,198.51.100.1", "192.0.2.1/24,192.0.2.1"])
+def test_stated_addresses_that_are_not_two_of_one_network_are_one_clear_error(netconf):
     with pytest.raises(BackendError, match="netconf"):
         link_addresses("169.254.101.0/24", 1, netconf)
 

@@ -6,7 +6,8 @@ link of ledger slot ``n`` is the ``n``-th /30 of a link subnet (link-local by de
 root side has the first address, the guest the second. A guest that cannot be told its
 address (a bare-metal or RTOS image with a fixed one) states it in the boot description's
 ``netconf`` as ``<guest address>/<prefix>,<root address>``; runphi then gives the root side
-that address instead.
+that address instead. Any other ``netconf`` (runPHI's root-side bridge name) is ignored:
+runphi has no bridge on the root side.
 
 A Linux guest learns its address from ``runphi.net=<address>/<prefix>[,<gateway>]`` on its
 kernel command line (Debian's arm64 kernel has no ``ip=`` autoconfiguration).
@@ -47,8 +48,9 @@ class LinkAddresses(msgspec.Struct, frozen=True, kw_only=True):
 
 def link_addresses(subnet: str, slot: int, netconf: str = "") -> LinkAddresses:
     """The addresses of ledger slot ``slot``'s link (1-based) in ``subnet``, or those the image
-    states in ``netconf``. BackendError when the slot does not fit or netconf cannot be read."""
-    if netconf:
+    states in ``netconf`` when it holds addresses (runPHI's bridge names do not: ignored).
+    BackendError when the slot does not fit or the stated addresses cannot be read."""
+    if "/" in netconf:
         return _stated_addresses(netconf)
     network = ipaddress.IPv4Network(subnet)
     links = list(network.subnets(new_prefix=LINK_PREFIX))
