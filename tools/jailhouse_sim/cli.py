@@ -140,13 +140,14 @@ def install_system_config(layout: SimLayout, board) -> Path:
 
 
 def cleanup_leftovers(layout: SimLayout) -> None:
-    """Remove what a dead daemon may have left: socket, pid file, sysfs, UART links."""
+    """Remove what a dead daemon may have left: socket, pid file, sysfs (its taps died with it), UART links."""
     import shutil
 
     for path in (layout.socket, layout.pid_file):
         if path.exists() or path.is_symlink():
             path.unlink()
     shutil.rmtree(layout.sysfs, ignore_errors=True)
+    shutil.rmtree(layout.pci_bus, ignore_errors=True)
     if layout.dev.is_dir():
         for link in layout.dev.glob("ttyAMA*"):
             if link.is_symlink():

@@ -3,7 +3,9 @@
 It owns the UART ptys, the simulated hypervisor and every running guest, and
 serves the ``jailhouse`` client over a unix socket. Management calls are
 serialised by one lock (the driver's mutex); console reads, status and fault
-injection bypass it, as the real console read does.
+injection bypass it, as the real console read does. It also holds the taps that
+stand in for the root's ivshmem-net netdevs (:mod:`.netdev`), in the network
+namespace it runs in; they are closed, and so removed, when it exits.
 """
 
 from __future__ import annotations
@@ -22,12 +24,13 @@ import trio
 from . import protocol as p
 from .board import Board
 from .cellfile import MEM_COMM_REGION, MEM_IO, minimal_system_config
-from .engine import GuestEngine, GuestSpec, LoadedImage, RamRegion
+from .engine import GuestEngine, GuestNic, GuestSpec, LoadedImage, RamRegion
 from .engines import load_engine
 from .engines.script import guest_image, is_script
 from .hypervisor import GUEST_STATES, Cell, CellRef, HvError, Hypervisor
 from .layout import SimLayout
 from .linux_boot import linux_boot_of
+from .netdev import IvshmemNet
 from .relay import MAGIC, serve_tool
 from .sysfs import SysfsTree
 from .uart import PtyUart
@@ -141,9 +144,16 @@ class GuestSupervisor:
             ram=ram,
             uart_guest_address=guest_address,
             linux=linux_boot_of(cell.images, cell.config.cpu_reset_address),
+            nics=self.nics_of(cell),
             extra=extra,
         )
         return spec, pty
+
+    def nics_of(self, cell: Cell) -> tuple[GuestNic, ...]:
+        """The cell's links that have a root-side tap, as the guest's network devices."""
+        if self.hv.netdevs is None:
+            return ()
+        return tuple(GuestNic(n.tap.fd, n.guest_mac) for n in self.hv.netdevs.of(cell.id))
 
     def start(self, cell: Cell) -> None:
         spec, pty = self.spec_for(cell)
@@ -382,12 +392,14 @@ async def serve(layout: SimLayout, board: Board, engine_name: str, *, enable: bo
         directory.mkdir(parents=True, exist_ok=True)
     uarts: dict[int, PtyUart] = {}
     sysfs = SysfsTree(layout.sysfs)
+    netdevs = IvshmemNet(layout.pci_bus)
     try:
+        netdevs.reset()
         for uart in board.uarts:
             uarts[uart.index] = PtyUart(uart.index, layout.uart(uart.index))
         async with trio.open_nursery() as nursery:
             supervisor = GuestSupervisor(nursery, board, layout, uarts, default_engine, script_engine)
-            hv = Hypervisor(board, sysfs, supervisor, layout.kernel_log)
+            hv = Hypervisor(board, sysfs, supervisor, layout.kernel_log, netdevs)
             supervisor.hv = hv
             if 0 in uarts:
                 hv.console_listeners.append(uarts[0].write_nowait)
@@ -417,5 +429,6 @@ async def serve(layout: SimLayout, board: Board, engine_name: str, *, enable: bo
                 path.unlink()
             except FileNotFoundError:
                 pass
+        netdevs.remove()
         sysfs.remove()
         log("stopped")

@@ -17,6 +17,11 @@ Guarantees both sides rely on:
 * Bytes the guest prints go through ``host.uart_write``; bytes typed into the
   UART device arrive from ``host.uart_read``. The UART (a pty owned by the
   daemon) outlives every guest: a restart reuses the same device path.
+* ``spec.nics`` are the cell's network links (the root-side taps that stand in for
+  ivshmem-net, see :mod:`.netdev`). Their descriptors belong to the daemon and stay open
+  for the whole run: an engine that gives one to a guest process hands it a duplicate
+  made for that start and never closes the original. An engine without networking
+  ignores them.
 """
 
 from __future__ import annotations
@@ -55,7 +60,17 @@ class GuestSpec:
     uart_guest_address: int | None
     # Linux boots (`jailhouse cell linux`) carry the kernel, initrd and command line.
     linux: LinuxBoot | None = None
+    # The cell's ivshmem-net links, each as the guest's network device (see the module docstring).
+    nics: tuple[GuestNic, ...] = ()
     extra: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class GuestNic:
+    """One network link of the cell: the guest's NIC on a tap whose other end is the root's netdev."""
+
+    fd: int  # the tap's queue, owned by the daemon (duplicate it to hand it on; never close it)
+    mac: str  # the guest NIC's MAC ("02:..", locally administered), the same for every start of the cell
 
 
 @dataclass(frozen=True)

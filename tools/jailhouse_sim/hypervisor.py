@@ -5,6 +5,11 @@ or raises :class:`HvError` carrying the errno the real ioctl would fail with.
 Operations are not reentrant: the daemon calls them under one lock, the way the
 driver serialises ioctls with its mutex. Guests are started and stopped through
 a :class:`GuestRunner` supplied by the daemon.
+
+The root Linux's ``ivshmem-net`` netdevs are modelled by :class:`~.netdev.IvshmemNet`: a
+cell's virtual-ethernet links to the root get a tap each once the cell is admitted, and
+lose it when the cell is destroyed (also by ``disable``); a tap that cannot be made is
+one kernel-log line, not a failed create.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from .cellfile import (
 )
 from .engine import LoadedImage
 from .hvconsole import HvConsole
+from .netdev import IvshmemNet, veth_links
 from .sysfs import SysfsTree, cpu_bitmap, cpu_list
 
 RUNNING = "running"
@@ -94,11 +100,14 @@ class CellRef:
 class Hypervisor:
     """State of the simulated board's Jailhouse; see the module docstring."""
 
-    def __init__(self, board: Board, sysfs: SysfsTree, runner: GuestRunner, kernel_log: Path) -> None:
+    def __init__(self, board: Board, sysfs: SysfsTree, runner: GuestRunner, kernel_log: Path,
+                 netdevs: IvshmemNet | None = None) -> None:
         self.board = board
         self.sysfs = sysfs
         self.runner = runner
         self.kernel_log = kernel_log
+        # None: the root has no ivshmem-net driver (no link gets a netdev, nothing is logged).
+        self.netdevs = netdevs
         self.console = HvConsole()
         self.enabled = False
         self.cells: dict[int, Cell] = {}
@@ -111,10 +120,10 @@ class Hypervisor:
 
     # ---- helpers -------------------------------------------------------------------------
 
-    def dmesg(self, line: str) -> None:
-        """Append one line to the simulated kernel log (``<root>/var/log/kern.log``)."""
+    def dmesg(self, line: str, source: str = "jailhouse") -> None:
+        """Append ``<source>: <line>`` to the simulated kernel log (``<root>/var/log/kern.log``)."""
         with open(self.kernel_log, "a") as f:
-            f.write(f"jailhouse: {line}\n")
+            f.write(f"{source}: {line}\n")
 
     def hv_print(self, line: str) -> None:
         """Print a line on the hypervisor console (ring, sysfs ``console``, debug UART)."""
@@ -324,7 +333,9 @@ class Hypervisor:
         self._check_irqchips(config)
         self._check_ivshmem(config)
         self._check_rcpus(config)
-        return self._admit(config)
+        cell_id = self._admit(config)
+        self._attach_netdevs(self.cells[cell_id])
+        return cell_id
 
     def _check_irqchips(self, config: CellConfig) -> None:
         for chip in config.irqchips:
@@ -390,6 +401,17 @@ class Hypervisor:
                 for peer in peers:
                     self.hv_print(f' "{peer}"')
 
+    def _attach_netdevs(self, cell: Cell) -> None:
+        """Give each of the cell's ivshmem-net links to the root its root-side netdev (a tap)."""
+        if self.netdevs is None:
+            return
+        assert cell.config is not None
+        root_bdfs = (bdf for bdf, _ in self.board.root.ivshmem_endpoints)
+        links = veth_links(cell.config.pci_devices, root_bdfs)
+        for link, error in self.netdevs.attach(cell.id, cell.name, links):
+            self.dmesg(f"cannot register net device: {error.strerror or error}",
+                       source=f"ivshmem-net {link.pci_name}")
+
     def _has_ivshmem(self, cell: Cell, bdf: int) -> bool:
         if cell.is_root:
             return any(b == bdf for b, _ in self.board.root.ivshmem_endpoints)
@@ -451,6 +473,8 @@ class Hypervisor:
 
     async def _destroy(self, cell: Cell, *, announce: bool) -> None:
         await self.runner.stop(cell, graceful=False)
+        if self.netdevs is not None:
+            self.netdevs.detach(cell.id)
         self.set_state(cell, SHUT_DOWN)
         self.hv_print(f'Closing cell "{cell.name}"')
         del self.cells[cell.id]

@@ -25,6 +25,11 @@ class SimLayout:
         return self.root / "sys" / "devices" / "jailhouse"
 
     @property
+    def pci_bus(self) -> Path:
+        """``sys/bus/pci``: the root-side netdevs of ivshmem-net links (``devices/<dev>/net/<if>``)."""
+        return self.root / "sys" / "bus" / "pci"
+
+    @property
     def dev(self) -> Path:
         return self.root / "dev"
 

@@ -3,7 +3,9 @@
 Every value is written to a temporary file and renamed into place, and a cell
 directory is populated in a staging area before it is renamed into ``cells/``,
 so a concurrent reader sees either the old or the new value, never a torn one,
-and never a half-populated cell directory.
+and never a half-populated cell directory. :func:`publish_dir` and
+:func:`withdraw_dir` do the same for other directories (the PCI netdevs of
+:mod:`.netdev` under ``sys/bus/pci/devices``).
 """
 
 from __future__ import annotations
@@ -67,25 +69,35 @@ class SysfsTree:
 
     def publish_cell(self, cell_id: int, files: dict[str, str]) -> None:
         """Make ``cells/<id>`` appear at once, fully populated with ``files``."""
-        stage = self.staging / f"cell-{cell_id}"
-        if stage.exists():
-            shutil.rmtree(stage)
-        for rel, value in files.items():
-            path = stage / rel
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(value)
-        os.rename(stage, self.base / "cells" / str(cell_id))
+        publish_dir(self.staging / f"cell-{cell_id}", self.base / "cells" / str(cell_id), files)
 
     def withdraw_cell(self, cell_id: int) -> None:
         """Make ``cells/<id>`` disappear at once."""
-        target = self.base / "cells" / str(cell_id)
-        if not target.exists():
-            return
-        grave = self.staging / f"gone-{cell_id}"
-        if grave.exists():
-            shutil.rmtree(grave)
-        os.rename(target, grave)
+        withdraw_dir(self.base / "cells" / str(cell_id), self.staging / f"gone-{cell_id}")
+
+
+def publish_dir(stage: Path, target: Path, files: dict[str, str]) -> None:
+    """Make directory ``target`` appear at once, holding ``files`` (relative path -> text).
+
+    The directory is filled at ``stage`` (same file system, parent existing) and renamed
+    into place, so a reader sees it whole or not at all."""
+    if stage.exists():
+        shutil.rmtree(stage)
+    for rel, value in files.items():
+        path = stage / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(value)
+    os.rename(stage, target)
+
+
+def withdraw_dir(target: Path, grave: Path) -> None:
+    """Make directory ``target`` disappear at once (renamed to ``grave``, then deleted)."""
+    if not target.exists():
+        return
+    if grave.exists():
         shutil.rmtree(grave)
+    os.rename(target, grave)
+    shutil.rmtree(grave)
 
 
 def write_atomic(path: Path, value: str | bytes) -> None:

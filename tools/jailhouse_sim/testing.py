@@ -12,6 +12,10 @@ Usage from any test suite (runphi's included)::
 or the pytest fixture ``jailhouse_sim`` (import it into a conftest.py). The
 daemon runs as a direct child of the test process (``jailhouse-sim serve``
 with PR_SET_PDEATHSIG), so it is reaped on teardown and dies with the test run.
+
+``netns="<name>"`` runs the daemon inside the network namespace ``/run/netns/<name>``
+(through ``nsenter --net``, which execs it: it stays the direct child): the taps that
+stand in for ivshmem-net, and its QEMU guests, are then in that namespace only.
 """
 
 from __future__ import annotations
@@ -69,8 +73,9 @@ class SimBoard:
 
     @classmethod
     def start(cls, root: Path | str, board: str = "sim-qemu-arm64", engine: str = "script",
-              *, enabled: bool = True) -> SimBoard:
-        """Start a simulator rooted at ``root`` and return once it serves requests."""
+              *, enabled: bool = True, netns: str | None = None) -> SimBoard:
+        """Start a simulator rooted at ``root`` and return once it serves requests; with ``netns``,
+        the daemon runs in the network namespace ``/run/netns/<netns>`` (which must exist)."""
         from .board import load_board
 
         layout = SimLayout(root)
@@ -87,6 +92,8 @@ class SimBoard:
                 "--board", board, "--engine", engine, "--ready-fd", str(write_fd), "--pdeathsig"]
         if not enabled:
             argv.append("--disabled")
+        if netns is not None:
+            argv = ["nsenter", f"--net=/run/netns/{netns}", *argv]
         with open(layout.daemon_log, "ab") as log:
             process = subprocess.Popen(argv, pass_fds=(write_fd,), stdin=subprocess.DEVNULL, stdout=log,
                                        stderr=log, env=spawn.child_env(), cwd="/")
@@ -104,9 +111,9 @@ class SimBoard:
     @classmethod
     @contextmanager
     def running(cls, root: Path | str, board: str = "sim-qemu-arm64", engine: str = "script",
-                *, enabled: bool = True) -> Iterator[SimBoard]:
-        """Context manager: start, yield, always stop."""
-        sim = cls.start(root, board, engine, enabled=enabled)
+                *, enabled: bool = True, netns: str | None = None) -> Iterator[SimBoard]:
+        """Context manager: start (in network namespace ``netns`` if given), yield, always stop."""
+        sim = cls.start(root, board, engine, enabled=enabled, netns=netns)
         try:
             yield sim
         finally:

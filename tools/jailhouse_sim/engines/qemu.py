@@ -33,6 +33,10 @@ the process, its channels and the guest run both use are in :mod:`.qemu_common`.
 UART address: the guest always sees QEMU's single PL011 at 0x09000000, whatever
 UART address the board gives the cell; the bytes go to that cell's UART pty.
 
+Network: each ivshmem-net link of the cell (``spec.nics``) is a ``virtio-net-device``
+on the link's tap (see :mod:`.qemu_common`); a bare-metal guest needs a virtio-mmio
+network driver to use it.
+
 Statistics are approximate: every UART byte in or out counts as one ``mmio``
 exit on the cell's first CPU and a power-off as one ``psci`` exit. QEMU does
 not trap like Jailhouse does, so these are plausible numbers, not measurements.
@@ -60,7 +64,7 @@ import trio
 from ..cellfile import MEM_IO
 from ..engine import GuestHost, GuestSpec, LoadedImage
 from .qemu_common import (DEFAULT_RAM_MIB, GuestRun, Outcome, PoweredOff, QemuProcess, connect_and_resume,
-                          qemu_channels, report_outcome, run_then_set, write_all)
+                          nic_argv, nic_fds, qemu_channels, report_outcome, run_then_set, write_all)
 
 DEFAULT_BINARY = "qemu-system-aarch64"
 DEFAULT_MACHINE = "virt,gic-version=3"
@@ -118,8 +122,10 @@ def qemu_argv(
     image_fds: Sequence[int],
     uart_fd: int,
     qmp_fd: int,
+    net_fds: Sequence[int] = (),
 ) -> list[str]:
-    """The QEMU command line for one cell; painted image i is read from /dev/fd/image_fds[i]."""
+    """The QEMU command line for one cell; painted image i is read from /dev/fd/image_fds[i],
+    NIC i (``spec.nics``) uses the tap at net_fds[i]."""
     argv = [
         binary,
         "-M", machine,
@@ -134,6 +140,7 @@ def qemu_argv(
         "-chardev", f"socket,id=qmp,fd={qmp_fd}",
         "-mon", "chardev=qmp,mode=control",
     ]  # fmt: skip
+    argv += nic_argv(spec.nics, net_fds)
     for image, fd in zip(paint_images(spec.images), image_fds, strict=True):
         argv += ["-device", f"loader,file=/dev/fd/{fd},addr={image.address:#x},force-raw=on"]
     if spec.reset_address != 0:
@@ -186,7 +193,7 @@ class QemuEngine:
     def _spawn(self, spec: GuestSpec, uart: socket.socket, qmp: socket.socket, stderr_fd: int) -> QemuProcess:
         machine = spec.extra.get("qemu_machine", self.machine)
         cpu = spec.extra.get("qemu_cpu", self.cpu)
-        with _image_memfds(spec) as image_fds:
+        with _image_memfds(spec) as image_fds, nic_fds(spec) as net_fds:
             argv = qemu_argv(
                 spec,
                 binary=self.binary,
@@ -195,8 +202,9 @@ class QemuEngine:
                 image_fds=image_fds,
                 uart_fd=uart.fileno(),
                 qmp_fd=qmp.fileno(),
+                net_fds=net_fds,
             )
-            return QemuProcess.spawn(argv, [*image_fds, uart.fileno(), qmp.fileno()], stderr_fd,
+            return QemuProcess.spawn(argv, [*image_fds, *net_fds, uart.fileno(), qmp.fileno()], stderr_fd,
                                      cell_name=spec.cell_name)
 
     async def _supervise(

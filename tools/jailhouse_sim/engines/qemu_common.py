@@ -5,6 +5,12 @@ command line and supervise a run their own way; everything from spawning QEMU to
 telling the host how the guest ended is here, so the two behave alike. See
 :mod:`.qemu` for what the process guarantees (its own process group, killed with
 its parent) and how a guest's end is recognised.
+
+Network: each of the cell's links (``spec.nics``, the taps standing in for the root's
+ivshmem-net netdevs) is the guest's ``virtio-net-device`` (virtio-mmio on ``virt``: no
+PCI, no option ROM, so a QEMU without ipxe-qemu runs it), on
+``-netdev tap,fd=N,vhost=off`` with a duplicate of the tap made for that one start.
+A real cell sees an ivshmem-net PCI device instead; a guest's driver is the difference.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from typing import NamedTuple
 import msgspec
 import trio
 
-from ..engine import GuestHost, GuestSpec
+from ..engine import GuestHost, GuestNic, GuestSpec
 from ..qmp import QmpClient, QmpError, QmpEvent, ShutdownEventData
 
 DEFAULT_RAM_MIB = 128
@@ -195,6 +201,30 @@ def qemu_channels(spawn: Callable[[socket.socket, socket.socket, int], QemuProce
             os.close(stderr_write)
         yield QemuChannels(process, trio.SocketStream(trio.socket.from_stdlib_socket(uart_ours)),
                            trio.SocketStream(trio.socket.from_stdlib_socket(qmp_ours)), stderr)
+
+
+@contextmanager
+def nic_fds(spec: GuestSpec) -> Iterator[list[int]]:
+    """A duplicate of every NIC's tap for one QEMU start, closed when the block ends.
+
+    QEMU's copy is closed when QEMU exits, so only the daemon's own descriptor keeps the
+    tap alive between starts, and closing it removes the tap."""
+    with ExitStack() as stack:
+        fds = []
+        for nic in spec.nics:
+            fd = os.dup(nic.fd)
+            stack.callback(os.close, fd)
+            fds.append(fd)
+        yield fds
+
+
+def nic_argv(nics: Sequence[GuestNic], fds: Sequence[int]) -> list[str]:
+    """QEMU options giving the guest NIC i on the tap at /dev/fd/fds[i], with its MAC."""
+    argv: list[str] = []
+    for index, (nic, fd) in enumerate(zip(nics, fds, strict=True)):
+        argv += ["-netdev", f"tap,id=net{index},fd={fd},vhost=off",
+                 "-device", f"virtio-net-device,netdev=net{index},mac={nic.mac}"]
+    return argv
 
 
 def write_all(fd: int, data: bytes) -> None:

@@ -8,6 +8,9 @@ its RAM starts at 0x40000000 with the size of the cell's RAM regions, and the
 cell's UART is QEMU's PL011 (``ttyAMA0``) as for every QEMU guest. The UART, QMP,
 stderr and exit handling are those of :mod:`.qemu_common`, except that QEMU's
 ``guest_errors`` log is not watched (a Linux guest's device probing is not a fault).
+Each ivshmem-net link of the cell (``spec.nics``) is the guest's ``virtio-net-device``
+(``virtio_mmio`` + ``virtio_net`` in the guest, ``eth0`` for the first) on the link's
+tap, as :mod:`.qemu_common` describes.
 
 Stopping with ``cell shutdown`` (or a ``load``/``start`` of the running cell) is a
 **graceful request first**: QMP ``system_powerdown`` presses the ``virt`` power
@@ -30,8 +33,8 @@ import trio
 from ..cellfile import MEM_COMM_REGION, MEM_DMA, MEM_EXECUTE, MEM_IO, MEM_READ, MEM_WRITE
 from ..engine import GuestHost, GuestSpec, LinuxBoot
 from ..qmp import QmpClient, QmpError
-from .qemu_common import (DEFAULT_RAM_MIB, GuestRun, PoweredOff, QemuProcess, connect_and_resume, qemu_channels,
-                          report_outcome, run_then_set, write_all)
+from .qemu_common import (DEFAULT_RAM_MIB, GuestRun, PoweredOff, QemuProcess, connect_and_resume, nic_argv, nic_fds,
+                          qemu_channels, report_outcome, run_then_set, write_all)
 
 POWERDOWN_TIMEOUT_ENV = "JAILHOUSE_SIM_LINUX_POWERDOWN_S"
 DEFAULT_POWERDOWN_TIMEOUT_S = 5.0
@@ -58,8 +61,9 @@ def linux_ram_mib(spec: GuestSpec) -> int:
 
 
 def linux_argv(spec: GuestSpec, linux: LinuxBoot, *, binary: str, machine: str, cpu: str, kernel_fd: int,
-               initrd_fd: int | None, uart_fd: int, qmp_fd: int) -> list[str]:
-    """QEMU's command line booting the cell's kernel (read from /dev/fd/kernel_fd)."""
+               initrd_fd: int | None, uart_fd: int, qmp_fd: int, net_fds: Sequence[int] = ()) -> list[str]:
+    """QEMU's command line booting the cell's kernel (read from /dev/fd/kernel_fd); NIC i
+    (``spec.nics``) uses the tap at net_fds[i]."""
     argv = [
         binary, "-M", machine, "-cpu", cpu,
         "-smp", str(max(1, len(spec.cpus))), "-m", f"{linux_ram_mib(spec)}M",
@@ -70,7 +74,7 @@ def linux_argv(spec: GuestSpec, linux: LinuxBoot, *, binary: str, machine: str, 
     ]  # fmt: skip
     if initrd_fd is not None:
         argv += ["-initrd", f"/dev/fd/{initrd_fd}"]
-    return argv
+    return argv + nic_argv(spec.nics, net_fds)
 
 
 def _memfd(name: str, data: bytes) -> int:
@@ -88,11 +92,12 @@ def _spawn(engine, spec: GuestSpec, linux: LinuxBoot, uart: socket.socket, qmp: 
         if linux.initrd is not None:
             initrd_fd = _memfd(f"cell-{spec.cell_id}-initrd", linux.initrd)
             fds.callback(os.close, initrd_fd)
+        net_fds = fds.enter_context(nic_fds(spec))
         argv = linux_argv(spec, linux, binary=engine.binary, machine=spec.extra.get("qemu_machine", engine.machine),
                           cpu=spec.extra.get("qemu_cpu", engine.cpu), kernel_fd=kernel_fd, initrd_fd=initrd_fd,
-                          uart_fd=uart.fileno(), qmp_fd=qmp.fileno())
-        passed: Sequence[int] = [kernel_fd, *([initrd_fd] if initrd_fd is not None else []), uart.fileno(),
-                                 qmp.fileno()]
+                          uart_fd=uart.fileno(), qmp_fd=qmp.fileno(), net_fds=net_fds)
+        passed: Sequence[int] = [kernel_fd, *([initrd_fd] if initrd_fd is not None else []), *net_fds,
+                                 uart.fileno(), qmp.fileno()]
         return QemuProcess.spawn(argv, passed, stderr_fd, cell_name=spec.cell_name)
 
 
