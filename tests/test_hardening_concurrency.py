@@ -24,7 +24,8 @@ import trio
 
 from tools.testbed.containerd import busybox_path, make_busybox_rootfs
 from tests.test_lifecycle_failures import live_runphi_descendants
-from tests.test_lifecycle_harness import RUNPHI, board, guest_script, reap_all, subreaper, zic  # noqa: F401
+from tests.test_kvm_net import own_namespace
+from tests.test_lifecycle_harness import RUNPHI, board_in_tempdir, guest_script, reap_all, subreaper, zic  # noqa: F401
 
 ZICS = int(os.environ.get("RUNPHI_CONCURRENCY", "32"))
 PLAIN = 4
@@ -33,12 +34,21 @@ RUNC = shutil.which("runc")
 SHORTAGE_WORDS = ("CPU(s) requested", "UART slots are in use", "ivshmem links are in use", "of cell RAM requested")
 
 
+@pytest.fixture(scope="module")
+def board(subreaper):  # noqa: F811
+    """The board, in a network namespace of the test's own: its networked ZICs' links (the
+    simulator's taps and the addresses runphi gives them) stay there."""
+    with own_namespace("hardening") as namespace, board_in_tempdir(netns=namespace) as sim:
+        yield sim
+
+
 async def runphi(zic, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     """`runphi --root R ARGS` without blocking the other tasks; stdio through files, never
     pipes a monitor could inherit and hold open."""
     with tempfile.TemporaryFile(dir=zic.logs) as out, tempfile.TemporaryFile(dir=zic.logs) as err:
         with trio.fail_after(timeout):
-            proc = await trio.run_process([str(RUNPHI), "--root", str(zic.root), *args], stdin=subprocess.DEVNULL,
+            proc = await trio.run_process([*zic.prefix, str(RUNPHI), "--root", str(zic.root), *args],
+                                          stdin=subprocess.DEVNULL,
                                           stdout=out, stderr=err, env=zic.env, check=False)
         out.seek(0)
         err.seek(0)

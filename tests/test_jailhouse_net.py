@@ -93,6 +93,13 @@ def _addresses(namespace: str, device: str) -> list[str]:
             if index else []
 
 
+def _links(namespace: str) -> list[str]:
+    from pyroute2 import IPRoute
+
+    with IPRoute(netns=namespace, flags=0) as ipr:
+        return [link.get_attr("IFLA_IFNAME") for link in ipr.get_links()]
+
+
 def _nft_tables(namespace: str) -> str:
     return subprocess.run(["nsenter", f"--net=/run/netns/{namespace}", "nft", "list", "tables"],
                           capture_output=True, text=True, check=True).stdout
@@ -145,7 +152,10 @@ def test_in_a_pod_the_device_moves_in_and_the_pods_address_is_translated_to_the_
 
     _as_root_cell(root_namespace, lambda: remove_root_link(str(tmp_path), "web"))
     assert _nft_tables(inside).strip() == "" and _forwarding(inside) == "0"
-    assert _addresses(inside, ROOT_DEVICE) == []
+    assert ROOT_DEVICE not in _links(inside)
+    # A board's device outlives the cell (it lives from `enable` to `disable`): it goes back
+    # to the root, without the address, for the next ZIC on its slot.
+    assert ROOT_DEVICE in _links(root_namespace) and _addresses(root_namespace, ROOT_DEVICE) == []
 
 
 def test_removing_a_pod_link_whose_pod_is_gone_is_quiet(tmp_path):

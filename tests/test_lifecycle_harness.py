@@ -43,9 +43,12 @@ class Board:
     """One simulated Jailhouse board, its daemon a direct child of the test process
     (``tools.jailhouse_sim.testing.SimBoard``), reaped on teardown."""
 
-    def __init__(self, root: Path, engine: str = "script", model: str = "sim-qemu-arm64") -> None:
+    def __init__(self, root: Path, engine: str = "script", model: str = "sim-qemu-arm64",
+                 netns: str | None = None) -> None:
         self.root = root
         self.engine = engine
+        #: The network namespace (a /run/netns name) the daemon, its taps and runphi run in.
+        self.netns = netns
         #: The simulator's board description (``jailhouse-sim --board``).
         self.model = model
         self.tool = root / "bin" / "jailhouse"
@@ -55,7 +58,7 @@ class Board:
     def up(self) -> None:
         from tools.jailhouse_sim.testing import SimBoard
 
-        self.sim = SimBoard.start(self.root, board=self.model, engine=self.engine)
+        self.sim = SimBoard.start(self.root, board=self.model, engine=self.engine, netns=self.netns)
 
     def down(self) -> None:
         if self.sim is not None:
@@ -111,6 +114,8 @@ class Zic:
             "RUNPHI_STATE_DIR": str(self.node),
         })
         self.monitors: list[int] = []
+        #: runphi runs in the board's network namespace, as on a board it runs in the root cell's.
+        self.prefix: tuple[str, ...] = ("nsenter", f"--net=/run/netns/{board.netns}") if board.netns else ()
 
     def _config_file(self) -> Path:
         path = self.base / "runphi.toml"
@@ -139,7 +144,8 @@ class Zic:
     def run(self, *args: str, check: bool = False, timeout: float = 60,
             stdin=subprocess.DEVNULL) -> subprocess.CompletedProcess[str]:
         """Run `runphi --root R ARGS` (see :func:`run_runphi`)."""
-        return run_runphi(self.root, args, self.env, self.logs, check=check, timeout=timeout, stdin=stdin)
+        return run_runphi(self.root, args, self.env, self.logs, check=check, timeout=timeout, stdin=stdin,
+                          prefix=self.prefix)
 
     def create(self, cid: str, bundle: Path, *extra: str, check: bool = True) -> int:
         """`runphi create`; returns the pid from the pid file (the monitor)."""
@@ -242,9 +248,10 @@ def reap_all(pids: list[int]) -> None:
 
 
 @contextmanager
-def board_running(root: Path, engine: str = "script", model: str = "sim-qemu-arm64") -> Iterator[Board]:
+def board_running(root: Path, engine: str = "script", model: str = "sim-qemu-arm64",
+                  netns: str | None = None) -> Iterator[Board]:
     """A board up at ``root`` for the with-block; on leaving it the daemon is stopped and reaped."""
-    board = Board(root, engine=engine, model=model)
+    board = Board(root, engine=engine, model=model, netns=netns)
     board.up()
     try:
         yield board
@@ -254,14 +261,14 @@ def board_running(root: Path, engine: str = "script", model: str = "sim-qemu-arm
 
 @contextmanager
 def board_in_tempdir(prefix: str = "rphi-sim-", engine: str = "script",
-                     model: str = "sim-qemu-arm64") -> Iterator[Board]:
+                     model: str = "sim-qemu-arm64", netns: str | None = None) -> Iterator[Board]:
     """:func:`board_running` in a fresh short temporary directory, removed afterwards.
 
     Short because the board's UART sockets live under it (108-byte unix path limit).
     """
     base = Path(tempfile.mkdtemp(prefix=prefix))
     try:
-        with board_running(base / "sim", engine=engine, model=model) as board:
+        with board_running(base / "sim", engine=engine, model=model, netns=netns) as board:
             yield board
     finally:
         shutil.rmtree(base, ignore_errors=True)

@@ -201,6 +201,29 @@ def _unjoin_pod(link: RootLink, pod: PodInterface) -> None:
     except BackendError:
         pass  # the namespace went while we worked in it
     _remove_address(link, namespace=pod.namespace)
+    _return_to_root(link, pod)
+
+
+def _return_to_root(link: RootLink, pod: PodInterface) -> None:
+    """Move the device back to runphi's namespace if it outlived the cell: on a board the root's
+    ivshmem-net device lives from ``enable`` to ``disable``, and the next ZIC on its slot
+    looks for it in the root's sysfs."""
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    try:
+        ours = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        with IPRoute(netns=pod.namespace, flags=0) as ipr:
+            for index in ipr.link_lookup(ifname=link.interface):
+                ipr.link("set", index=index, state="down")
+                ipr.link("set", index=index, net_ns_fd=ours)
+    except (NetlinkError, OSError):
+        pass  # gone with its cell or its pod
+    finally:
+        os.close(ours)
 
 
 def _has_nat_table() -> bool:
