@@ -145,3 +145,97 @@ def test_a_create_killed_at_any_step_leaves_no_link_rule_or_address_after_delete
     assert deleted.returncode == 0 and "Traceback" not in deleted.stderr, deleted.stderr
     assert _forwarding(inside) == "0"
     assert_nothing_left(zic, root_namespace, inside)
+
+
+# ---- a real guest: the networked Linux ZIC under the simulator's QEMU engine ----------------------------
+
+
+@pytest.fixture(scope="module")
+def qemu_root_namespace():
+    with own_namespace("jhqemu") as name:
+        yield name
+
+
+@pytest.fixture(scope="module")
+def qemu_net_board(subreaper, qemu_root_namespace):
+    import shutil
+
+    if shutil.which("qemu-system-aarch64") is None:
+        pytest.skip("qemu-system-aarch64 not found (apt-get install qemu-system-arm)")
+    with board_in_tempdir(engine="qemu", netns=qemu_root_namespace) as board:
+        yield board
+
+
+@pytest.fixture
+def qemu_zic(qemu_net_board, tmp_path):
+    z = Zic(qemu_net_board, tmp_path)
+    try:
+        yield z
+    finally:
+        for cid in [p.name for p in z.root.iterdir() if p.is_dir()] if z.root.is_dir() else []:
+            z.run("delete", "--force", cid)
+        reap_all(z.monitors)
+
+
+def console_until(zic: Zic, container_id: str, marker: bytes, timeout: float = 120) -> bytes:
+    """The ZIC's console from its first byte until ``marker`` (``runphi logs -f``)."""
+    import os
+
+    from tests.backend_contract.contract import read_until
+    from tests.test_lifecycle_harness import RUNPHI
+
+    read_end, write_end = os.pipe()
+    follower = subprocess.Popen([str(RUNPHI), "--root", str(zic.root), "logs", "-f", container_id],
+                                stdin=subprocess.DEVNULL, stdout=write_end, stderr=subprocess.DEVNULL, env=zic.env)
+    os.close(write_end)
+    try:
+        return read_until(read_end, marker, timeout=timeout)
+    finally:
+        os.close(read_end)
+        follower.kill()
+        follower.wait()
+
+
+def served_page(namespace: str, address: str) -> tuple[int, str]:
+    import trio
+
+    from tools.linux_guest.testing import http_get_in
+
+    status, body = trio.run(http_get_in, namespace, address)
+    return status, body.decode()
+
+
+@pytest.mark.qemu
+def test_the_linux_guest_serves_its_page_on_the_links_guest_address(qemu_zic, qemu_root_namespace, tmp_path):
+    from tests.test_kvm_net import networked_linux_bundle
+    from tools.linux_guest import HTTP_PAGE
+    from tools.linux_guest.initramfs import NET_READY_MESSAGE
+
+    monitor = qemu_zic.create("web", networked_linux_bundle(tmp_path))
+    qemu_zic.run("start", "web", check=True)
+    console = console_until(qemu_zic, "web", f"{NET_READY_MESSAGE} 169.254.101.6/30".encode())
+    assert b"network setup failed" not in console
+    assert served_page(qemu_root_namespace, "169.254.101.6") == (200, HTTP_PAGE)
+    qemu_zic.run("kill", "web", "KILL", check=True)
+    assert wait_exit(monitor, timeout=60) == 137
+    qemu_zic.run("delete", "web", check=True)
+    assert_nothing_left(qemu_zic, qemu_root_namespace)
+
+
+@pytest.mark.qemu
+def test_in_a_pod_the_linux_guest_answers_on_the_pods_address_through_nat(qemu_zic, qemu_root_namespace, pod,
+                                                                          tmp_path):
+    from tests.test_kvm_net import networked_linux_bundle
+    from tools.linux_guest import HTTP_PAGE
+    from tools.linux_guest.initramfs import NET_READY_MESSAGE
+
+    outside, inside = pod
+    monitor = qemu_zic.create("podweb", in_pod(networked_linux_bundle(tmp_path), inside))
+    qemu_zic.run("start", "podweb", check=True)
+    console_until(qemu_zic, "podweb", f"{NET_READY_MESSAGE} 169.254.101.6/30".encode())
+    assert served_page(outside, "169.254.60.2") == (200, HTTP_PAGE)
+    qemu_zic.run("kill", "podweb", "KILL", check=True)
+    assert wait_exit(monitor, timeout=60) == 137
+    qemu_zic.run("delete", "podweb", check=True)
+    assert _forwarding(inside) == "0"
+    assert_nothing_left(qemu_zic, qemu_root_namespace, inside)
