@@ -195,6 +195,28 @@ def test_kvm_suite_pins_every_vcpu_refuses_the_rest_and_leaves_nothing_behind():
     assert any(c.name.startswith("8 creates at once: exactly ") for c in result.checks)
 
 
+@pytest.mark.containerd
+@pytest.mark.qemu
+def test_net_suite_reports_both_backends_next_to_runc_and_leaves_nothing_behind():
+    from tools.linux_guest.testing import guest_unavailable
+
+    reason = (missing_requirements() or guest_unavailable()
+              or (None if shutil.which("nft") else "nft is not installed (apt-get install nftables)"))
+    if reason:
+        pytest.skip(reason)
+    result = smoke("net")
+    assert not result.budgets  # issue #20: numbers and ratios, no threshold
+    backends = ("KVM backend", "simulator (QEMU engine)")
+    assert [s.name for s in result.series] == [f"{backend}: {what}, {target}" for backend in backends
+                                               for what in ("GET / latency", "GET 10 MiB")
+                                               for target in ("ZIC", "runc")]
+    for backend in backends:
+        for what in ("GET / p50, ZIC / runc", "GET / p99, ZIC / runc",
+                     "10 MiB GET throughput (median), ZIC / runc"):
+            assert result.info[f"{backend}: {what}"].endswith("x")
+    assert len(result.checks) == 9
+
+
 def test_scale_suite_leaves_nothing_behind():
     result = smoke("scale")
     assert len(result.checks) == 3

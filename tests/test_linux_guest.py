@@ -13,8 +13,9 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from tools.linux_guest import (BANNER, HTTP_PAGE, NET_FAILED_MESSAGE, LinuxGuestError, build, build_initramfs,
-                               default_cache_dir, fetch, net_argument, net_ready_line)
+from tools.linux_guest import (BANNER, HTTP_BULK_PATH, HTTP_BULK_SCRIPT, HTTP_BULK_SIZE, HTTP_PAGE,
+                               NET_FAILED_MESSAGE, LinuxGuestError, build, build_initramfs, default_cache_dir,
+                               fetch, net_argument, net_ready_line)
 from tools.linux_guest import apt, cpio
 from tools.linux_guest.guest import KERNEL_MODULES, Fetched, LinuxGuest, _release_of, check_load_order, module_depends
 from tools.linux_guest.initramfs import NET_MODULES, initramfs_entries
@@ -137,6 +138,33 @@ def test_initramfs_has_the_net_script_and_the_known_page() -> None:
     net = entries["etc/init.d/net"].data.decode()
     assert f"for module in {' '.join(NET_MODULES)}; do" in net
     assert "httpd -p 80 -h /www" in net
+
+
+def test_initramfs_serves_the_bulk_body_from_a_cgi_script_not_a_file() -> None:
+    entries = _entries_by_path({})
+    assert HTTP_BULK_PATH.startswith("/cgi-bin/")  # where busybox httpd runs CGI scripts
+    script = entries[f"www{HTTP_BULK_PATH}"]
+    assert script.mode == stat.S_IFREG | 0o755 and script.data == HTTP_BULK_SCRIPT.encode()
+    assert len(script.data) < 1024
+    assert entries["www/cgi-bin"].mode & stat.S_IFDIR
+
+
+@needs_busybox
+def test_the_bulk_cgi_script_prints_its_header_then_exactly_the_bulk_size_of_zeros(tmp_path: Path) -> None:
+    """The script as busybox httpd runs it (its own ``sh``, ``printf`` and ``dd`` applets on PATH)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for applet in ("sh", "printf", "dd"):
+        (bin_dir / applet).symlink_to(HOST_BUSYBOX)
+    script = tmp_path / "bulk"
+    script.write_text(HTTP_BULK_SCRIPT)
+    done = subprocess.run([HOST_BUSYBOX, "sh", str(script)], capture_output=True, env={"PATH": str(bin_dir)},
+                          timeout=60)
+    assert done.returncode == 0 and done.stderr == b"", done.stderr
+    head, _, body = done.stdout.partition(b"\r\n\r\n")
+    assert head.split(b"\r\n") == [b"Content-Type: application/octet-stream",
+                                    f"Content-Length: {HTTP_BULK_SIZE}".encode()]
+    assert len(body) == HTTP_BULK_SIZE and body.count(0) == HTTP_BULK_SIZE
 
 
 def _run_net_script(tmp_path: Path, cmdline: str) -> subprocess.CompletedProcess[str]:

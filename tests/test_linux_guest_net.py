@@ -1,6 +1,7 @@
 """The networked Linux guest, booted directly under QEMU: ``runphi.net=`` on its kernel
 command line brings ``eth0`` (virtio-net on a virtio-mmio transport) up and busybox httpd
-serves the known page, fetched over a tap in a network namespace this test makes.
+serves the known page and the bulk body its CGI script streams, fetched over a tap in a
+network namespace this test makes.
 
 All traffic stays inside that namespace, on 169.254.0.0/16: QEMU opens no tap itself, it
 gets the tap's fd (``-netdev tap,fd=N``), opened inside the namespace.
@@ -14,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from tools.linux_guest import (BANNER, HTTP_PAGE, NET_DEVICE, NET_FAILED_MESSAGE, NET_MODULES, NET_READY_MESSAGE,
-                               PROMPT, SHUTDOWN_MESSAGE, LinuxGuest, net_argument, net_ready_line)
+from tools.linux_guest import (BANNER, HTTP_BULK_PATH, HTTP_BULK_SIZE, HTTP_PAGE, NET_DEVICE, NET_FAILED_MESSAGE,
+                               NET_MODULES, NET_READY_MESSAGE, PROMPT, SHUTDOWN_MESSAGE, LinuxGuest, net_argument,
+                               net_ready_line)
 from tools.linux_guest.testing import TapNamespace, boot_in_qemu, guest_or_skip, http_get_in, tap_namespace
 
 pytestmark = pytest.mark.qemu
@@ -52,6 +54,8 @@ async def test_guest_serves_the_known_page_over_its_link(linux_guest, link, tmp_
         assert await http_get_in(link.name, GUEST) == (200, HTTP_PAGE.encode())
         status, _ = await http_get_in(link.name, GUEST, path="/no-such-page")
         assert status == 404
+        status, body = await http_get_in(link.name, GUEST, path=HTTP_BULK_PATH, timeout=BOOT_TIMEOUT)
+        assert status == 200 and len(body) == HTTP_BULK_SIZE and body.count(0) == HTTP_BULK_SIZE
 
         loaded = (await vm.run("cut -d' ' -f1 /proc/modules")).split()
         assert set(NET_MODULES) <= set(loaded), loaded

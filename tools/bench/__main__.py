@@ -27,6 +27,7 @@ SUITES = {
     "e2e": "e2e",
     "shim": "shim",
     "kvm": "kvm",
+    "net": "net",
     "scale": "scale",
 }
 

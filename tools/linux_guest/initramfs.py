@@ -12,7 +12,9 @@ Boot sequence inside the guest:
   the network drivers (:data:`NET_MODULES`, in dependency order), gives ``eth0`` the
   address (IPv4 only: IPv6 is disabled on it), adds the default route via the gateway when
   one is given, starts busybox ``httpd`` on port 80 serving :data:`HTTP_PAGE` as
-  ``/index.html`` and prints :func:`net_ready_line`; on a failure it prints one
+  ``/index.html`` and :data:`HTTP_BULK_SIZE` zero bytes at :data:`HTTP_BULK_PATH` (a CGI
+  script, :data:`HTTP_BULK_SCRIPT`, streaming them from ``/dev/zero``: nothing that size
+  is held in the guest's RAM), and prints :func:`net_ready_line`; on a failure it prints one
   :data:`NET_FAILED_MESSAGE` line and the boot goes on;
 * ``/etc/init.d/console`` runs a job-control shell on the real console device
   (``setsid cttyhack`` finds it from ``console=``); leaving that shell powers the guest off.
@@ -54,6 +56,17 @@ HTTP_PORT = 80
 HTTP_PAGE = ("<!DOCTYPE html>\n<html><head><title>runphi linux guest</title></head>\n"
              "<body><h1>runphi linux guest</h1><p>served by busybox httpd inside a ZIC</p></body></html>\n")
 """The exact body of ``GET /`` on the networked guest."""
+HTTP_BULK_PATH = "/cgi-bin/10MiB"
+"""A bulk body for throughput measurements: ``GET`` it for :data:`HTTP_BULK_SIZE` zero bytes."""
+HTTP_BULK_SIZE = 10 * 1024 * 1024
+_BULK_BLOCK = 64 * 1024
+HTTP_BULK_SCRIPT = f"""#!/bin/sh
+# busybox httpd CGI: {HTTP_BULK_SIZE} zero bytes, streamed from /dev/zero (nothing held in RAM).
+printf 'Content-Type: application/octet-stream\\r\\nContent-Length: {HTTP_BULK_SIZE}\\r\\n\\r\\n'
+exec dd if=/dev/zero bs={_BULK_BLOCK} count={HTTP_BULK_SIZE // _BULK_BLOCK} 2>/dev/null
+"""
+"""The CGI script behind :data:`HTTP_BULK_PATH` (``/www/cgi-bin/<name>``, executable; needs
+busybox's ``sh``, ``printf`` and ``dd``): any busybox httpd serving a copy of it does the same work."""
 NET_READY_MESSAGE = f"runphi linux guest: httpd listening on port {HTTP_PORT} of {NET_DEVICE}"
 """Start of the console line printed once httpd listens; :func:`net_ready_line` gives the whole line."""
 NET_FAILED_MESSAGE = "runphi linux guest: network setup failed"
@@ -169,7 +182,7 @@ cd "$HOME" 2>/dev/null; cd /
 
 _DIRECTORIES = ("bin", "sbin", "usr", "usr/bin", "usr/sbin", "dev", "proc", "sys", "tmp",
                 "run", "root", "etc", "etc/init.d", "etc/acpi", "lib", "lib/modules", "var",
-                "var/run", "www")
+                "var/run", "www", "www/cgi-bin")
 
 
 def initramfs_entries(busybox: bytes, modules: Mapping[str, bytes], kernel_release: str) -> list[cpio.Entry]:
@@ -188,6 +201,7 @@ def initramfs_entries(busybox: bytes, modules: Mapping[str, bytes], kernel_relea
         cpio.file("etc/init.d/console", _CONSOLE.encode(), 0o755),
         cpio.file("etc/init.d/net", _NET.encode(), 0o755),
         cpio.file("www/index.html", HTTP_PAGE.encode()),
+        cpio.file(f"www{HTTP_BULK_PATH}", HTTP_BULK_SCRIPT.encode(), 0o755),
         cpio.file("etc/acpid.conf", _ACPID_CONF.encode()),
         cpio.file("etc/acpi/power-button", _POWER_BUTTON.encode(), 0o755),
         cpio.file("etc/profile", _PROFILE.encode()),
