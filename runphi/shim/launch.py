@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -133,6 +134,7 @@ def become_server(settings: ServerSettings, listener_fd: int, log_fd: int) -> No
     connection the forking process still answers on must close when it does), then
     serve until shut down."""
     os.setpgid(0, 0)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # whatever handler the forking process had
     null = os.open(os.devnull, os.O_RDWR)
     os.dup2(null, 0)
     os.dup2(null, 1)

@@ -96,6 +96,9 @@ def _fork_starter(request: StartRequest, listener: socket.socket, conn: socket.s
     try:
         listener.close()
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the child waits for what it runs
+        # The parent's SIGTERM handler raises SystemExit: in a server forked from here it would
+        # unwind through whatever code a signal interrupts (a library's forked helper too).
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         conn.sendall(_decide(request))
     finally:
         os._exit(0)
