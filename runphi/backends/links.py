@@ -25,6 +25,8 @@ import msgspec
 from runphi.backends.base import BackendError
 
 if TYPE_CHECKING:
+    from pyroute2 import IPRoute
+
     from runphi.oci import Config
 
 T = TypeVar("T")
@@ -107,33 +109,59 @@ class PodInterface(msgspec.Struct, frozen=True, kw_only=True):
 def read_pod_interface(namespace: str) -> PodInterface:
     """The pod's addressing, read from its namespace: the interface of its default route (else
     its only non-loopback interface with an IPv4 address). BackendError when it has none."""
-    from pyroute2 import IPRoute
     from pyroute2.netlink.exceptions import NetlinkError
 
+    def read(ipr: IPRoute) -> PodInterface:
+        routes = [r for r in ipr.get_default_routes(family=2) if r.get_attr("RTA_OIF")]
+        addresses = [a for a in ipr.get_addr(family=2) if a.get_attr("IFA_LABEL") != "lo"]
+        if routes:
+            index = routes[0].get_attr("RTA_OIF")
+            addresses = [a for a in addresses if a["index"] == index]
+        if not addresses:
+            raise BackendError(f"the pod's network namespace {namespace} has no IPv4 address to give "
+                               "the ZIC (did the CNI plugin run?)")
+        chosen = addresses[0]
+        link = ipr.get_links(chosen["index"])[0]
+        gateway = (routes[0].get_attr("RTA_GATEWAY") or "") if routes else ""
+        return PodInterface(namespace=namespace, name=link.get_attr("IFLA_IFNAME"),
+                            address=f"{chosen.get_attr('IFA_ADDRESS')}/{chosen['prefixlen']}", gateway=gateway,
+                            mac=link.get_attr("IFLA_ADDRESS"))
+
     try:
-        with IPRoute(netns=namespace, flags=0) as ipr:
-            routes = [r for r in ipr.get_default_routes(family=2) if r.get_attr("RTA_OIF")]
-            addresses = [a for a in ipr.get_addr(family=2) if a.get_attr("IFA_LABEL") != "lo"]
-            if routes:
-                index = routes[0].get_attr("RTA_OIF")
-                addresses = [a for a in addresses if a["index"] == index]
-            if not addresses:
-                raise BackendError(f"the pod's network namespace {namespace} has no IPv4 address to give "
-                                   "the ZIC (did the CNI plugin run?)")
-            chosen = addresses[0]
-            link = ipr.get_links(chosen["index"])[0]
+        return netlink_in(namespace, read)
     except (NetlinkError, OSError) as exc:
         raise BackendError(f"cannot read the pod's network namespace {namespace}: {exc}") from None
-    gateway = (routes[0].get_attr("RTA_GATEWAY") or "") if routes else ""
-    return PodInterface(namespace=namespace, name=link.get_attr("IFLA_IFNAME"),
-                        address=f"{chosen.get_attr('IFA_ADDRESS')}/{chosen['prefixlen']}", gateway=gateway,
-                        mac=link.get_attr("IFLA_ADDRESS"))
 
 
 def in_namespace(namespace: str, work: Callable[[], T]) -> T:
+    """``work()`` run inside ``namespace``; BackendError when the namespace cannot be entered or
+    the work fails (a BackendError of the work's own passes unchanged)."""
+    try:
+        return _on_thread_in(namespace, work)
+    except BackendError:
+        raise
+    except Exception as exc:
+        raise BackendError(f"in the network namespace {namespace}: {exc}") from None
+
+
+def netlink_in(namespace: str, work: Callable[[IPRoute], T]) -> T:
+    """``work(ipr)`` with a netlink socket of ``namespace`` ("": the caller's own). The socket is
+    opened by a thread that entered the namespace, never by pyroute2's ``netns=`` helper, which
+    forks a process that would inherit the caller's signal handlers. The work's exceptions
+    (NetlinkError, OSError) pass unchanged."""
+    from pyroute2 import IPRoute
+
+    def run() -> T:
+        with IPRoute() as ipr:
+            return work(ipr)
+
+    return _on_thread_in(namespace, run) if namespace else run()
+
+
+def _on_thread_in(namespace: str, work: Callable[[], T]) -> T:
     """``work()`` on a thread that entered ``namespace`` (setns changes only the calling thread;
-    this one ends with the work, so nothing else ever runs in the pod's namespace).
-    BackendError when the namespace cannot be entered or the work fails."""
+    this one ends with the work, so nothing else ever runs in the pod's namespace). Its
+    exception, if any, is re-raised here."""
     from pyroute2 import netns
 
     results: list[T] = []
@@ -150,9 +178,7 @@ def in_namespace(namespace: str, work: Callable[[], T]) -> T:
     thread.start()
     thread.join()
     if errors:
-        if isinstance(errors[0], BackendError):
-            raise errors[0]
-        raise BackendError(f"in the network namespace {namespace}: {errors[0]}") from None
+        raise errors[0]
     return results[0]
 
 

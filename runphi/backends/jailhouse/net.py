@@ -30,7 +30,7 @@ from pathlib import Path
 import msgspec
 
 from runphi.backends.base import BackendError
-from runphi.backends.links import LinkAddresses, PodInterface, in_namespace, ipv4_only
+from runphi.backends.links import LinkAddresses, PodInterface, in_namespace, ipv4_only, netlink_in
 
 LINKS_DIR = "jailhouse-links"
 #: The nftables table runphi adds to a pod's namespace (one networked ZIC per pod).
@@ -102,21 +102,17 @@ def plan_pod_link(link: RootLink, pod: PodInterface) -> RootLink:
 
 def make_root_link(link: RootLink) -> None:
     """Configure the root side as :class:`RootLink` says; BackendError when the kernel refuses."""
-    from pyroute2 import IPRoute
     from pyroute2.netlink.exceptions import NetlinkError
 
     try:
         if link.pod is None:
             ipv4_only(link.interface)
-            with IPRoute() as ipr:
-                _address_and_up(ipr, link)
+            netlink_in("", lambda ipr: _address_and_up(ipr, link))
             return
-        with IPRoute() as ipr:
-            ipr.link("set", index=_index(ipr, link.interface), net_ns_fd=link.pod.namespace)
         pod = link.pod
+        netlink_in("", lambda ipr: ipr.link("set", index=_index(ipr, link.interface), net_ns_fd=pod.namespace))
         in_namespace(pod.namespace, lambda: _forwarding_on(link.interface))
-        with IPRoute(netns=pod.namespace, flags=0) as ipr:
-            _address_and_up(ipr, link)
+        netlink_in(pod.namespace, lambda ipr: _address_and_up(ipr, link))
         in_namespace(pod.namespace, lambda: _nft(_nat_rules(link, pod)))
     except (NetlinkError, OSError, IndexError) as exc:
         raise BackendError(f"cell {link.cell!r}: cannot set up its network link {link.interface}: {exc}") from None
@@ -208,18 +204,19 @@ def _return_to_root(link: RootLink, pod: PodInterface) -> None:
     """Move the device back to runphi's namespace if it outlived the cell: on a board the root's
     ivshmem-net device lives from ``enable`` to ``disable``, and the next ZIC on its slot
     looks for it in the root's sysfs."""
-    from pyroute2 import IPRoute
     from pyroute2.netlink.exceptions import NetlinkError
+
+    def move_back(ipr) -> None:
+        for index in ipr.link_lookup(ifname=link.interface):
+            ipr.link("set", index=index, state="down")
+            ipr.link("set", index=index, net_ns_fd=ours)
 
     try:
         ours = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return
     try:
-        with IPRoute(netns=pod.namespace, flags=0) as ipr:
-            for index in ipr.link_lookup(ifname=link.interface):
-                ipr.link("set", index=index, state="down")
-                ipr.link("set", index=index, net_ns_fd=ours)
+        netlink_in(pod.namespace, move_back)
     except (NetlinkError, OSError):
         pass  # gone with its cell or its pod
     finally:
@@ -242,12 +239,13 @@ def _restore_forwarding(value: str) -> None:
 
 def _remove_address(link: RootLink, namespace: str) -> None:
     """Take the link's root address off its device, if the device is still there."""
-    from pyroute2 import IPRoute
     from pyroute2.netlink.exceptions import NetlinkError
 
+    def remove(ipr) -> None:
+        for index in ipr.link_lookup(ifname=link.interface):
+            ipr.addr("del", index=index, address=link.addresses.root, prefixlen=link.addresses.prefix)
+
     try:
-        with (IPRoute(netns=namespace, flags=0) if namespace else IPRoute()) as ipr:
-            for index in ipr.link_lookup(ifname=link.interface):
-                ipr.addr("del", index=index, address=link.addresses.root, prefixlen=link.addresses.prefix)
+        netlink_in(namespace, remove)
     except (NetlinkError, OSError):
         pass  # the device went with its cell

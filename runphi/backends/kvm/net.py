@@ -27,7 +27,7 @@ import msgspec
 
 from runphi.backends.base import BackendError
 from runphi.backends.links import (GUEST_NET_ARGUMENT, LINK_PREFIX, LinkAddresses, PodInterface, in_namespace,
-                                   ipv4_only, link_addresses, read_pod_interface)
+                                   ipv4_only, link_addresses, netlink_in, read_pod_interface)
 
 
 class Link(msgspec.Struct, frozen=True, kw_only=True):
@@ -139,32 +139,34 @@ def open_pod_tap(link: PodLink) -> int:
 
 
 def _redirect_both_ways(link: PodLink) -> None:
-    from pyroute2 import IPRoute
     from pyroute2.netlink.exceptions import NetlinkError
 
+    def redirect(ipr) -> None:
+        pod = ipr.link_lookup(ifname=link.interface)[0]
+        tap = ipr.link_lookup(ifname=link.tap)[0]
+        ipr.link("set", index=tap, state="up")
+        for source, target in ((pod, tap), (tap, pod)):
+            ipr.tc("add", "ingress", index=source)
+            ipr.tc("add-filter", "u32", index=source, parent=_INGRESS, protocol=_ETH_P_ALL, keys=["0x0/0x0+0"],
+                   target=0x10020, action=[{"kind": "mirred", "direction": "egress", "action": "redirect",
+                                            "ifindex": target}])
+
     try:
-        with IPRoute(netns=link.namespace, flags=0) as ipr:
-            pod = ipr.link_lookup(ifname=link.interface)[0]
-            tap = ipr.link_lookup(ifname=link.tap)[0]
-            ipr.link("set", index=tap, state="up")
-            for source, target in ((pod, tap), (tap, pod)):
-                ipr.tc("add", "ingress", index=source)
-                ipr.tc("add-filter", "u32", index=source, parent=_INGRESS, protocol=_ETH_P_ALL, keys=["0x0/0x0+0"],
-                       target=0x10020, action=[{"kind": "mirred", "direction": "egress", "action": "redirect",
-                                                "ifindex": target}])
+        netlink_in(link.namespace, redirect)
     except (NetlinkError, OSError, IndexError) as exc:
         raise BackendError(f"cannot join the ZIC's link to {link.interface} in {link.namespace}: {exc}") from None
 
 
 def remove_pod_redirect(link: PodLink) -> None:
     """Remove the redirect from the pod interface (the tap's own goes with the tap); never raises."""
-    from pyroute2 import IPRoute
     from pyroute2.netlink.exceptions import NetlinkError
 
+    def remove(ipr) -> None:
+        for index in ipr.link_lookup(ifname=link.interface):
+            ipr.tc("del", "ingress", index=index)
+
     try:
-        with IPRoute(netns=link.namespace, flags=0) as ipr:
-            for index in ipr.link_lookup(ifname=link.interface):
-                ipr.tc("del", "ingress", index=index)
+        netlink_in(link.namespace, remove)
     except (NetlinkError, OSError):
         pass  # no redirect there, or the pod's namespace is gone already
 
