@@ -13,6 +13,8 @@ cd "$(dirname "$0")"
 # tests/test_clean_machine.py checks this list against the commands the code runs.
 DEBIAN_PACKAGES=(
     containerd runc busybox-static          # real containerd end to end
+    containernetworking-plugins             # CNI bridge + host-local (/usr/lib/cni): CRI pods with a pod network
+    nftables                                # nft: runphi's NAT for a networked Jailhouse ZIC; the tests' leftover checks
     qemu-system-arm                         # QEMU guest engine
     gcc-aarch64-linux-gnu binutils-aarch64-linux-gnu make   # our aarch64 test inmates
     gcc binutils libc6-dev                  # cell configs compiled by gcc as the reference (<stdint.h>)

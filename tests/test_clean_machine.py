@@ -54,6 +54,8 @@ COMMAND_PACKAGES = {
     "busybox": "busybox-static",
     "kubectl": "kubernetes-client",
     "ps": "procps",
+    "nft": "nftables",
+    "nsenter": "util-linux",
     "apt-get": "apt",
     "apt-cache": "apt",
     "dpkg": "dpkg",
@@ -76,6 +78,10 @@ FILE_PACKAGES = {
     # mode gcc's own header includes libc's, and libc6-dev is only a Recommends of gcc.
     # (The aarch64 inmates are freestanding: libc6-dev-arm64-cross is not needed.)
     "/usr/include/stdint.h": "libc6-dev",
+    # containerd's CRI runs the CNI plugins of a pod network (tests/cri/node.py, cni_bin_dir).
+    "/usr/lib/cni/bridge": "containernetworking-plugins",
+    "/usr/lib/cni/host-local": "containernetworking-plugins",
+    "/usr/lib/cni/loopback": "containernetworking-plugins",
 }
 
 #: Other packages that may ship a command instead (setup.sh accepts any kubectl).
@@ -84,7 +90,7 @@ OTHER_PROVIDERS = {"kubectl": {"kubectl"}}  # the Google Cloud SDK's
 #: Packages every Debian 12 system has, so setup.sh need not list them: Essential ones
 #: and apt (Priority: required); debootstrap's minbase installs exactly these priorities.
 #: Anything else (procps, gcc, ...) is on some images and not others.
-ON_EVERY_DEBIAN = {"apt", "bash", "coreutils", "dash", "dpkg"}
+ON_EVERY_DEBIAN = {"apt", "bash", "coreutils", "dash", "dpkg", "util-linux"}
 
 #: The code that must be found, so the QEMU scan cannot pass by finding nothing.
 KNOWN_QEMU_ARGV_FILES = {

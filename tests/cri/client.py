@@ -18,8 +18,9 @@ PROTO = Path(__file__).with_name("runtime_v1_subset.proto")
 
 #: CRI ``ContainerState`` numbers (upstream values).
 CONTAINER_CREATED, CONTAINER_RUNNING, CONTAINER_EXITED, CONTAINER_UNKNOWN = 0, 1, 2, 3
-#: CRI ``NamespaceMode.NODE``: the host's namespace (host networking).
-NAMESPACE_NODE = 2
+#: CRI ``NamespaceMode`` numbers: ``POD``, the pod's own namespace (a CNI network for the
+#: network namespace); ``NODE``, the host's namespace (host networking).
+NAMESPACE_POD, NAMESPACE_NODE = 0, 2
 
 
 class CriError(AssertionError):
@@ -90,18 +91,22 @@ class CriClient:
         return [tag for image in reply.images for tag in image.repo_tags]
 
     def pod_config(self, name: str, uid: str, log_directory: Path, *,
-                   annotations: dict[str, str] | None = None):
-        """A host-network PodSandboxConfig (the only kind that starts without CNI).
+                   annotations: dict[str, str] | None = None, host_network: bool = True):
+        """A PodSandboxConfig as a kubelet sends it.
 
-        No hostname: a host-network pod shares the node's UTS namespace, so the
-        runtime may not set one.
+        ``host_network`` (the only kind that starts without CNI): the node's network
+        namespace and no hostname (the pod shares the node's UTS namespace, so the runtime
+        may not set one). Otherwise (``POD`` mode): the pod gets a network namespace of its
+        own, wired by the CNI network, and its hostname is the pod's name, as a kubelet sets it.
         """
         pb = self.pb
+        network = NAMESPACE_NODE if host_network else NAMESPACE_POD
         return pb.PodSandboxConfig(
             metadata=pb.PodSandboxMetadata(name=name, uid=uid, namespace="default", attempt=0),
+            hostname="" if host_network else name,
             log_directory=str(log_directory), annotations=annotations or {},
             linux=pb.LinuxPodSandboxConfig(security_context=pb.LinuxSandboxSecurityContext(
-                namespace_options=pb.NamespaceOption(network=NAMESPACE_NODE, pid=0, ipc=0))))
+                namespace_options=pb.NamespaceOption(network=network, pid=NAMESPACE_POD, ipc=NAMESPACE_POD))))
 
     def run_pod(self, config, handler: str = "runphi") -> str:
         reply = self.runtime.RunPodSandbox(
@@ -146,6 +151,17 @@ class CriClient:
         reply = self.runtime.ContainerStatus(self.pb.ContainerStatusRequest(container_id=container_id),
                                              timeout=self.rpc_timeout)
         return reply.status
+
+    def pod_status(self, pod_id: str):
+        """PodSandboxStatus's ``status`` (state, network, ...)."""
+        reply = self.runtime.PodSandboxStatus(self.pb.PodSandboxStatusRequest(pod_sandbox_id=pod_id),
+                                              timeout=self.rpc_timeout)
+        return reply.status
+
+    def pod_ip(self, pod_id: str) -> str:
+        """The pod's IP as the CRI reports it (what ``kubectl get pod -o wide`` shows); "" for
+        a host-network pod."""
+        return self.pod_status(pod_id).network.ip
 
     def stop_pod(self, pod_id: str) -> None:
         self.runtime.StopPodSandbox(self.pb.StopPodSandboxRequest(pod_sandbox_id=pod_id),

@@ -94,8 +94,11 @@ class PrivateContainerd:
     """One containerd process with everything under ``base``."""
 
     def __init__(self, base: Path, runphi: Path, env: dict[str, str] | None = None,
-                 cri: bool = False) -> None:
+                 cri: bool = False, netns: str | None = None) -> None:
         self.base = base
+        #: The named network namespace (``/run/netns/<netns>``) containerd runs in, or None for
+        #: the caller's own: its shims, runtimes and CNI plugins then make their links there.
+        self.netns = netns
         #: Whether the CRI plugin runs (off by default: ctr tests do not need it).
         self.cri = cri
         self.runphi = runphi
@@ -140,8 +143,7 @@ disabled_plugins = [
         self.config_path.write_text(self.config_text())
         log = open(self.log_path, "wb")
         self.process = subprocess.Popen(
-            ["containerd", "--config", str(self.config_path)],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=self.env, start_new_session=True)
+            self.argv(), stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=self.env, start_new_session=True)
         log.close()
         deadline = time.monotonic() + timeout
         # Observed thing: containerd's own log file (polled against a deadline).
@@ -152,6 +154,14 @@ disabled_plugins = [
                 self.stop()
                 raise RuntimeError(f"containerd did not boot within {timeout} s:\n{self.log_tail()}")
             time.sleep(0.02)
+
+    def argv(self) -> list[str]:
+        """containerd's command line; inside :attr:`netns` through ``nsenter --net``, which
+        execs containerd (a network namespace needs no fork), so the process is containerd."""
+        argv = ["containerd", "--config", str(self.config_path)]
+        if self.netns is None:
+            return argv
+        return ["nsenter", f"--net=/run/netns/{self.netns}", *argv]
 
     def log_tail(self, lines: int = 30) -> str:
         """The end of containerd's log, for failure messages."""
@@ -297,11 +307,13 @@ class ZicNode:
     ``mode`` says how containerd runs runphi (:data:`MODES`); in shim mode containerd
     finds ``containerd-shim-runphi-v2`` on its PATH, beside ``runphi``. :meth:`stop`
     removes every task and container, then stops containerd and the board (which ends
-    its QEMU guests).
+    its QEMU guests). With ``netns`` (a /run/netns name) containerd and the board run inside
+    that network namespace, so the links of networked ZICs stay in it, as they stay in the
+    root cell's namespace on a board.
     """
 
     def __init__(self, base: Path, runphi: Path, engine: str = "qemu", mode: str = "runc-cli",
-                 backend: str = "jailhouse") -> None:
+                 backend: str = "jailhouse", netns: str | None = None) -> None:
         if mode not in MODES:
             raise ValueError(f"mode {mode!r} is not one of {MODES}")
         self.base = base
@@ -313,7 +325,8 @@ class ZicNode:
         base.mkdir(parents=True, exist_ok=True)
         self.env = kvm_env(base) if backend == "kvm" else simulator_env(self.sim_root, base)
         self.env["PATH"] = f"{runphi.parent}{os.pathsep}{os.environ.get('PATH', '')}"
-        self.containerd = PrivateContainerd(base / "ctd", runphi, env=self.env)
+        self.netns = netns
+        self.containerd = PrivateContainerd(base / "ctd", runphi, env=self.env, netns=netns)
         self.sim = None
 
     def start(self) -> ZicNode:
@@ -323,7 +336,7 @@ class ZicNode:
         if self.backend == "kvm":
             self.containerd.start()
             return self
-        self.sim = SimBoard.start(self.sim_root, board=SIM_PLATFORM, engine=self.engine)
+        self.sim = SimBoard.start(self.sim_root, board=SIM_PLATFORM, engine=self.engine, netns=self.netns)
         try:
             self.containerd.start()
         except BaseException:
@@ -414,10 +427,12 @@ class ZicNode:
 
 @contextmanager
 def running_zic_node(runphi: Path, *, mode: str, prefix: str = "rphi-zic-",
-                     env: dict[str, str] | None = None, backend: str = "jailhouse") -> Iterator[ZicNode]:
+                     env: dict[str, str] | None = None, backend: str = "jailhouse",
+                     netns: str | None = None) -> Iterator[ZicNode]:
     """A started :class:`ZicNode` in ``mode`` on ``backend`` (its containerd's environment plus
-    ``env``), stopped and its directory removed afterwards."""
-    node = ZicNode(short_tempdir(prefix), runphi, mode=mode, backend=backend)
+    ``env``; inside network namespace ``netns`` when given), stopped and its directory removed
+    afterwards."""
+    node = ZicNode(short_tempdir(prefix), runphi, mode=mode, backend=backend, netns=netns)
     node.containerd.env.update(env or {})
     node.start()
     try:
