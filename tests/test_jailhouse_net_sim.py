@@ -36,15 +36,20 @@ def net_board(subreaper, root_namespace):
         yield board
 
 
-@pytest.fixture
-def zic(net_board, tmp_path):
-    z = Zic(net_board, tmp_path)
+def cleaned_up_zic(board, tmp_path: Path):
+    """The runphi CLI on ``board``; every container it leaves is force-deleted afterwards."""
+    z = Zic(board, tmp_path)
     try:
         yield z
     finally:
         for cid in [p.name for p in z.root.iterdir() if p.is_dir()] if z.root.is_dir() else []:
             z.run("delete", "--force", cid)
         reap_all(z.monitors)
+
+
+@pytest.fixture
+def zic(net_board, tmp_path):
+    yield from cleaned_up_zic(net_board, tmp_path)
 
 
 def link_devices(namespace: str) -> list[str]:
@@ -168,32 +173,14 @@ def qemu_net_board(subreaper, qemu_root_namespace):
 
 @pytest.fixture
 def qemu_zic(qemu_net_board, tmp_path):
-    z = Zic(qemu_net_board, tmp_path)
-    try:
-        yield z
-    finally:
-        for cid in [p.name for p in z.root.iterdir() if p.is_dir()] if z.root.is_dir() else []:
-            z.run("delete", "--force", cid)
-        reap_all(z.monitors)
+    yield from cleaned_up_zic(qemu_net_board, tmp_path)
 
 
-def console_until(zic: Zic, container_id: str, marker: bytes, timeout: float = 120) -> bytes:
+def zic_console_until(zic: Zic, container_id: str, marker: bytes, timeout: float = 120) -> bytes:
     """The ZIC's console from its first byte until ``marker`` (``runphi logs -f``)."""
-    import os
+    from tests.backend_contract.contract import console_until as follow
 
-    from tests.backend_contract.contract import read_until
-    from tests.test_lifecycle_harness import RUNPHI
-
-    read_end, write_end = os.pipe()
-    follower = subprocess.Popen([str(RUNPHI), "--root", str(zic.root), "logs", "-f", container_id],
-                                stdin=subprocess.DEVNULL, stdout=write_end, stderr=subprocess.DEVNULL, env=zic.env)
-    os.close(write_end)
-    try:
-        return read_until(read_end, marker, timeout=timeout)
-    finally:
-        os.close(read_end)
-        follower.kill()
-        follower.wait()
+    return follow(zic.root, zic.env, container_id, marker, timeout)
 
 
 def served_page(namespace: str, address: str) -> tuple[int, str]:
@@ -213,7 +200,7 @@ def test_the_linux_guest_serves_its_page_on_the_links_guest_address(qemu_zic, qe
 
     monitor = qemu_zic.create("web", networked_linux_bundle(tmp_path))
     qemu_zic.run("start", "web", check=True)
-    console = console_until(qemu_zic, "web", f"{NET_READY_MESSAGE} 169.254.101.6/30".encode())
+    console = zic_console_until(qemu_zic, "web", f"{NET_READY_MESSAGE} 169.254.101.6/30".encode())
     assert b"network setup failed" not in console
     assert served_page(qemu_root_namespace, "169.254.101.6") == (200, HTTP_PAGE)
     qemu_zic.run("kill", "web", "KILL", check=True)
@@ -232,7 +219,7 @@ def test_in_a_pod_the_linux_guest_answers_on_the_pods_address_through_nat(qemu_z
     outside, inside = pod
     monitor = qemu_zic.create("podweb", in_pod(networked_linux_bundle(tmp_path), inside))
     qemu_zic.run("start", "podweb", check=True)
-    console_until(qemu_zic, "podweb", f"{NET_READY_MESSAGE} 169.254.101.6/30".encode())
+    zic_console_until(qemu_zic, "podweb", f"{NET_READY_MESSAGE} 169.254.101.6/30".encode())
     assert served_page(outside, "169.254.60.2") == (200, HTTP_PAGE)
     qemu_zic.run("kill", "podweb", "KILL", check=True)
     assert wait_exit(monitor, timeout=60) == 137

@@ -137,7 +137,7 @@ def in_namespace(namespace: str, work: Callable[[], T]) -> T:
     """``work()`` run inside ``namespace``; BackendError when the namespace cannot be entered or
     the work fails (a BackendError of the work's own passes unchanged)."""
     try:
-        return _on_thread_in(namespace, work)
+        return run_in_namespace(namespace, work)
     except BackendError:
         raise
     except Exception as exc:
@@ -155,13 +155,14 @@ def netlink_in(namespace: str, work: Callable[[IPRoute], T]) -> T:
         with IPRoute() as ipr:
             return work(ipr)
 
-    return _on_thread_in(namespace, run) if namespace else run()
+    return run_in_namespace(namespace, run) if namespace else run()
 
 
-def _on_thread_in(namespace: str, work: Callable[[], T]) -> T:
-    """``work()`` on a thread that entered ``namespace`` (setns changes only the calling thread;
-    this one ends with the work, so nothing else ever runs in the pod's namespace). Its
-    exception, if any, is re-raised here."""
+def run_in_namespace(namespace: str, work: Callable[[], T]) -> T:
+    """``work()`` on a thread that entered network namespace ``namespace`` (a name under
+    /run/netns or a path; setns changes only the calling thread, and this one ends with the
+    work, so nothing else ever runs in that namespace). Its exception, if any, is re-raised
+    here unchanged."""
     from pyroute2 import netns
 
     results: list[T] = []

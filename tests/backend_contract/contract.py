@@ -150,6 +150,22 @@ def write_zic_bundle(bundle: Path, image: bytes, description: Mapping[str, objec
     return bundle
 
 
+def console_until(root: Path, env: Mapping[str, str], container_id: str, marker: bytes, timeout: float) -> bytes:
+    """A ZIC's console output from its first byte until ``marker`` has arrived, read from
+    ``runphi --root ROOT logs -f`` (the monitor's console log, which starts at the guest's
+    first byte); AssertionError if the deadline passes or the monitor ends first."""
+    read_end, write_end = os.pipe()
+    follower = subprocess.Popen([str(RUNPHI), "--root", str(root), "logs", "-f", container_id],
+                                stdin=subprocess.DEVNULL, stdout=write_end, stderr=subprocess.DEVNULL, env=dict(env))
+    os.close(write_end)
+    try:
+        return read_until(read_end, marker, timeout=timeout)
+    finally:
+        os.close(read_end)
+        follower.kill()
+        follower.wait()
+
+
 class RuntimeCli:
     """The ``runphi`` CLI as a shim drives it: one state root, the target's environment.
 
@@ -203,17 +219,7 @@ class RuntimeCli:
         Read from ``runphi logs -f`` (the monitor's console log, which starts at the
         guest's first byte); AssertionError if the deadline passes or the monitor ends first.
         """
-        read_end, write_end = os.pipe()
-        follower = subprocess.Popen([str(RUNPHI), "--root", str(self.root), "logs", "-f", container_id],
-                                    stdin=subprocess.DEVNULL, stdout=write_end, stderr=subprocess.DEVNULL,
-                                    env=self.env)
-        os.close(write_end)
-        try:
-            return read_until(read_end, marker, timeout=timeout)
-        finally:
-            os.close(read_end)
-            follower.kill()
-            follower.wait()
+        return console_until(self.root, self.env, container_id, marker, timeout)
 
     def container_ids(self) -> list[str]:
         """Every container the state root holds."""

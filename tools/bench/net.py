@@ -51,13 +51,13 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, NamedTuple
 
+from runphi.backends.links import run_in_namespace
 from tools.jailhouse_sim.engines.qemu import DEFAULT_BINARY
 from tools.linux_guest.initramfs import (HTTP_BULK_PATH, HTTP_BULK_SCRIPT, HTTP_BULK_SIZE, HTTP_PAGE, HTTP_PORT,
                                          NET_FAILED_MESSAGE, NET_READY_MESSAGE)
@@ -72,7 +72,6 @@ if TYPE_CHECKING:
     from tools.jailhouse_sim.testing import SimBoard
     from tools.testbed.containerd import PrivateContainerd
 
-T = TypeVar("T")
 
 SUBNET = ipaddress.IPv4Network("169.254.210.0/24")
 GATEWAY = "169.254.210.1"
@@ -107,29 +106,6 @@ def require() -> None:
 
 
 # ---- the network: a node namespace with a bridge, pods on veths -------------------------------------
-
-
-def in_namespace(name: str, work: Callable[[], T]) -> T:
-    """``work()`` on a fresh thread that entered network namespace ``name`` (setns is per thread;
-    the thread ends with the work, so nothing else of this process runs in the namespace)."""
-    from pyroute2 import netns
-
-    values: list[T] = []
-    errors: list[BaseException] = []
-
-    def body() -> None:
-        try:
-            netns.setns(name, flags=0)
-            values.append(work())
-        except BaseException as exc:  # handed to the caller below
-            errors.append(exc)
-
-    thread = threading.Thread(target=body, name=f"netns-{name}")
-    thread.start()
-    thread.join()
-    if errors:
-        raise errors[0]
-    return values[0]
 
 
 class Pod(NamedTuple):
@@ -276,7 +252,7 @@ def wait_for_page(namespace: str, address: str, deadline: float) -> None:
                 raise TimeoutError(f"no page from {address} before the deadline (last: {why})")
             time.sleep(RETRY_INTERVAL)
 
-    in_namespace(namespace, attempt)
+    run_in_namespace(namespace, attempt)
 
 
 class Measured(NamedTuple):
@@ -482,7 +458,7 @@ def serve_and_measure(node: Node, setup: Setup, pods: dict[str, Pod], namespace:
     for pod in pods.values():
         wait_for_page(namespace, pod.address, deadline)
     targets = {name: pod.address for name, pod in pods.items()}
-    measured = in_namespace(namespace, lambda: measure(
+    measured = run_in_namespace(namespace, lambda: measure(
         targets, options.count(200, 10), options.count(10, 0), options.count(5, 1)))
     return measured, link_devices(pods[ZIC].namespace)
 

@@ -17,22 +17,20 @@ import os
 import shutil
 import struct
 import subprocess
-import threading
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 import trio
 
+from runphi.backends.links import run_in_namespace
 from tools.linux_guest import apt
 from tools.linux_guest.errors import LinuxGuestError
 from tools.linux_guest.guest import LinuxGuest, build, default_cache_dir, guest_dir, qemu_argv
 from tools.linux_guest.initramfs import PROMPT
 
 QEMU = "qemu-system-aarch64"
-T = TypeVar("T")
 
 
 def guest_unavailable(cache: Path | None = None) -> str | None:
@@ -245,29 +243,6 @@ def _link_local(address: str) -> ipaddress.IPv4Interface:
     return interface
 
 
-def _in_namespace(name: str, work: Callable[[], T]) -> T:
-    """``work()`` run on a fresh thread that entered network namespace ``name`` (setns is per
-    thread; the thread ends with it, so no other code runs in the namespace by mistake)."""
-    from pyroute2 import netns
-
-    values: list[T] = []
-    errors: list[BaseException] = []
-
-    def body() -> None:
-        try:
-            netns.setns(name, flags=0)
-            values.append(work())
-        except BaseException as exc:  # handed to the caller below
-            errors.append(exc)
-
-    thread = threading.Thread(target=body, name=f"netns-{name}")
-    thread.start()
-    thread.join()
-    if errors:
-        raise errors[0]
-    return values[0]
-
-
 def _open_tap(tap: str) -> int:
     """In the namespace: IPv6 off for new links, then a tap named ``tap``; its queue's fd."""
     ipv6 = Path("/proc/sys/net/ipv6/conf")
@@ -294,7 +269,7 @@ def tap_namespace(name: str, tap: str, address: str) -> Iterator[TapNamespace]:
     netns.create(name)
     fd = None
     try:
-        fd = _in_namespace(name, lambda: _open_tap(tap))
+        fd = run_in_namespace(name, lambda: _open_tap(tap))
         with IPRoute(netns=name, flags=0) as ipr:
             (index,) = ipr.link_lookup(ifname=tap)
             ipr.addr("add", index=index, address=str(interface.ip), prefixlen=interface.network.prefixlen)
