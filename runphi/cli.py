@@ -170,6 +170,16 @@ def _p_events(p):
     _id(p)
 
 
+def _p_metrics(p):
+    _flag(p, "listen", metavar="ADDR:PORT", default="",
+          help="serve /metrics on ADDR:PORT (ADDR defaults to 127.0.0.1) instead of printing once")
+
+
+def _p_top(p):
+    _flag(p, "interval", default="1", help="seconds between refreshes")
+    _bool(p, "once", help="print one plain-text view and exit (the default when stdout is not a terminal)")
+
+
 def _p_spec(p):
     _flag(p, "bundle", "-b", default=".", help="where to write config.json")
     _bool(p, "rootless")
@@ -283,6 +293,8 @@ VERBS: dict[str, Verb] = {
     "restore": Verb(_p_restore, "unsupported", "restore a container (runc only)", by_id=True),
     "cell-config": Verb(_p_cell_config, "cell_config", "render or decode a ZIC's Jailhouse cell config"),
     "logs": Verb(_p_logs, "logs", "print a ZIC's console log"),
+    "metrics": Verb(_p_metrics, "metrics", "print or serve the node's ZIC metrics (Prometheus)"),
+    "top": Verb(_p_top, "top", "a live view of the node's ZICs"),
 }
 
 

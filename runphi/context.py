@@ -86,7 +86,7 @@ class Context:
         if self._node is None:
             from runphi.core.node import Node
 
-            self._node = Node(self.store, self.backend, self.log, self.monitor_log)
+            self._node = Node(self.store, self.backend, self.log, self.monitor_log, self.config.state_dir)
         return self._node
 
     @property

@@ -13,12 +13,15 @@ standard library only.
 from __future__ import annotations
 
 import enum
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
 
 from runphi.errors import RunphiError
 from runphi.oci import Config
+
+if TYPE_CHECKING:
+    from runphi.backends.ledger import ResourceUse
 
 #: Per-container override of the graceful-shutdown deadline (milliseconds).
 SHUTDOWN_TIMEOUT_ANNOTATION = "org.runphi.shutdown-timeout-ms"
@@ -161,6 +164,30 @@ class CellStatistics(msgspec.Struct, frozen=True):
     per_cpu: dict[int, dict[str, int]]
 
 
+class CellStats(msgspec.Struct, frozen=True, kw_only=True):
+    """Everything a monitor of the node wants to know about one cell (``Backend.stats``).
+
+    ``vmexits`` are the hypervisor's exit counters by reason (``total`` among them) and
+    ``vmexits_per_cpu`` the same per CPU (Jailhouse; empty on KVM). ``cpu_seconds`` is the
+    CPU time each of the cell's CPUs ran guest code for, where the host can tell (KVM: the
+    vCPU threads); ``extra`` holds backend-specific counters (KVM's per-VM statistics)."""
+
+    status: CellStatus
+    failed_cpus: frozenset[int] = frozenset()
+    vmexits: dict[str, int] = {}
+    vmexits_per_cpu: dict[int, dict[str, int]] = {}
+    cpu_seconds: dict[int, float] = {}
+    extra: dict[str, int] = {}
+
+
+class PoolUse(msgspec.Struct, frozen=True, kw_only=True):
+    """One of the hypervisor's own memory pools (Jailhouse: ``mem``, ``remap``), in pages."""
+
+    name: str
+    size_pages: int
+    used_pages: int
+
+
 class Backend(Protocol):
     """What a partitioning backend does for the verbs.
 
@@ -194,6 +221,18 @@ class Backend(Protocol):
 
     def failed_cpus(self, cell: CellRecord) -> frozenset[int]:
         """The cell's CPUs parked on a fatal trap (empty when none or no such cell)."""
+
+    def stats(self, cell: CellRecord) -> CellStats:
+        """State, failed CPUs and counters of the cell in one reading (status ``GONE`` and
+        nothing else when no such cell exists). Raises :class:`BackendUnavailable` when
+        the hypervisor cannot be asked."""
+
+    def pools(self) -> list[PoolUse]:
+        """The hypervisor's memory pools (empty when it has none, or is not enabled)."""
+
+    def resources(self) -> list[ResourceUse]:
+        """The node ledger's use of every kind of resource it lends (CPUs, RAM, console slots,
+        links, RPUs)."""
 
     def start_cell(self, cell_name: str) -> None:
         """Start (or restart) the cell from its reset address."""

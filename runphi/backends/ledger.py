@@ -188,6 +188,14 @@ class Allocation(msgspec.Struct, frozen=True, kw_only=True):
     rpus: frozenset[int] = frozenset()
 
 
+class ResourceUse(msgspec.Struct, frozen=True, kw_only=True):
+    """One kind of node resource: how much of it ZICs hold, and how much is free."""
+
+    resource: str
+    used: int
+    free: int
+
+
 class Claim(msgspec.Struct, frozen=True, kw_only=True):
     """One allocation on its own (what a ledger rebuild starts from)."""
 
@@ -447,6 +455,24 @@ class NodeLedger:
         """Every recorded allocation (what a ledger rebuild compares with reality)."""
         with self._locked(exclusive=False) as ledger:
             return list(ledger.allocations.values())
+
+    def usage(self) -> list[ResourceUse]:
+        """How much of each kind of resource the platform lends is held, and how much is free:
+        CPUs, cell RAM (bytes), console UART slots, network links, RPUs."""
+        held = self.allocations()
+        platform = self.platform
+        pool_bytes = sum(pool.end - pool.start for pool in platform.memory.pools)
+        slots = len(platform.uarts) if platform.per_cell_uarts else 0
+        links = len(platform.ivshmem.slots) if platform.ivshmem is not None else 0
+        counts = {
+            "cpus": (len(platform.cell_cpu_set), len(frozenset().union(*(a.cpus for a in held)))),
+            "ram_bytes": (pool_bytes, sum(a.ram.size for a in held)),
+            "console_slots": (slots, sum(1 for a in held if a.uart_slot is not None) if slots else 0),
+            "links": (links, sum(1 for a in held if a.ivshmem_slot is not None)),
+            "rpus": (len(platform.rpus), sum(len(a.rpus) for a in held)),
+        }
+        return [ResourceUse(resource=name, used=used, free=max(total - used, 0))
+                for name, (total, used) in counts.items()]
 
     # --- changes ---
 

@@ -176,6 +176,7 @@ class ConsolePump:
         self._write_scope = trio.CancelScope()
         self._queue_changed = trio.lowlevel.ParkingLot()
         self._drops_changed = trio.lowlevel.ParkingLot()
+        self._read_changed = trio.lowlevel.ParkingLot()
 
     @property
     def buffered_bytes(self) -> int:
@@ -187,6 +188,12 @@ class ConsolePump:
         while self.stats.dropped_bytes <= more_than:
             await self._drops_changed.park()
         return self.stats.dropped_bytes
+
+    async def wait_read(self, more_than: int) -> int:
+        """Wait until more than ``more_than`` bytes have been read; return the count."""
+        while self.stats.read_bytes <= more_than:
+            await self._read_changed.park()
+        return self.stats.read_bytes
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> PumpStats:
         """Pump until the source has ended and everything read is written (or the
@@ -255,6 +262,7 @@ class ConsolePump:
             return
         self._last_read = trio.current_time()
         self.stats.read_bytes += len(data)
+        self._read_changed.unpark_all()
         if self._tee is not None:
             self._tee.write(data)
         if self.stats.sink_closed is None:

@@ -44,6 +44,8 @@ from runphi.console.stats import write_console_stats
 
 #: At most one drop report (log line + stats file) per this many seconds.
 DROP_REPORT_INTERVAL_SECONDS = 1.0
+#: How often, at most, the console counters are published while output flows (seconds).
+STATS_PUBLISH_INTERVAL_SECONDS = 1.0
 
 
 class ConsoleSession:
@@ -55,6 +57,8 @@ class ConsoleSession:
     whose failure to open is recorded in :attr:`log_error` instead of failing
     the container. The session does not close the fds it was given.
 
+    The counters are published to ``console-stats.json`` at most once per
+    :data:`STATS_PUBLISH_INTERVAL_SECONDS` while output flows (for ``runphi metrics``).
     Drops are reported as they happen, at most once per
     :data:`DROP_REPORT_INTERVAL_SECONDS`: ``on_drops(stats)`` is called (the
     monitor logs a warning there) and, with ``log_dir``, the counters are
@@ -104,6 +108,7 @@ class ConsoleSession:
                 if self._input_fd is not None:
                     nursery.start_soon(self._pump_input)
                 nursery.start_soon(self._report_drops)
+                nursery.start_soon(self._publish_progress)
                 task_status.started()
 
     async def drain(
@@ -133,6 +138,18 @@ class ConsoleSession:
                 self._on_drops(self.stats)
             self._publish(self.stats)
             await trio.sleep(DROP_REPORT_INTERVAL_SECONDS)
+
+    async def _publish_progress(self) -> None:
+        """Publish the counters after output arrived, at most once per
+        :data:`STATS_PUBLISH_INTERVAL_SECONDS` (``runphi metrics`` reads them); a quiet console
+        costs nothing."""
+        if self._log_dir is None:
+            return
+        published = 0
+        while True:
+            published = await self._pump.wait_read(published)
+            self._publish(self.stats)
+            await trio.sleep(STATS_PUBLISH_INTERVAL_SECONDS)
 
     def _publish(self, stats: PumpStats) -> None:
         if self._log_dir is None:

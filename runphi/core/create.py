@@ -22,6 +22,7 @@ import msgspec
 
 from runphi.backends.base import Backend, LaunchRequest
 from runphi.container import ContainerRecord, current_process_identity, transition
+from runphi.core.latency import timed
 from runphi.core.launch import Adopt, Launched, launch_zic
 from runphi.core.node import CONFIG_COPY_NAME, START_FIFO_NAME, Node, state_json, stop_monitor
 from runphi.errors import BackendNotConfigured, BundleError, ContainerExists, RunphiError, for_container
@@ -68,7 +69,7 @@ def create_zic(node: Node, request: CreateRequest, adopt: Adopt | None = None) -
     backend = _backend_for(node, container_id)
     record = _creating_record(request)
     directory = node.store.container_dir(container_id)
-    with node.store.creating(record):
+    with timed(node.state_dir, "create"), node.store.creating(record):
         pause_point("create:record")
         atomic_write(directory / CONFIG_COPY_NAME, request.config_bytes)
         os.mkfifo(directory / START_FIFO_NAME, 0o600)

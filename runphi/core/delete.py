@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 from runphi.container import ContainerRecord, live_status
+from runphi.core.latency import timed
 from runphi.core.node import DESTROY_TIMEOUT, Node, container_config, state_json, stop_monitor
 from runphi.errors import BundleError, IllegalTransition
 from runphi.pausepoint import pause_point
@@ -20,7 +21,7 @@ def delete_zic(node: Node, container_id: str, force: bool = False, owned_here: b
     ``owned_here``: the caller is the ZIC's long-lived process (the shim server), which
     has already seen its cell's end: its own process is not stopped.
     """
-    with node.store.locked(container_id):
+    with timed(node.state_dir, "delete"), node.store.locked(container_id):
         record = node.store.read(container_id)
         status = live_status(record)
         if status == "running" and not force:

@@ -45,10 +45,12 @@ class Node:
     """The records under one state root, the node's backend, and the log."""
 
     def __init__(self, store: Store, open_backend: Callable[[str | None], Backend], log: Log,
-                 monitor_log: tuple[str, str, str] = ("", "json", "info")) -> None:
+                 monitor_log: tuple[str, str, str] = ("", "json", "info"), state_dir: str = "") -> None:
         self.store = store
         self._open_backend = open_backend
         self.log = log
+        #: The node's state directory (ledger, verb latencies); "" where none is configured.
+        self.state_dir = state_dir
         #: (path, format, level) of the runtime log a ZIC's monitor appends its exit line to.
         self.monitor_log = monitor_log
 

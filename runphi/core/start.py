@@ -12,6 +12,7 @@ import os
 import signal
 
 from runphi.container import ContainerRecord, live_status, transition
+from runphi.core.latency import timed
 from runphi.core.node import START_FIFO_NAME, Node, container_config, state_json
 from runphi.errors import IllegalTransition, StateError
 
@@ -23,7 +24,7 @@ _REFUSALS = {
 
 def start_zic(node: Node, container_id: str) -> ContainerRecord:
     """Start a created ZIC; refuse any other status with runc's wording. Returns the ``running`` record."""
-    with node.store.locked(container_id):
+    with timed(node.state_dir, "start"), node.store.locked(container_id):
         record = node.store.read(container_id)
         status = live_status(record)
         if status != "created":

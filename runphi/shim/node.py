@@ -29,4 +29,4 @@ def shim_node(namespace: str, debug: bool = False) -> Node:
     log = VerbLog(None, "text", "debug" if debug else "info")
     store = Store(shim_root(config.state_dir, namespace))
     return Node(store, lambda container_id: open_backend(config, lambda line: log.warn(line), container_id),
-                log)
+                log, state_dir=config.state_dir)

@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from runphi.backends.base import (LINUX_CMDLINE_ANNOTATION, BackendError,
-                                  CellNotFound, CellRecord, CellStatistics, CellStatus, LaunchedCell, LaunchRequest,
+from runphi.backends.base import (GONE, LINUX_CMDLINE_ANNOTATION, BackendError, CellNotFound, CellRecord,
+                                  CellStatistics, CellStats, CellStatus, LaunchedCell, LaunchRequest, PoolUse,
                                   ResourceBusy, WatchSettings, shutdown_timeout)
 from runphi.backends.jailhouse.driver import JailhouseDriver, LoadImage, RpuImage
 from runphi.errors import RunphiError
@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from runphi.backends.jailhouse.allocator import Allocator
     from runphi.backends.jailhouse.cellconfig import CellConfig
     from runphi.backends.jailhouse.platform import Platform
-    from runphi.backends.ledger import Allocation
+    from runphi.backends.ledger import Allocation, ResourceUse
     from runphi.backends.links import LinkAddresses
     from runphi.config import RuntimeConfig
     from runphi.image import BootDescription
@@ -100,6 +100,24 @@ class JailhouseBackend:
 
     def failed_cpus(self, cell: CellRecord) -> frozenset[int]:
         return self.driver.failed_cpus(cell.cell_name)
+
+    def stats(self, cell: CellRecord) -> CellStats:
+        """The cell's sysfs state, failed CPUs and VM-exit counters (``statistics/``)."""
+        status = self.cell_state(cell)
+        if status == GONE:
+            return CellStats(status=GONE)
+        try:
+            counters = self.driver.statistics(cell.cell_name)
+        except CellNotFound:
+            return CellStats(status=GONE)
+        return CellStats(status=status, failed_cpus=self.driver.failed_cpus(cell.cell_name),
+                         vmexits=counters.total, vmexits_per_cpu=counters.per_cpu)
+
+    def pools(self) -> list[PoolUse]:
+        return self.driver.pools()
+
+    def resources(self) -> list[ResourceUse]:
+        return self.allocator().usage()
 
     def start_cell(self, cell_name: str) -> None:
         self.driver.start(cell_name)

@@ -35,6 +35,7 @@ from runphi.backends.base import (
     CellStatus,
     InvalidConfiguration,
     OperationDenied,
+    PoolUse,
     ResourceBusy,
     ToolTimeout,
 )
@@ -371,6 +372,18 @@ class JailhouseDriver:
         except FileNotFoundError:
             raise CellNotFound(f"cell {name!r} disappeared while reading its statistics") from None
         return CellStatistics(total=total, per_cpu=per_cpu)
+
+
+    def pools(self) -> list[PoolUse]:
+        """The hypervisor's memory and remap pools (``*_pool_size``/``*_pool_used``, pages);
+        empty when the driver is not loaded or the hypervisor not enabled."""
+        pools = []
+        for name in ("mem", "remap"):
+            size = read_attribute(f"{self.sysfs}/{name}_pool_size")
+            used = read_attribute(f"{self.sysfs}/{name}_pool_used")
+            if size and used and size.isdigit() and used.isdigit() and int(size) > 0:
+                pools.append(PoolUse(name=name, size_pages=int(size), used_pages=int(used)))
+        return pools
 
 
 def _read_counters(directory: Path) -> dict[str, int]:

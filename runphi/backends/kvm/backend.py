@@ -37,8 +37,8 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from runphi.backends.base import (GONE, LINUX_CMDLINE_ANNOTATION, BackendError, CellNotFound, CellRecord,
-                                  CellState, CellStatistics, CellStatus, LaunchedCell, LaunchRequest,
-                                  OperationDenied, ResourceBusy, WatchSettings, shutdown_timeout)
+                                  CellState, CellStatistics, CellStats, CellStatus, LaunchedCell, LaunchRequest,
+                                  OperationDenied, PoolUse, ResourceBusy, WatchSettings, shutdown_timeout)
 from runphi.backends.kvm.cells import (PLAN_NAME, CellFile, cell_dir, cell_names, read_plan, read_status,
                                        remove_cell_dir, status_of, write_atomically, write_status)
 from runphi.backends.kvm.qmp import BlockingQmp, QmpError
@@ -50,7 +50,7 @@ from runphi.undo import UndoStack
 if TYPE_CHECKING:
     from runphi.backends.kvm.host import KvmHost
     from runphi.backends.kvm.machine import VmPlan
-    from runphi.backends.ledger import Allocation, NodeLedger
+    from runphi.backends.ledger import Allocation, NodeLedger, ResourceUse
     from runphi.config import RuntimeConfig
     from runphi.image import BootDescription
 
@@ -154,6 +154,31 @@ class KvmBackend:
     def failed_cpus(self, cell: CellRecord) -> frozenset[int]:
         file = read_status(self._dir(cell.cell_name))
         return frozenset(file.failed_cpus) if file is not None and file.phase == "failed" else frozenset()
+
+    def stats(self, cell: CellRecord) -> CellStats:
+        """The VM's state and failed CPUs; while it runs, each vCPU thread's CPU time (by the
+        host CPU it is pinned to) and KVM's per-VM counters where debugfs shows them."""
+        from runphi.backends.kvm.vm import kvm_vm_counters
+
+        status = self.cell_state(cell)
+        if status == GONE:
+            return CellStats(status=GONE)
+        failed = self.failed_cpus(cell)
+        try:
+            per_cpu = self.cell_statistics(cell).per_cpu
+        except CellNotFound:
+            return CellStats(status=status, failed_cpus=failed)
+        file = read_status(self._dir(cell.cell_name))
+        return CellStats(status=status, failed_cpus=failed,
+                         cpu_seconds={cpu: counters["vcpu_ms"] / 1000 for cpu, counters in per_cpu.items()},
+                         extra=kvm_vm_counters(file.pid) if file is not None else {})
+
+    def pools(self) -> list[PoolUse]:
+        """KVM has no pools of its own: the host's memory is the host's."""
+        return []
+
+    def resources(self) -> list[ResourceUse]:
+        return self.ledger().usage()
 
     def start_cell(self, cell_name: str) -> None:
         """``cont`` (after a reset when the VM was stopped: a restart from its entry)."""

@@ -187,3 +187,32 @@ def kill_and_reap(process: subprocess.Popen[bytes]) -> None:
         except ProcessLookupError:
             pass
     process.wait()
+
+
+#: Where KVM shows a VM's statistics when debugfs is mounted: one directory per VM,
+#: ``<pid>-<vm fd>``, one decimal file per counter.
+KVM_DEBUGFS = "/sys/kernel/debug/kvm"
+
+
+def kvm_vm_counters(pid: int, root: str = KVM_DEBUGFS) -> dict[str, int]:
+    """KVM's per-VM counters of the QEMU process ``pid`` (``exits``, ``halt_exits``, ...);
+    empty under TCG, without debugfs, or without the right to read it."""
+    counters: dict[str, int] = {}
+    try:
+        directories = [entry.path for entry in os.scandir(root) if entry.name.startswith(f"{pid}-")]
+    except OSError:
+        return counters
+    for directory in directories:
+        try:
+            entries = list(os.scandir(directory))
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                with open(entry.path) as counter:
+                    text = counter.read().strip()
+            except OSError:
+                continue
+            if text.isdigit():
+                counters[entry.name] = counters.get(entry.name, 0) + int(text)
+    return counters
