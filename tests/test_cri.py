@@ -110,6 +110,29 @@ def test_pause_container_goes_to_runc_and_the_zic_is_a_cell(kubelet: Node):
     assert len(kubelet.cells()) == 1
 
 
+def test_metrics_label_a_pods_zic_with_its_pod_and_namespaces(kubelet: Node):
+    """``runphi metrics`` finds the ZIC under the mode's state root and labels it with the
+    containerd namespace and the pod's name and namespace (the CRI's annotations)."""
+    import subprocess
+
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families
+    from tests.test_lifecycle_harness import RUNPHI
+
+    pod = kubelet.run_pod("observed")
+    container = kubelet.run_container(pod, "ticker", TICKER)
+    kubelet.client.wait_state(container, CONTAINER_RUNNING)
+    root = kubelet.record_dir(container).parent.parent
+    done = subprocess.run([str(RUNPHI), "--root", str(root), "metrics"], env=kubelet.daemon.env,
+                          capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr
+    info = [sample.labels for family in text_string_to_metric_families(done.stdout) for sample in family.samples
+            if sample.name == "runphi_zic_info" and sample.labels["container_id"] == container]
+    assert len(info) == 1, done.stdout[:2000]
+    assert (info[0]["namespace"], info[0]["pod"], info[0]["pod_namespace"]) == ("k8s.io", "observed", "default")
+    assert all(s.labels["container_id"] != pod.id for f in text_string_to_metric_families(done.stdout)
+               for s in f.samples if "container_id" in s.labels), "the pause container is runc's"
+
+
 def test_stop_container_shuts_a_ticker_down_gracefully_within_the_timeout(kubelet: Node):
     """StopContainer(timeout=20) on a running ticker: SIGTERM → graceful cell shutdown → 143,
     well before the grace period ends; the cell and its resources are gone."""

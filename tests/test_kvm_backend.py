@@ -269,3 +269,28 @@ def test_no_free_link_refuses_the_next_networked_zic_with_one_line(tmp_path):
     with pytest.raises(AllocationError) as refused:
         ledger.allocate("b", ResourceRequest(cpus=frozenset(), cpu_count=0, network=True))
     assert "a network link requested, all 1 tap links are in use" in str(refused.value)
+
+
+def test_metrics_report_each_vcpus_cpu_time_and_the_ledger(kvm_cli):
+    """On KVM, ``runphi metrics`` reports the CPU time of the VM's vCPU thread on its ledger
+    CPU (it grows while the ticker runs) and the ledger's CPUs in use; there are no pools."""
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families
+
+    kvm_cli.started("metered", ticker_bundle(kvm_cli, "metered"))
+    kvm_cli.console_until("metered", b"tick", timeout=60)
+
+    def scrape() -> dict[tuple[str, str], float]:
+        done = kvm_cli.run("metrics", check=True)
+        return {(s.name, s.labels.get("cpu", s.labels.get("resource", ""))): s.value
+                for family in text_string_to_metric_families(done.stdout) for s in family.samples
+                if s.labels.get("container_id", "metered") == "metered"}
+
+    first = scrape()
+    [cpu] = [c for (name, c) in first if name == "runphi_zic_cpu_seconds_total"]
+    ledger = json.loads((kvm_cli.base / "node" / "jailhouse-ledger.json").read_text())["allocations"]
+    assert [cpu] == [str(c) for c in ledger["metered"]["cpus"]]
+    assert first[("runphi_node_resource_used", "cpus")] == 1
+    assert not any(name.startswith("runphi_hypervisor_pool") for name, _ in first)
+    wait_for(lambda: scrape()[("runphi_zic_cpu_seconds_total", cpu)] > first[("runphi_zic_cpu_seconds_total", cpu)],
+             timeout=30, what="the vCPU's CPU time to grow")
+    kvm_cli.run("delete", "--force", "metered", check=True)
