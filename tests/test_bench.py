@@ -220,3 +220,17 @@ def test_net_suite_reports_both_backends_next_to_runc_and_leaves_nothing_behind(
 def test_scale_suite_leaves_nothing_behind():
     result = smoke("scale")
     assert len(result.checks) == 3
+
+
+def test_metrics_suite_scrapes_16_zics_and_leaves_nothing_behind():
+    result = smoke("metrics")
+    assert not result.budgets  # issue #21: numbers, no threshold (the reference limits are info lines)
+    assert [s.name for s in result.series] == ["GET /metrics, 16 ZICs", "exporter CPU per scrape",
+                                               "idle exporter CPU (own)", "idle exporter RSS"]
+    assert len(result.series[0].samples) == 5
+    assert {c.name for c in result.checks} == {
+        "16 ZICs created and started, one CPU each",
+        "every scrape parses, 16 runphi_zic_info samples (our ids), all running",
+        "exporter ended 0 on SIGTERM and was reaped",
+        "no cell, ledger entry or record left after the deletes",
+        "no runphi process of ours left (exporter, monitors, verbs)"}

@@ -29,6 +29,7 @@ SUITES = {
     "kvm": "kvm",
     "net": "net",
     "scale": "scale",
+    "metrics": "metrics",
 }
 
 
