@@ -3,6 +3,6 @@
     python -m tools.bench [suite ...] [--quick] [--json FILE]
 
 Suites (one module each, each also runnable as ``python -m tools.bench.<suite>``):
-cellgen, simtool, console, verbs, lifecycle, qemu, e2e, shim, scale. See docs/BENCHMARKS.md for
+cellgen, simtool, console, verbs, lifecycle, qemu, e2e, shim, kvm, net, metrics, scale. See docs/BENCHMARKS.md for
 the budgets and the latest numbers, and ``harness.py`` for how samples are taken.
 """
