@@ -171,6 +171,8 @@ def _p_events(p):
 
 
 def _p_metrics(p):
+    _flag(p, "format", choices=("prometheus", "openmetrics"), default="prometheus",
+          help="text format of the one-shot output (the exporter follows the scraper's Accept)")
     _flag(p, "listen", metavar="ADDR:PORT", default="",
           help="serve /metrics on ADDR:PORT (ADDR defaults to 127.0.0.1) instead of printing once")
 

@@ -1,7 +1,9 @@
-"""``runphi metrics [--listen ADDR:PORT]``: the node's ZICs in the Prometheus/OpenMetrics format.
+"""``runphi metrics [--format prometheus|openmetrics] [--listen ADDR:PORT]``: the node's ZICs
+in the Prometheus/OpenMetrics text formats.
 
-Without ``--listen``: one snapshot printed in the OpenMetrics text format (for
-node-exporter's textfile collector) and exit. With it: an exporter serving ``/metrics``
+Without ``--listen``: one snapshot printed and exit — in the classic Prometheus text format
+by default, which node-exporter's textfile collector reads, or with ``--format
+openmetrics``. With it: an exporter serving ``/metrics``
 on ``ADDR:PORT`` (``127.0.0.1`` when only ``:PORT`` is given) until SIGTERM/SIGINT,
 taking a fresh snapshot for every scrape. Built on the official ``prometheus_client``
 (its text format, its HTTP server). The families are listed in docs/monitoring.md;
@@ -156,8 +158,10 @@ def run(args, ctx) -> int:
     """Print one snapshot, or serve the exporter until a signal ends it."""
     registry = registry_for(ctx)
     if not args.listen:
-        from prometheus_client.openmetrics.exposition import generate_latest
-
+        if args.format == "openmetrics":
+            from prometheus_client.openmetrics.exposition import generate_latest
+        else:
+            from prometheus_client.exposition import generate_latest
         sys.stdout.write(generate_latest(registry).decode())
         return 0
     return serve(registry, *parse_listen(args.listen))

@@ -8,14 +8,16 @@ snapshots (:mod:`runphi.core.observe`) over the time between them.
 
 On a terminal the view is redrawn in place every ``--interval`` seconds on the alternate
 screen, with the keyboard in cbreak mode; ``q`` (or Ctrl-C) quits and the terminal is
-restored as it was. When stdout is not a terminal, or with ``--once``, it prints one plain
-view (rates measured over one interval) and exits.
+restored as it was (SIGTERM restores it too, then exits 143). When stdout is not a
+terminal, or with ``--once``, it prints one plain view (rates measured over one interval)
+and exits.
 """
 
 from __future__ import annotations
 
 import os
 import select
+import signal
 import sys
 import time
 
@@ -52,13 +54,15 @@ def _interval(text: str) -> float:
 
 
 def live(take, interval: float) -> int:
-    """Redraw every ``interval`` seconds until ``q``; the terminal is restored on every way out."""
+    """Redraw every ``interval`` seconds until ``q``; the terminal is restored on every way out
+    (``q``, Ctrl-C, SIGTERM, an error)."""
     import termios
     import tty
 
     stdin = sys.stdin.fileno()
     saved = termios.tcgetattr(stdin) if os.isatty(stdin) else None
     out = sys.stdout
+    previous_handler = signal.signal(signal.SIGTERM, _terminated)
     try:
         if saved is not None:
             tty.setcbreak(stdin)
@@ -73,11 +77,24 @@ def live(take, interval: float) -> int:
             previous = current
     except KeyboardInterrupt:
         return 0
+    except _Terminated:
+        return 128 + signal.SIGTERM
     finally:
         out.write(_LEAVE)
         out.flush()
         if saved is not None:
             termios.tcsetattr(stdin, termios.TCSADRAIN, saved)
+        signal.signal(signal.SIGTERM, previous_handler)
+
+
+class _Terminated(Exception):
+    """SIGTERM arrived during the live view."""
+
+
+def _terminated(signum: int, _frame) -> None:
+    """SIGTERM's handler in the live view: unwind it (restoring the terminal) once; later ones are ignored."""
+    signal.signal(signum, signal.SIG_IGN)
+    raise _Terminated
 
 
 def _quit_pressed(stdin: int | None, timeout: float) -> bool:
