@@ -68,12 +68,12 @@ def live(take, interval: float) -> int:
             tty.setcbreak(stdin)
         out.write(_ENTER)
         previous = take()
+        _draw(out, previous, previous)  # at once: rates wait for the next frame
         while True:
             if _quit_pressed(stdin if saved is not None else None, interval):
                 return 0
             current = take()
-            out.write(_HOME_CLEAR + render(previous, current).replace("\n", "\r\n"))
-            out.flush()
+            _draw(out, previous, current)
             previous = current
     except KeyboardInterrupt:
         return 0
@@ -85,6 +85,12 @@ def live(take, interval: float) -> int:
         if saved is not None:
             termios.tcsetattr(stdin, termios.TCSADRAIN, saved)
         signal.signal(signal.SIGTERM, previous_handler)
+
+
+def _draw(out, before: NodeSnapshot, now: NodeSnapshot) -> None:
+    """One frame from the top-left corner (cbreak keeps the terminal's own newline handling)."""
+    out.write(_HOME_CLEAR + render(before, now))
+    out.flush()
 
 
 class _Terminated(Exception):
