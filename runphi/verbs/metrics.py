@@ -158,11 +158,11 @@ def run(args, ctx) -> int:
     """Print one snapshot, or serve the exporter until a signal ends it."""
     registry = registry_for(ctx)
     if not args.listen:
-        if args.format == "openmetrics":
-            from prometheus_client.openmetrics.exposition import generate_latest
-        else:
-            from prometheus_client.exposition import generate_latest
-        sys.stdout.write(generate_latest(registry).decode())
+        from prometheus_client import exposition
+        from prometheus_client.openmetrics import exposition as openmetrics
+
+        text = (openmetrics if args.format == "openmetrics" else exposition).generate_latest(registry)
+        sys.stdout.write(text.decode())
         return 0
     return serve(registry, *parse_listen(args.listen))
 
