@@ -23,26 +23,13 @@ import pytest
 
 from runphi.verbs.top import _ENTER, _LEAVE
 from tests.fdread import read_until
-from tests.test_lifecycle_harness import RUNPHI, board, guest_script, subreaper, wait_exit, zic  # noqa: F401
+from tests.test_lifecycle_harness import RUNPHI, board, subreaper, zic  # noqa: F401
+from tests.test_metrics import three_zics  # noqa: F401  (fixture: two ticking ZICs, one crashed)
 
-TICKER = guest_script("print up\\n", "tick 50 tick")
-CRASH = guest_script("print about to crash\\n", "fault")
 HEADER = re.compile(r"^ID\s+CELL\s+CPUS\s+STATE\s+UPTIME\s+EXITS/S\s+CONSOLE B/S\s+DROPPED$", re.M)
 ESCAPE = "\x1b"
 #: How long ``top`` may take to draw, or to exit once told to.
 DEADLINE = 30.0
-
-
-@pytest.fixture
-def three_zics(zic):
-    """Two ticking ZICs and one whose cell failed (its monitor ended with 139)."""
-    for name in ("tick-a", "tick-b"):
-        zic.create(name, zic.bundle(name, TICKER))
-        zic.run("start", name, check=True)
-    crashed = zic.create("crashed", zic.bundle("crashed", CRASH))
-    zic.run("start", "crashed", check=True)
-    assert wait_exit(crashed, timeout=30) == 139
-    return zic
 
 
 class Pty:
