@@ -115,7 +115,7 @@ def test_metrics_label_a_pods_zic_with_its_pod_and_namespaces(kubelet: Node):
     containerd namespace and the pod's name and namespace (the CRI's annotations)."""
     import subprocess
 
-    from prometheus_client.openmetrics.parser import text_string_to_metric_families
+    from prometheus_client.parser import text_string_to_metric_families
     from tests.test_lifecycle_harness import RUNPHI
 
     pod = kubelet.run_pod("observed")

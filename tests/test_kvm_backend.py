@@ -274,7 +274,7 @@ def test_no_free_link_refuses_the_next_networked_zic_with_one_line(tmp_path):
 def test_metrics_report_each_vcpus_cpu_time_and_the_ledger(kvm_cli):
     """On KVM, ``runphi metrics`` reports the CPU time of the VM's vCPU thread on its ledger
     CPU (it grows while the ticker runs) and the ledger's CPUs in use; there are no pools."""
-    from prometheus_client.openmetrics.parser import text_string_to_metric_families
+    from prometheus_client.parser import text_string_to_metric_families
 
     kvm_cli.started("metered", ticker_bundle(kvm_cli, "metered"))
     kvm_cli.console_until("metered", b"tick", timeout=60)
