@@ -80,6 +80,9 @@ class BootDescriptionFile(msgspec.Struct, frozen=True, omit_defaults=True):
     net: str | bool | None = None
     netconf: str | UnsetType = UNSET
     rpu_req: bool | UnsetType = UNSET
+    #: runphi's: which console the ZIC streams ("uart", "hypervisor", "none"; absent: the
+    #: platform's default).
+    console: str | UnsetType = UNSET
 
 
 class BootDescription(msgspec.Struct, frozen=True, kw_only=True):
@@ -95,6 +98,8 @@ class BootDescription(msgspec.Struct, frozen=True, kw_only=True):
     net: bool = False
     netconf: str = ""
     rpu_req: bool = False
+    #: "uart", "hypervisor" (the Jailhouse debug console), "none", or "" (the platform's default).
+    console: str = ""
     memory_mib: int | None = None
     vcpus: int | None = None
     pinned_cpus: frozenset[int] | None = None
@@ -108,6 +113,8 @@ class BootDescription(msgspec.Struct, frozen=True, kw_only=True):
 
 
 _KNOWN_KEYS = frozenset(BootDescriptionFile.__struct_fields__)
+#: The values of the boot description's ``console`` ("" = absent: the platform decides).
+CONSOLES = ("", "uart", "hypervisor", "none")
 _IGNORED_QUIETLY = frozenset({"accelerators"})
 _file_decoder = msgspec.json.Decoder(BootDescriptionFile)
 _keys_decoder = msgspec.json.Decoder(dict[str, msgspec.Raw])
@@ -283,6 +290,10 @@ def parse_boot_description(data: bytes, rootfs: Path, source: Path, log: DebugLo
         if value is not None and not 0 < value <= limit:
             raise BootDescriptionError(f"{name} = {value} in {where} must be a positive number "
                                        f"no greater than {limit}")
+    console = _given(raw.console, "")
+    if console not in CONSOLES:
+        raise BootDescriptionError(f"console = {console!r} in {where} must be one of "
+                                   f"{', '.join(repr(c) for c in CONSOLES if c)}")
     os_var = _given(raw.os_var, "")
     linux = os_var.lower() == OS_LINUX
     inmate_field = _given(raw.inmate, DEFAULT_INMATE)
@@ -304,6 +315,7 @@ def parse_boot_description(data: bytes, rootfs: Path, source: Path, log: DebugLo
         net=_net(raw.net),
         netconf=_given(raw.netconf, ""),
         rpu_req=_given(raw.rpu_req, False),
+        console=console,
         memory_mib=raw.memory,
         vcpus=raw.vcpus,
         pinned_cpus=pins,

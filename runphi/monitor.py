@@ -56,6 +56,8 @@ class MonitorSetup(msgspec.Struct, frozen=True):
     start_fd: int = -1
     #: Console source fd (UART), or -1 when the cell has no console.
     console_fd: int = -1
+    #: ``LaunchedCell.console_kind``: "uart" or "hypervisor".
+    console_kind: str = "uart"
     #: pty slave for terminal mode, or -1: then the pumps use fds 0 and 1.
     terminal_fd: int = -1
     #: The cell's host-side fds for its watch (``LaunchedCell.host_fds``).
@@ -181,7 +183,8 @@ def _console_tasks(setup: MonitorSetup):
 
     terminal = setup.terminal_fd >= 0
     return ConsoleTasks(console_fd=setup.console_fd, output_fd=setup.terminal_fd if terminal else 1,
-                        input_fd=setup.terminal_fd if terminal else 0, log_dir=setup.container_dir)
+                        input_fd=setup.terminal_fd if terminal else 0, log_dir=setup.container_dir,
+                        kind=setup.console_kind, cell_name=setup.cell_name)
 
 
 # ---- spawning: used by create (synchronous, no trio) ------------------------

@@ -19,9 +19,11 @@ from runphi.console.session import ConsoleSession
 class ConsoleTasks:
     """One container's console session: UART → ``output_fd``, ``input_fd`` → UART (None: no input)."""
 
-    def __init__(self, *, console_fd: int, output_fd: int, input_fd: int | None, log_dir: str) -> None:
+    def __init__(self, *, console_fd: int, output_fd: int, input_fd: int | None, log_dir: str,
+                 kind: str = "uart", cell_name: str = "") -> None:
         self.session = ConsoleSession(console_fd=console_fd, output_fd=output_fd, input_fd=input_fd,
-                                      log_dir=log_dir)
+                                      log_dir=log_dir, source_kind="hypervisor" if kind == "hypervisor" else "uart",
+                                      cell_name=cell_name)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Pump both directions until :meth:`drain` (or cancellation) ends them."""

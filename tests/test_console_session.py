@@ -119,21 +119,26 @@ async def test_log_that_cannot_be_kept_does_not_fail_the_container(board, stdio,
             await session.drain(quiet=0.05)
 
 
-async def test_hypervisor_console_session_is_output_only(stdio, tmp_path):
+async def test_hypervisor_console_session_is_output_only_and_shows_only_its_cells_lines(stdio, tmp_path):
+    """The ring's bytes before the cell's ``Created cell`` line and the hypervisor's own lines
+    are filtered out; a missed-bytes line counts as dropped; stdin is never pumped."""
     ring = tmp_path / "hv"
-    ring.write_bytes(b"")
+    ring.write_bytes(b"Started cell \"older\"\nan older tenant's line\n")
     ring_fd = os.open(ring, os.O_RDONLY | os.O_NONBLOCK)
     stdin_fd, shim_in, stdout_fd, shim_out = stdio
     try:
         session = ConsoleSession(console_fd=ring_fd, output_fd=stdout_fd, input_fd=stdin_fd,
-                                 source_kind="hypervisor")
+                                 source_kind="hypervisor", cell_name="zic1")
         with trio.fail_after(TEST_TIMEOUT):
             async with trio.open_nursery() as monitor:
                 await monitor.start(session.run)
                 with ring.open("ab") as out:
-                    out.write(b"Cell \"zic1\" can be loaded\n")
-                assert await read_exactly(shim_out, 26) == b"Cell \"zic1\" can be loaded\n"
-                await session.drain(quiet=0.05, deadline=5)
+                    out.write(b'Created cell "zic1"\nPage pool usage after cell creation: mem 1/2, remap 0/1\n'
+                              b'Cell "zic1" can be loaded\nStarted cell "zic1"\nHello from zic1\r\n'
+                              b"<missed 100 bytes of console log>\nlast words\r\n")
+                assert await read_exactly(shim_out, 29) == b"Hello from zic1\r\nlast words\r\n"
+                stats = await session.drain(quiet=0.05, deadline=5)
+        assert stats.dropped_bytes == 100
         assert session.input_stats is None  # nothing was ever pumped towards a read-only ring
     finally:
         os.close(ring_fd)

@@ -124,6 +124,8 @@ class LaunchRequest(msgspec.Struct, frozen=True, kw_only=True):
     #: a direct caller of the protocol: a backend whose cells are host processes (KVM)
     #: then starts that process in ``launch``, as the caller's child.
     owned: bool = False
+    #: The container has a stdin to type into its console (a console that takes no input refuses it).
+    open_stdin: bool = False
 
 
 class WatchSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -155,6 +157,9 @@ class LaunchedCell(msgspec.Struct, kw_only=True):
     console_fd: int = -1
     watch: WatchSettings
     host_fds: tuple[int, ...] = ()
+    #: What ``console_fd`` is: "uart" (a UART, or QEMU's serial), or "hypervisor" (a reader of
+    #: the shared hypervisor console: output only, polled, other writers' lines filtered out).
+    console_kind: str = "uart"
 
 
 class CellStatistics(msgspec.Struct, frozen=True):

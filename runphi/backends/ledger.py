@@ -148,7 +148,21 @@ class LedgerPlatform(Protocol):
     def ivshmem(self) -> LedgerIvshmem | None: ...
 
     @property
+    def default_console(self) -> str:
+        """A ZIC's console when its image does not say ("uart", "hypervisor")."""
+        ...
+
+    @property
+    def offers_hypervisor_console(self) -> bool:
+        """Whether the hypervisor console can be leased to a ZIC."""
+        ...
+
+    @property
     def rpus(self) -> Sequence[LedgerRpu]: ...
+
+
+#: Annotation: with the hypervisor console leased to another ZIC, run without a console.
+CONSOLE_OPTIONAL_ANNOTATION = "org.runphi.console-optional"
 
 
 class ResourceRequest(msgspec.Struct, frozen=True, kw_only=True):
@@ -159,6 +173,11 @@ class ResourceRequest(msgspec.Struct, frozen=True, kw_only=True):
     memory: int = 64 * MiB
     network: bool = False
     rpu: bool = False
+    #: The console it streams: "uart" (a UART slot where the platform has them),
+    #: "hypervisor" (the lease of the hypervisor console), "none".
+    console: str = "uart"
+    #: With the hypervisor console leased to another ZIC: run without a console instead of failing.
+    console_optional: bool = False
 
 
 class Segment(msgspec.Struct, frozen=True):
@@ -186,6 +205,8 @@ class Allocation(msgspec.Struct, frozen=True, kw_only=True):
     uart_slot: int | None = None
     ivshmem_slot: int | None = None
     rpus: frozenset[int] = frozenset()
+    #: Holds the lease of the hypervisor console (its cell writes with the debug-console hypercall).
+    hypervisor_console: bool = False
 
 
 class ResourceUse(msgspec.Struct, frozen=True, kw_only=True):
@@ -243,12 +264,15 @@ def request_from(config: Config | None, boot: BootDescription | None, platform: 
         memory = mem.limit
     else:
         memory = platform.memory.default_size
+    annotations = config.annotations if config is not None else {}
     return ResourceRequest(
         cpus=explicit,
         cpu_count=len(explicit) if explicit is not None else count,
         memory=_round_up(memory, PAGE_SIZE),
         network=bool(boot and boot.net),
         rpu=bool(boot and boot.rpu_req),
+        console=boot.console if boot is not None and boot.console else platform.default_console,
+        console_optional=annotations.get(CONSOLE_OPTIONAL_ANNOTATION, "").lower() in ("true", "1", "yes"),
     )
 
 
@@ -544,7 +568,8 @@ class NodeLedger:
         missing: list[str] = []
         cpus = self._pick_cpus(request, held, missing) if not request.rpu or request.cpus else frozenset()
         ram, main_size = self._pick_ram(request, held, missing)
-        uart = self._pick_uart(held, missing)
+        uart = self._pick_uart(held, missing) if request.console == "uart" else None
+        hypervisor = self._pick_hypervisor_console(request, held, missing) if request.console == "hypervisor" else False
         slot = self._pick_ivshmem(held, missing) if request.network else None
         rpus = self._pick_rpu(held, missing) if request.rpu else frozenset()
         if missing:
@@ -555,7 +580,7 @@ class NodeLedger:
         assert ram is not None
         return Allocation(
             container_id=container_id, cpus=cpus, ram=ram, main_ram_size=main_size,
-            uart_slot=uart, ivshmem_slot=slot, rpus=rpus,
+            uart_slot=uart, ivshmem_slot=slot, rpus=rpus, hypervisor_console=hypervisor,
         )  # fmt: skip
 
     def _pick_cpus(self, request: ResourceRequest, held: list[Allocation], missing: list[str]) -> frozenset[int]:
@@ -597,6 +622,22 @@ class NodeLedger:
                 f"free: {_describe_free(free)}"
             )
         return placed, request.memory
+
+    def _pick_hypervisor_console(self, request: ResourceRequest, held: list[Allocation],
+                                 missing: list[str]) -> bool:
+        """The lease of the hypervisor console, when free; with ``console_optional`` a taken
+        lease means no console rather than a failure."""
+        if not self.platform.offers_hypervisor_console:
+            missing.append(f"the hypervisor console requested, platform {self.platform.name} does not offer it")
+            return False
+        holder = next((a.container_id for a in held if a.hypervisor_console), None)
+        if holder is None:
+            return True
+        if not request.console_optional:
+            missing.append(f"the hypervisor console is leased to container {holder} (one ZIC at a time: its "
+                           "ring is untagged); set the annotation org.runphi.console-optional=true to run "
+                           "without a console")
+        return False
 
     def _pick_uart(self, held: list[Allocation], missing: list[str]) -> int | None:
         if not self.platform.per_cell_uarts:

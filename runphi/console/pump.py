@@ -189,6 +189,12 @@ class ConsolePump:
             await self._drops_changed.park()
         return self.stats.dropped_bytes
 
+    def count_dropped(self, count: int) -> None:
+        """Count ``count`` bytes the source itself lost before they reached the pump (the
+        hypervisor console's missed bytes) as dropped, as the pump's own drops are."""
+        self.stats.dropped_bytes += count
+        self._drops_changed.unpark_all()
+
     async def wait_read(self, more_than: int) -> int:
         """Wait until more than ``more_than`` bytes have been read; return the count."""
         while self.stats.read_bytes <= more_than:

@@ -35,10 +35,10 @@ from runphi.console.pump import (
     ConsolePump,
     FdSource,
     InputStats,
-    PolledSource,
     PumpStats,
     pump_input,
 )
+from runphi.console.hvconsole import HypervisorSource
 from runphi.console.ringlog import DEFAULT_LOG_LIMIT, ConsoleLogWriter
 from runphi.console.stats import write_console_stats
 
@@ -78,6 +78,7 @@ class ConsoleSession:
         log_limit: int = DEFAULT_LOG_LIMIT,
         buffer_limit: int = DEFAULT_BUFFER_LIMIT,
         on_drops: Callable[[PumpStats], None] | None = None,
+        cell_name: str = "",
     ) -> None:
         self.log_error: str | None = None
         self._log_dir = log_dir or None
@@ -85,7 +86,8 @@ class ConsoleSession:
         self._scope = trio.CancelScope()
         self.input_stats: InputStats | None = None
         self._log = self._open_log(log_dir, log_limit)
-        source = FdSource(console_fd) if source_kind == "uart" else PolledSource(console_fd)
+        source = FdSource(console_fd) if source_kind == "uart" else HypervisorSource(
+            console_fd, cell_name, on_missed=lambda count: self._pump.count_dropped(count))
         self._pump = ConsolePump(source, output_fd, buffer_limit=buffer_limit, tee=self._log)
         # The hypervisor console is read-only: nothing to type into.
         self._input_fd = input_fd if source_kind == "uart" else None

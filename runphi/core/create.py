@@ -45,6 +45,8 @@ class CreateRequest(msgspec.Struct, frozen=True, kw_only=True):
     pid_file: str = ""
     #: The front end that will own the ZIC (``ContainerRecord.owner``).
     owner: str = ""
+    #: Whether the container has a stdin to pump into its console (the shim's Create says).
+    open_stdin: bool = False
 
 
 def load_zic_config(node: Node, bundle: Path, container_id: str) -> tuple[bytes, Config]:
@@ -74,7 +76,8 @@ def create_zic(node: Node, request: CreateRequest, adopt: Adopt | None = None) -
         atomic_write(directory / CONFIG_COPY_NAME, request.config_bytes)
         os.mkfifo(directory / START_FIFO_NAME, 0o600)
         launch = LaunchRequest(container_id=container_id, bundle=str(request.bundle), rootfs=record.rootfs,
-                               container_dir=str(directory), config=config, owned=True)
+                               container_dir=str(directory), config=config, owned=True,
+                               open_stdin=request.open_stdin)
         launched = _launch(node, backend, launch, request.console_socket, str(directory / START_FIFO_NAME),
                            adopt)
         pause_point("create:launched")

@@ -124,8 +124,8 @@ def _spawn_monitor(request: LaunchRequest, launched: LaunchedCell, start_fd: int
     setup = MonitorSetup(
         container_id=request.container_id, container_dir=request.container_dir,
         cell_name=launched.cell.cell_name, watch=launched.watch, start_fd=start_fd,
-        console_fd=launched.console_fd, terminal_fd=terminal, host_fds=launched.host_fds,
-        log_path=monitor_log[0], log_format=monitor_log[1], log_level=monitor_log[2])
+        console_fd=launched.console_fd, console_kind=launched.console_kind, terminal_fd=terminal,
+        host_fds=launched.host_fds, log_path=monitor_log[0], log_format=monitor_log[1], log_level=monitor_log[2])
     keep = [fd for fd in (start_fd, launched.console_fd, terminal, *launched.host_fds) if fd >= 0]
     if terminal >= 0:
         # Terminal mode: never keep create's fds 0/1/2 (the shim's buffer pipe).

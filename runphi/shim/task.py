@@ -109,7 +109,7 @@ class ZicTask:
         self.stdio = open_task_stdio(request.id, request.stdin, request.stdout,
                                      "" if request.terminal else request.stderr)
         create = CreateRequest(container_id=request.id, bundle=bundle, config=config, config_bytes=config_bytes,
-                               owner=SHIM_OWNER)
+                               owner=SHIM_OWNER, open_stdin=bool(request.stdin))
         self.record = create_zic(self.node, create, adopt=self._adopt)
 
     def _adopt(self, launched: LaunchedCell, start_fd: int) -> tuple[int, int]:
@@ -138,7 +138,8 @@ class ZicTask:
             output = self.stdio.stdout if self.stdio.stdout >= 0 else self._null_output()
             stdin = self.stdio.stdin if self.stdio.stdin >= 0 else None
             console = ConsoleTasks(console_fd=launched.console_fd, output_fd=output, input_fd=stdin,
-                                   log_dir=str(self.container_dir))
+                                   log_dir=str(self.container_dir), kind=launched.console_kind,
+                                   cell_name=launched.cell.cell_name)
         return Supervisor(cell, launched.watch, start_fd=self._start_fd, console=console)
 
     def _null_output(self) -> int:

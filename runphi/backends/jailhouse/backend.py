@@ -180,6 +180,7 @@ class JailhouseBackend:
         allocator = self.allocator()
         allocation = allocator.allocate(cid, request_from(request.config, boot, platform))
         undo.push("release node resources", lambda: allocator.release(cid))
+        self._check_console(request, allocation, boot.console or platform.default_console)
 
         name = cell_name(cid)
         if self.driver.cell_id(name) is not None:
@@ -209,7 +210,8 @@ class JailhouseBackend:
         cell = CellRecord(cell_name=name, cell_id=self.driver.cell_id(name),
                           allocation=msgspec.to_builtins(allocation), uart_device=device)
         undo.discard()
-        return LaunchedCell(cell=cell, console_fd=console_fd, watch=self._watch_settings(grace))
+        return LaunchedCell(cell=cell, console_fd=console_fd, watch=self._watch_settings(grace),
+                            console_kind="hypervisor" if allocation.hypervisor_console else "uart")
 
     def _link_addresses(self, allocation: Allocation, boot: BootDescription) -> LinkAddresses | None:
         """The two ends of the ZIC's network link (None without one): the /30 of its slot in
@@ -310,6 +312,18 @@ class JailhouseBackend:
             return (f"CPU {cpu} is owned by another cell ({where}); free it or pin the ZIC "
                     "to other CPUs")
         return None
+
+    def _check_console(self, request: LaunchRequest, allocation: Allocation, wanted: str) -> None:
+        """The hypervisor console is output only: refuse a terminal; note a ZIC left without a
+        console because the lease was taken (its annotation allowed that)."""
+        process = request.config.process
+        terminal = process is not None and process.terminal
+        if allocation.hypervisor_console and (terminal or request.open_stdin):
+            raise BackendError(f"container {request.container_id}: its console is the hypervisor console, "
+                               "which is output only: run it without a terminal (no -t) and without stdin")
+        if wanted == "hypervisor" and not allocation.hypervisor_console:
+            self._warn(f"container {request.container_id} runs without a console: the hypervisor console "
+                       "is leased to another ZIC")
 
     @staticmethod
     def _refuse_unsupported(boot: BootDescription) -> None:
@@ -431,10 +445,19 @@ class JailhouseBackend:
         return images
 
     def _open_console(self, request: LaunchRequest, allocation: Allocation, undo: UndoStack) -> tuple[str, int]:
-        """(device, fd) of the ZIC's console UART slot, opened exclusively; ("", -1) without one."""
+        """(device, fd) of the ZIC's console: its UART slot, opened exclusively, or the hypervisor
+        console it leased (read from here on, so nothing it prints is missed); ("", -1) without one."""
         from runphi.backends.jailhouse.platform import default_placeholders
 
         platform = self.platform
+        if allocation.hypervisor_console:
+            assert platform.hypervisor_console is not None
+            device = platform.hypervisor_console.host_device(default_placeholders(self.jh.sysfs))
+            fd = open_hypervisor_console(device, request.container_id)
+            undo.push("close the hypervisor console", lambda: _close(fd))
+            return device, fd
+        if allocation.uart_slot is None and platform.per_cell_uarts:
+            return "", -1
         if not platform.uarts:
             return "", -1
         slot = platform.uarts[allocation.uart_slot if allocation.uart_slot is not None else 0]
@@ -446,6 +469,24 @@ class JailhouseBackend:
         console = open_uart(device, UartSettings(baudrate=slot.baud), container_id=request.container_id)
         undo.push("close the console UART", lambda: _close(console.fd))
         return device, console.fd
+
+
+def open_hypervisor_console(device: str, container_id: str) -> int:
+    """A reader of the hypervisor console at ``device``, non-blocking: the device on a board, a
+    Unix socket in the simulator (each connection a reader of its own, as each open is)."""
+    import socket
+    import stat
+
+    try:
+        if stat.S_ISSOCK(os.stat(device).st_mode):
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as reader:
+                reader.connect(device)
+                reader.setblocking(False)
+                return reader.detach()
+        return os.open(device, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    except OSError as exc:
+        raise BackendError(f"container {container_id}: cannot read the hypervisor console {device}: "
+                           f"{exc.strerror or exc} (is Jailhouse's driver loaded?)") from None
 
 
 def _close(fd: int) -> None:

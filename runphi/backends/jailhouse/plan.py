@@ -57,6 +57,10 @@ def irqchips_for(irqs: set[int], platform: Platform, cell: str) -> tuple[cc.IrqC
     )
 
 
+#: The lessee of the hypervisor console may (and should) write to it with the hypercall.
+HYPERVISOR_CONSOLE_FLAGS = cc.CELL_VIRTUAL_CONSOLE_PERMITTED | cc.CELL_VIRTUAL_CONSOLE_ACTIVE
+
+
 def plan_cell(platform: Platform, allocation: Allocation, boot: BootDescription | None, container_id: str) -> cc.CellConfig:
     """The full cell configuration for `container_id` on `platform` with `allocation`.
 
@@ -83,7 +87,9 @@ def plan_cell(platform: Platform, allocation: Allocation, boot: BootDescription 
         regions += ivshmem_net_regions(ivshmem.window_of(allocation.ivshmem_slot), IVSHMEM_CELL_DEV_ID)
         irqs.add(ivshmem.intx_irq(allocation.ivshmem_slot))
     console = cc.Console()
-    if platform.uarts:
+    # A per-cell UART only with a slot (a ZIC on the hypervisor console, or with none, has
+    # none); a shared one is every cell's.
+    if platform.uarts and (allocation.uart_slot is not None or not platform.per_cell_uarts):
         uart = platform.uarts[allocation.uart_slot if allocation.uart_slot is not None else 0]
         regions.append(cc.MemoryRegion(phys_start=uart.phys, virt_start=uart.guest, size=uart.size, flags=UART_FLAGS))
         irqs.add(uart.irq)
@@ -100,7 +106,7 @@ def plan_cell(platform: Platform, allocation: Allocation, boot: BootDescription 
     reset = boot.starting_vaddress if boot is not None and boot.starting_vaddress is not None else None
     return cc.CellConfig(
         name=name,
-        flags=platform.cell_flag_bits,
+        flags=platform.cell_flag_bits | (HYPERVISOR_CONSOLE_FLAGS if allocation.hypervisor_console else 0),
         architecture=platform.arch,
         cpus=allocation.cpus,
         rcpus=allocation.rpus,

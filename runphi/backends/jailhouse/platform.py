@@ -147,6 +147,21 @@ class Ivshmem(_Table, frozen=True, kw_only=True):
         return 32 + self.vpci_irq_base + (slot & 3)
 
 
+class HypervisorConsole(_Table, frozen=True, kw_only=True):
+    """The hypervisor's debug console as a ZIC's console: one 2 KiB ring the root reads, with
+    no tag of who wrote what — so it is leased to one ZIC at a time, whose cell gets the
+    virtual-console flags. ``device`` is where the root reads it: ``{sim_root}`` is the
+    simulator's root there, and nothing on a board, so one template serves both."""
+
+    device: str = "{sim_root}/dev/jailhouse"
+
+    def host_device(self, placeholders: Mapping[str, str]) -> str:
+        try:
+            return self.device.format_map({"sim_root": "", **placeholders})
+        except KeyError as exc:
+            raise PlatformError(f"hypervisor_console.device needs {{{exc.args[0]}}}") from None
+
+
 class TcmRegion(_Table, frozen=True, kw_only=True):
     """A tightly coupled memory bank mapped into an RPU cell."""
 
@@ -186,6 +201,8 @@ class Platform(_Table, frozen=True, kw_only=True):
     comm_region: CommRegion = CommRegion()
     uarts: list[UartSlot] = []
     ivshmem: Ivshmem | None = None
+    #: The hypervisor console slot (``[hypervisor_console]``), when the platform offers it.
+    hypervisor_console: HypervisorConsole | None = None
     rpus: list[Rpu] = []
     #: Device tree for Linux guests whose image names none: a path on this node,
     #: `{sim_root}` allowed as in UART device paths ("" = images must bring their own).
@@ -220,6 +237,18 @@ class Platform(_Table, frozen=True, kw_only=True):
     def root_keeps_cpus(self) -> int:
         """CPUs the root cell always keeps: Jailhouse's root cell never gives away its last one."""
         return 1
+
+    @property
+    def offers_hypervisor_console(self) -> bool:
+        return self.hypervisor_console is not None
+
+    @property
+    def default_console(self) -> str:
+        """A ZIC's console when its image does not say: a UART slot the root can read, else the
+        hypervisor console when offered (the only one that streams), else the cell's UART."""
+        if any(slot.device for slot in self.uarts) or self.hypervisor_console is None:
+            return "uart"
+        return "hypervisor"
 
 
 def _problems(p: Platform) -> list[str]:

@@ -94,6 +94,14 @@ class KvmHost(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=T
         return self.host_keeps
 
     @property
+    def default_console(self) -> str:
+        return "uart"  # the VM's PL011, streamed over a socket
+
+    @property
+    def offers_hypervisor_console(self) -> bool:
+        return False
+
+    @property
     def ivshmem(self) -> TapLinks:
         from runphi.backends.links import link_slots
 
