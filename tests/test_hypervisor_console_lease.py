@@ -124,3 +124,8 @@ def test_a_prompt_without_newline_is_passed_on_when_the_ring_is_quiet():
     ring = RingFilter("web", missed.append)
     assert ring.feed(b'Created cell "web"\nlogin: ') == b""
     assert ring.flush() == b"login: "
+
+
+def test_a_missed_note_after_a_partial_line_still_counts():
+    out, missed = filtered(b'Created cell "web"\n0123456789', b"ABC<missed 70000 bytes of console log>\nxyz\r\n")
+    assert (out, missed) == (b"0123456789ABCxyz\r\n", 70000)

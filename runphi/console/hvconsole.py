@@ -30,7 +30,9 @@ HYPERVISOR_LINES = re.compile(
     rb"|Activating hypervisor|Shared memory connection established|Created cell \"|Cell \".*\" can be loaded"
     rb"|Started cell \"|Closing cell \"|Shutting down hypervisor| Releasing CPU \d+|Unhandled |Parking CPU \d+"
     rb"|FATAL: | \".*\"\r?$)")
-MISSED = re.compile(rb"<missed (\d+) bytes of console log>\r?$")
+#: The driver's note that a reader fell more than the ring behind; it starts a read, so in a
+#: stream it may follow a partial line.
+MISSED = re.compile(rb"<missed (\d+) bytes of console log>\n")
 
 
 class RingFilter:
@@ -44,6 +46,15 @@ class RingFilter:
 
     def feed(self, data: bytes) -> bytes:
         """The complete lines of ``data`` (with what was pending) that are the ZIC's."""
+        pieces = MISSED.split(data)  # text, count, text, count, ..., text
+        kept = [self._lines(pieces[0])]
+        for count, text in zip(pieces[1::2], pieces[2::2], strict=True):
+            self._on_missed(int(count))
+            self._ours = True  # the ZIC's Created line may be among what was missed
+            kept.append(self._lines(text))
+        return b"".join(kept)
+
+    def _lines(self, data: bytes) -> bytes:
         lines = (self._pending + data).split(b"\n")
         self._pending = lines.pop()
         return b"".join(self._keep(line + b"\n") for line in lines)
@@ -51,18 +62,13 @@ class RingFilter:
     def flush(self) -> bytes:
         """The pending partial line, when the ring went quiet (it is the ZIC's, e.g. a prompt)."""
         pending, self._pending = self._pending, b""
-        if not self._ours or not pending or HYPERVISOR_LINES.match(pending) or pending.startswith(b"<missed"):
+        if not self._ours or not pending or HYPERVISOR_LINES.match(pending) or b"<missed" in pending:
             self._pending = pending
             return b""
         return pending
 
     def _keep(self, line: bytes) -> bytes:
         body = line.rstrip(b"\n")
-        missed = MISSED.match(body)
-        if missed:
-            self._on_missed(int(missed.group(1)))
-            self._ours = True  # the ZIC's Created line may be among what was missed
-            return b""
         if not self._ours:
             self._ours = body.rstrip(b"\r") == self._created
             return b""

@@ -262,7 +262,7 @@ SIM_PLATFORM = "sim-qemu-arm64"
 ZIC_IMAGE_PLATFORM = "linux/arm64"
 
 
-def simulator_env(sim_root: Path, base: Path) -> dict[str, str]:
+def simulator_env(sim_root: Path, base: Path, platform: str = SIM_PLATFORM) -> dict[str, str]:
     """Environment pointing runphi at the simulated board rooted at ``sim_root``.
 
     containerd passes its environment to the shim, and the shim to runphi, so these
@@ -276,7 +276,7 @@ def simulator_env(sim_root: Path, base: Path) -> dict[str, str]:
         "RUNPHI_BACKEND": "jailhouse",
         "RUNPHI_JAILHOUSE": str(sim_root / "bin" / "jailhouse"),
         "RUNPHI_SYSFS": str(sim_root / "sys" / "devices" / "jailhouse"),
-        "RUNPHI_PLATFORM": SIM_PLATFORM,
+        "RUNPHI_PLATFORM": platform,
         "RUNPHI_STATE_DIR": str(base / "node"),
     }
 
@@ -309,11 +309,12 @@ class ZicNode:
     removes every task and container, then stops containerd and the board (which ends
     its QEMU guests). With ``netns`` (a /run/netns name) containerd and the board run inside
     that network namespace, so the links of networked ZICs stay in it, as they stay in the
-    root cell's namespace on a board.
+    root cell's namespace on a board. ``platform`` names both runphi's template and the
+    simulator's model of that board.
     """
 
     def __init__(self, base: Path, runphi: Path, engine: str = "qemu", mode: str = "runc-cli",
-                 backend: str = "jailhouse", netns: str | None = None) -> None:
+                 backend: str = "jailhouse", netns: str | None = None, platform: str = SIM_PLATFORM) -> None:
         if mode not in MODES:
             raise ValueError(f"mode {mode!r} is not one of {MODES}")
         self.base = base
@@ -323,7 +324,8 @@ class ZicNode:
         self.backend = backend
         self.sim_root = base / "sim"
         base.mkdir(parents=True, exist_ok=True)
-        self.env = kvm_env(base) if backend == "kvm" else simulator_env(self.sim_root, base)
+        self.platform = platform
+        self.env = kvm_env(base) if backend == "kvm" else simulator_env(self.sim_root, base, platform)
         self.env["PATH"] = f"{runphi.parent}{os.pathsep}{os.environ.get('PATH', '')}"
         self.netns = netns
         self.containerd = PrivateContainerd(base / "ctd", runphi, env=self.env, netns=netns)
@@ -336,7 +338,7 @@ class ZicNode:
         if self.backend == "kvm":
             self.containerd.start()
             return self
-        self.sim = SimBoard.start(self.sim_root, board=SIM_PLATFORM, engine=self.engine, netns=self.netns)
+        self.sim = SimBoard.start(self.sim_root, board=self.platform, engine=self.engine, netns=self.netns)
         try:
             self.containerd.start()
         except BaseException:
@@ -428,11 +430,13 @@ class ZicNode:
 @contextmanager
 def running_zic_node(runphi: Path, *, mode: str, prefix: str = "rphi-zic-",
                      env: dict[str, str] | None = None, backend: str = "jailhouse",
-                     netns: str | None = None) -> Iterator[ZicNode]:
+                     netns: str | None = None, engine: str = "qemu",
+                     platform: str = SIM_PLATFORM) -> Iterator[ZicNode]:
     """A started :class:`ZicNode` in ``mode`` on ``backend`` (its containerd's environment plus
-    ``env``; inside network namespace ``netns`` when given), stopped and its directory removed
-    afterwards."""
-    node = ZicNode(short_tempdir(prefix), runphi, mode=mode, backend=backend, netns=netns)
+    ``env``; inside network namespace ``netns`` when given; the simulator's ``engine`` and
+    ``platform``), stopped and its directory removed afterwards."""
+    node = ZicNode(short_tempdir(prefix), runphi, mode=mode, backend=backend, netns=netns, engine=engine,
+                   platform=platform)
     node.containerd.env.update(env or {})
     node.start()
     try:
