@@ -77,3 +77,71 @@ def test_rev14_board_rejects_fork_cells(tmp_path: Path, platform) -> None:
         sim_cellfile.check_signature(data, rev14.profile, rev14.arch_code, system=False)
     ok = cc.write_cell(cc.CellConfig(name="x", architecture=cc.Architecture.ARM64), cc.PROFILES["rev14"])
     sim_cellfile.check_signature(ok, rev14.profile, rev14.arch_code, system=False)
+
+
+# ---- the simulator's models of the real platforms (same names as the templates) ---------------
+
+REAL_BOARDS = ("qemu-arm64", "zcu102", "zcu104", "kria-kv260")
+
+
+@pytest.mark.parametrize("name", REAL_BOARDS)
+def test_real_board_models_match_their_templates(name: str) -> None:
+    platform = load_platform(name, TEMPLATES)
+    board = sim_board.load_board(name)
+    assert board.format == PROFILE_NAMES.get(platform.format, platform.format)
+    assert (board.architecture, board.root.name) == (platform.architecture, platform.root_cell)
+    assert platform.cell_cpu_set < set(board.root.cpus) == set(range(board.cpus))
+    gic = (board.gic.version, board.gic.gicd, board.gic.gicr, board.gic.pin_base)
+    assert gic == (platform.gic.version, platform.gic.gicd, platform.gic.gicr, platform.gic.pin_base)
+    assert [(p.start, p.end) for p in platform.memory.pools] == [(board.cell_ram.start, board.cell_ram.end)]
+    assert platform.ivshmem is not None and board.ivshmem is not None
+    assert (board.ivshmem.base, board.ivshmem.window, board.ivshmem.pci_domain, board.ivshmem.vpci_irq_base) == (
+        platform.ivshmem.base, platform.ivshmem.window, platform.ivshmem.domain, platform.ivshmem.vpci_irq_base
+    )  # fmt: skip
+    root_links = {bdf for bdf, dev in board.root.ivshmem_endpoints if dev == 0}
+    assert {slot << 3 for slot in platform.ivshmem.slots} <= root_links
+    comm = platform.comm_region
+    assert (board.comm_region.guest_address, board.comm_region.size) == (comm.guest, comm.size)
+    # every UART the template maps into cells is a board UART, on the line the template names
+    board_uarts = {u.address: u.irq for u in board.uarts}
+    assert all(board_uarts.get(u.phys) == (u.phys_irq or u.irq) for u in platform.uarts)
+    assert {r.id for r in platform.rpus} <= set(range(board.rcpus))
+    hv = board.hypervisor
+    used = [(board.cell_ram.start, board.cell_ram.end), (hv.memory_start, hv.memory_start + hv.memory_size),
+            (board.ivshmem.base, board.ivshmem.base + board.ivshmem.window * (max(platform.ivshmem.slots) + 1))]
+    assert all(a_end <= b or b_end <= a for i, (a, a_end) in enumerate(used) for b, b_end in used[i + 1:])
+
+
+@pytest.mark.parametrize("name", REAL_BOARDS)
+def test_real_board_models_accept_the_cells_runphi_plans(tmp_path: Path, name: str) -> None:
+    """runphi's planner for the template, the simulator's model of the board: every kind of
+    cell is created, a script guest runs in one, and all are destroyed again."""
+    testing = pytest.importorskip("tools.jailhouse_sim.testing")
+    platform = load_platform(name, TEMPLATES)
+    small = 16 << 20  # several cells fit the 128 MiB pools of the ZynqMP boards
+    requests = {"plain": ResourceRequest(memory=small), "net": ResourceRequest(memory=small, network=True),
+                "hvc": ResourceRequest(memory=small, console="hypervisor")}
+    if platform.rpus:
+        requests["rpu"] = ResourceRequest(memory=small, rpu=True)
+    with testing.SimBoard.running(tmp_path / "sim", board=name) as sim:
+        alloc = Allocator(platform, tmp_path / "state", sim.layout.sysfs)
+        planned = {}
+        for container, request in requests.items():
+            cell = plan_cell(platform, alloc.allocate(container, request), None, container)
+            path = tmp_path / f"{container}.cell"
+            path.write_bytes(cc.write_cell(cell, platform.profile))
+            sim.jailhouse("cell", "create", path).check()
+            planned[container] = cell
+        listed = sim.jailhouse("cell", "list").check().stdout
+        assert all(f" {cell.name} " in listed for cell in planned.values())
+        hvc = planned["hvc"]
+        image = tmp_path / "guest.img"
+        image.write_text("#!jailhouse-sim-inmate\nconsole planned\\n\nshutdown\n")
+        sim.jailhouse("cell", "load", hvc.name, image, "-a", hex(hvc.cpu_reset_address)).check()
+        sim.jailhouse("cell", "start", hvc.name).check()
+        hvc_id = next(int(line.split()[0]) for line in listed.splitlines() if line.split()[1:2] == [hvc.name])
+        sim.wait_state(hvc_id, "shut down")
+        assert "Started cell \"hvc\"\nplanned\n" in sim.console()
+        for cell in planned.values():
+            sim.jailhouse("cell", "destroy", cell.name).check()
+        assert sim.read_sysfs("cells/0/cpus_assigned_list") == f"0-{sim_board.load_board(name).cpus - 1}\n"

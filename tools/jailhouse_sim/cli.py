@@ -140,10 +140,10 @@ def install_system_config(layout: SimLayout, board) -> Path:
 
 
 def cleanup_leftovers(layout: SimLayout) -> None:
-    """Remove what a dead daemon may have left: socket, pid file, sysfs (its taps died with it), UART links."""
+    """Remove what a dead daemon may have left: sockets, pid file, sysfs (its taps died with it), UART links."""
     import shutil
 
-    for path in (layout.socket, layout.pid_file):
+    for path in (layout.socket, layout.pid_file, layout.console_device):
         if path.exists() or path.is_symlink():
             path.unlink()
     shutil.rmtree(layout.sysfs, ignore_errors=True)
@@ -185,6 +185,7 @@ def describe(status: dict) -> str:
     for index, path in sorted(status["uarts"].items(), key=lambda kv: int(kv[0])):
         if int(index) != 0:
             lines.append(f"uart {index}     {path}")
+    lines.append(f"hv console {SimLayout(status['root']).console_device}  (/dev/jailhouse: the hypervisor console)")
     lines.append(f"kernel log {status['kernel_log']}")
     lines.append(f"daemon log {status['daemon_log']}")
     return "\n".join(lines)

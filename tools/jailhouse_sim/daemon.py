@@ -27,6 +27,7 @@ from .cellfile import MEM_COMM_REGION, MEM_IO, minimal_system_config
 from .engine import GuestEngine, GuestNic, GuestSpec, LoadedImage, RamRegion
 from .engines import load_engine
 from .engines.script import guest_image, is_script
+from .hvconsole import serve_device
 from .hypervisor import GUEST_STATES, Cell, CellRef, HvError, Hypervisor
 from .layout import SimLayout
 from .linux_boot import linux_boot_of
@@ -85,6 +86,12 @@ class CellHost:
     def hv_print(self, line: str) -> None:
         if self.live:
             self.hv.hv_print(line)
+
+    def hv_write(self, data: bytes) -> None:
+        """The debug-console hypercall for each byte of ``data``; a cell without
+        VIRTUAL_CONSOLE_PERMITTED/ACTIVE gets EPERM, i.e. nothing is written."""
+        if self.live and self.hv.virtual_console_permitted(self.cell):
+            self.hv.hv_write(data)
 
     def count_vmexits(self, cpu: int, kind: str, n: int = 1) -> None:
         if self.live and cpu in self.cell.cpus:
@@ -295,7 +302,7 @@ class Daemon:
     async def dispatch(self, request: p.Request) -> p.Reply:
         match request:
             case p.ConsoleRead(head=head, saved_seen=seen, follow=follow):
-                chunk = self.hv.console.read(head, seen, self.hv.enabled, follow)
+                chunk = self.hv.console.read(head, seen, self.hv.enabled, follow, self.hv.virtual_console)
                 return p.Reply(data=chunk.data, head=chunk.head, saved_seen=chunk.saved_seen, error=chunk.error)
             case p.Inject():
                 self.injector.add(request)
@@ -403,6 +410,8 @@ async def serve(layout: SimLayout, board: Board, engine_name: str, *, enable: bo
             supervisor.hv = hv
             if 0 in uarts:
                 hv.console_listeners.append(uarts[0].write_nowait)
+            await nursery.start(serve_device, layout.console_device, hv.console,
+                                lambda: (hv.enabled, hv.virtual_console))
             if enable:
                 await hv.enable(minimal_system_config(board.profile, board.arch_code))
             daemon = Daemon(board, layout, engine_name, hv, supervisor, uarts)

@@ -103,6 +103,15 @@ class GuestHost(Protocol):
     def hv_print(self, line: str) -> None:
         """Print a line on the hypervisor console ring."""
 
+    def hv_write(self, data: bytes) -> None:
+        """Bytes the guest sent through the debug-console hypercall (``hvc #0x4a48``, x0 = 8
+        ``JAILHOUSE_HC_DEBUG_CONSOLE_PUTC``, one byte per call): appended to the hypervisor
+        console ring exactly as written, with no line discipline or newline translation (the
+        guest sends its own ``\\r\\n``), interleaved with the hypervisor's own lines. The
+        engine counts the ``hypercall`` exits itself (:meth:`count_vmexits`). For a cell
+        without ``JAILHOUSE_CELL_VIRTUAL_CONSOLE_PERMITTED`` the hypercall fails with EPERM and
+        nothing is written (the host also drops such bytes)."""
+
     def count_vmexits(self, cpu: int, kind: str, n: int = 1) -> None:
         """Advance a statistics counter (`mmio`, `hypercall`, `psci`, ...) for one CPU."""
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import shutil
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,9 +32,11 @@ from .cellfile import (
     MEM_LOADABLE,
     MEM_WRITE,
     PCI_TYPE_IVSHMEM,
+    SYS_VIRTUAL_DEBUG_CONSOLE,
     ArchitectureMismatch,
     CellConfig,
     ConfigRejected,
+    FormatProfile,
     check_signature,
     parse_cell,
 )
@@ -51,6 +54,15 @@ GUEST_STATES = (RUNNING, RUNNING_LOCKED, SHUT_DOWN, FAILED, COMM_ABI_MISMATCH)
 
 STAT_NAMES = ("total", "mmio", "management", "hypercall", "maintenance", "virt_irq", "virt_sgi", "psci", "smccc")
 _STAT_MASK = 0x7FFFFFFF
+
+
+def system_flags(config: bytes, profile: FormatProfile) -> int:
+    """``flags`` of a system config (right after signature, architecture byte and revision);
+    0 when the data ends before them."""
+    offset = len(profile.system_signature) + (1 if profile.has_architecture else 0) + 2
+    if len(config) < offset + 4:
+        return 0
+    return int(struct.unpack_from("<I", config, offset)[0])
 
 
 class HvError(Exception):
@@ -110,6 +122,9 @@ class Hypervisor:
         self.netdevs = netdevs
         self.console = HvConsole()
         self.enabled = False
+        # The enabled system config has JAILHOUSE_SYS_VIRTUAL_DEBUG_CONSOLE: the HV keeps the
+        # console ring and the root may read it (without: only the debug UART, reads get EPERM).
+        self.virtual_console = False
         self.cells: dict[int, Cell] = {}
         self.cpu_stats: dict[int, dict[str, int]] = {c: dict.fromkeys(STAT_NAMES, 0) for c in range(board.cpus)}
         self.stats_dirty: set[int] = set()
@@ -127,10 +142,24 @@ class Hypervisor:
 
     def hv_print(self, line: str) -> None:
         """Print a line on the hypervisor console (ring, sysfs ``console``, debug UART)."""
-        self.console.write(line + "\n")
-        self.sysfs.write("console", self.console.snapshot())
+        self._console_out((line + "\n").encode("utf-8", "replace"))
+
+    def hv_write(self, data: bytes) -> None:
+        """Raw bytes on the hypervisor console: what ``JAILHOUSE_HC_DEBUG_CONSOLE_PUTC`` does
+        for each byte a guest passes (the caller checked the cell may; see
+        :meth:`virtual_console_permitted`). No translation: the guest sends ``\\r\\n`` itself."""
+        self._console_out(data)
+
+    def _console_out(self, data: bytes) -> None:
+        """The HV's ``printk`` output: the debug UART (``\\n`` sent as ``\\r\\n``) and, only with
+        ``JAILHOUSE_SYS_VIRTUAL_DEBUG_CONSOLE``, the ring (and with it sysfs ``console``)."""
+        if not data:
+            return
+        if self.virtual_console:
+            self.console.write_bytes(data)
+            self.sysfs.write("console", self.console.snapshot())
         for listener in self.console_listeners:
-            listener((line + "\n").replace("\n", "\r\n").encode())
+            listener(data.replace(b"\n", b"\r\n"))
 
     def _pool_used(self) -> int:
         return 200 + 17 * (len(self.cells) - 1) if self.enabled else 0
@@ -263,6 +292,8 @@ class Hypervisor:
             self.dmesg(str(e))
             raise HvError(errno.EINVAL) from None
         self.console.reset_for_enable()
+        self.virtual_console = bool(system_flags(config, self.board.profile) & SYS_VIRTUAL_DEBUG_CONSOLE)
+        self.sysfs.write("console", self.console.snapshot())
         self.enabled = True
         root_cpus = set(self.board.root.cpus)
         self._reset_stats(root_cpus)
@@ -299,7 +330,8 @@ class Hypervisor:
             self.hv_print(f" Releasing CPU {cpu}")
         self.sysfs.withdraw_cell(0)
         self.enabled = False
-        self.console.save()
+        if self.virtual_console:
+            self.console.save()  # the driver's last_console, only kept where there is a ring
         self._write_globals()
         self.dmesg("The Jailhouse was closed.")
 

@@ -33,6 +33,12 @@ class SimLayout:
     def dev(self) -> Path:
         return self.root / "dev"
 
+    @property
+    def console_device(self) -> Path:
+        """The stand-in for ``/dev/jailhouse`` as a reader of the hypervisor console sees it: a
+        unix stream socket, one connection per open file (see :mod:`.hvconsole`)."""
+        return self.dev / "jailhouse"
+
     def uart(self, index: int) -> Path:
         return self.dev / f"ttyAMA{index}"
 

@@ -197,6 +197,12 @@ class SimBoard:
         """The stable pty path of board UART ``index``."""
         return self.layout.uart(index)
 
+    @property
+    def console_device(self) -> Path:
+        """``dev/jailhouse``: connect a unix stream socket to read the hypervisor console as
+        an open file of ``/dev/jailhouse`` (see the README's "The hypervisor console")."""
+        return self.layout.console_device
+
     def sysfs_path(self, relpath: str = "") -> Path:
         return self.layout.sysfs / relpath
 

@@ -87,7 +87,19 @@ class QemuDied:
         return f"Guest machine exited unexpectedly (status {self.status}){detail}"
 
 
-Outcome = PoweredOff | DataAbort | GuestStopped | QemuDied
+@dataclass(frozen=True)
+class El2Trap:
+    """The EL2 layer met a trap it does not handle and ended QEMU (see ``el2/el2.S``)."""
+
+    exception_class: int  # ESR_EL2.EC
+    forbidden: bool  # an HVC with another immediate than Jailhouse's (Jailhouse: TRAP_FORBIDDEN)
+
+    def console_line(self) -> str:
+        what = "forbidden access" if self.forbidden else "unhandled trap"
+        return f"FATAL: {what} (exception class 0x{self.exception_class:02x})"
+
+
+Outcome = PoweredOff | DataAbort | GuestStopped | QemuDied | El2Trap
 
 
 # ---------------------------------------------------------------- the process
@@ -252,12 +264,17 @@ class _Ending:
 
 
 class GuestRun:
-    """The tasks around one QEMU process: UART pumps, QMP events, stderr, exit."""
+    """The tasks around one QEMU process: UART pumps, QMP events, stderr, exit.
 
-    def __init__(self, spec: GuestSpec, host: GuestHost, process: QemuProcess) -> None:
+    ``el2_layer``: the guest runs behind the simulator's EL2 layer (:mod:`..el2`), whose
+    debug-console bytes arrive on their own channel and whose fatal traps end QEMU with
+    a status of its own."""
+
+    def __init__(self, spec: GuestSpec, host: GuestHost, process: QemuProcess, *, el2_layer: bool = False) -> None:
         self.spec = spec
         self.host = host
         self.process = process
+        self.el2_layer = el2_layer
         self.ending = _Ending()
         self.stderr_tail: collections.deque[bytes] = collections.deque(maxlen=STDERR_TAIL_LINES)
         self.first_cpu = spec.cpus[0] if spec.cpus else 0
@@ -274,6 +291,21 @@ class GuestRun:
                 return
             await self.host.uart_write(data)
             self.host.count_vmexits(self.first_cpu, "mmio", len(data))
+
+    async def pump_hv_console(self, channel: trio.SocketStream) -> None:
+        """EL2 layer's debug-console channel → hypervisor console ring, until QEMU closes it.
+
+        Every byte is one DEBUG_CONSOLE_PUTC hypercall the layer allowed; the bytes go
+        to the ring exactly as the guest sent them."""
+        while True:
+            try:
+                data = await channel.receive_some(65536)
+            except trio.BrokenResourceError:
+                return
+            if not data:
+                return
+            self.host.hv_write(data)
+            self.host.count_vmexits(self.first_cpu, "hypercall", len(data))
 
     async def pump_guest_input(self, uart: trio.SocketStream) -> None:
         """Host UART → PL011, unchanged, until QEMU is gone."""
@@ -322,6 +354,12 @@ class GuestRun:
         exited.set()
         await qmp_done.wait()
         await stderr_done.wait()
+        if self.el2_layer:
+            from ..el2 import trap_of_exit_status  # only a run that has the layer has its package
+
+            trap = trap_of_exit_status(status)
+            if trap is not None:
+                self.ending.decide(El2Trap(*trap))
         self.ending.decide(QemuDied(status, self._exit_reason()))
 
     def _exit_reason(self) -> str:
