@@ -189,6 +189,11 @@ class ConsolePump:
             await self._drops_changed.park()
         return self.stats.dropped_bytes
 
+    def restart_quiet_window(self) -> None:
+        """Count the source as active now: :meth:`finish` then waits a whole quiet window for
+        bytes still on their way (a polled source that skipped what it read looks quiet)."""
+        self._last_read = trio.current_time()
+
     def count_dropped(self, count: int) -> None:
         """Count ``count`` bytes the source itself lost before they reached the pump (the
         hypervisor console's missed bytes) as dropped, as the pump's own drops are."""

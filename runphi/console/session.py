@@ -44,6 +44,9 @@ from runphi.console.stats import write_console_stats
 
 #: At most one drop report (log line + stats file) per this many seconds.
 DROP_REPORT_INTERVAL_SECONDS = 1.0
+#: The shortest quiet window that ends a hypervisor console's drain: several of the
+#: driver's 100 ms polls (seconds).
+HYPERVISOR_DRAIN_QUIET_SECONDS = 0.5
 #: How often, at most, the console counters are published while output flows (seconds).
 STATS_PUBLISH_INTERVAL_SECONDS = 1.0
 
@@ -91,6 +94,7 @@ class ConsoleSession:
         self._pump = ConsolePump(source, output_fd, buffer_limit=buffer_limit, tee=self._log)
         # The hypervisor console is read-only: nothing to type into.
         self._input_fd = input_fd if source_kind == "uart" else None
+        self._hypervisor = source_kind == "hypervisor"
         self._console_fd = console_fd
 
     @property
@@ -119,7 +123,14 @@ class ConsoleSession:
         quiet: float = DEFAULT_QUIET_SECONDS,
         deadline: float = DEFAULT_FINISH_DEADLINE_SECONDS,
     ) -> PumpStats:
-        """The cell has stopped: finish the output within ``deadline`` and close the log."""
+        """The cell has stopped: finish the output within ``deadline`` and close the log.
+
+        From the hypervisor console the last bytes may still be on their way (read by
+        polling, behind the hypervisor's own lines): the quiet window then starts now and
+        is at least :data:`HYPERVISOR_DRAIN_QUIET_SECONDS`."""
+        if self._hypervisor:
+            self._pump.restart_quiet_window()
+            quiet = max(quiet, HYPERVISOR_DRAIN_QUIET_SECONDS)
         try:
             stats = await self._pump.finish(quiet=quiet, deadline=deadline)
             self._publish(stats)
