@@ -21,6 +21,7 @@ from runphi.backends.ledger import AllocationError, ResourceRequest, request_fro
 from runphi.console.hvconsole import RingFilter
 from runphi.image import BootDescription
 from tests.test_allocator import make_sysfs
+from tests.test_lifecycle_harness import subreaper  # noqa: F401  (fixture)
 
 TEMPLATES = Path(__file__).resolve().parents[1] / "templates"
 REAL_BOARDS = ("qemu-arm64", "zcu102", "zcu104", "kria-kv260")
@@ -129,3 +130,55 @@ def test_a_prompt_without_newline_is_passed_on_when_the_ring_is_quiet():
 def test_a_missed_note_after_a_partial_line_still_counts():
     out, missed = filtered(b'Created cell "web"\n0123456789', b"ABC<missed 70000 bytes of console log>\nxyz\r\n")
     assert (out, missed) == (b"0123456789ABCxyz\r\n", 70000)
+
+
+# ---- through the runphi CLI, on the simulator's zcu102 ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def zcu102_board(subreaper):  # noqa: F811
+    from tests.test_lifecycle_harness import board_in_tempdir
+
+    with board_in_tempdir(model="zcu102") as board:
+        yield board
+
+
+@pytest.fixture
+def zcu102(zcu102_board, tmp_path):
+    from tests.test_lifecycle_harness import Zic, reap_all
+
+    zic = Zic(zcu102_board, tmp_path)
+    zic.env["RUNPHI_PLATFORM"] = "zcu102"
+    try:
+        yield zic
+    finally:
+        for cid in [p.name for p in zic.root.iterdir() if p.is_dir()] if zic.root.is_dir() else []:
+            zic.run("delete", "--force", cid)
+        reap_all(zic.monitors)
+
+
+TICKING = b"#!jailhouse-sim-inmate\nconsole up\\n\ntick 100 tick\n"
+AT_RESET = {"starting_vaddress": None}
+
+
+def test_a_terminal_on_the_hypervisor_console_is_refused_with_one_line(zcu102):
+    bundle = zcu102.bundle("tty", TICKING, terminal=True, boot=AT_RESET)
+    done = zcu102.run("create", "--bundle", str(bundle), "--console-socket", str(zcu102.base / "no.sock"), "tty")
+    assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "hypervisor console, which is output only" in done.stderr
+    assert zcu102.board.cells() == {}
+    ledger = zcu102.node / "jailhouse-ledger.json"
+    assert not ledger.exists() or '"allocations":{}' in ledger.read_text().replace(" ", "")
+
+
+def test_with_the_optional_annotation_a_second_zic_runs_without_a_console_and_says_so(zcu102):
+    zcu102.create("holder", zcu102.bundle("holder", TICKING, boot=AT_RESET))
+    refused = zcu102.run("create", "--bundle", str(zcu102.bundle("plain", TICKING, boot=AT_RESET)), "plain")
+    assert refused.returncode == 1 and "leased to container holder" in refused.stderr, refused.stderr
+    optional = zcu102.bundle("optional", TICKING, boot=AT_RESET,
+                             annotations={"org.runphi.console-optional": "true"})
+    pid_file = zcu102.base / "optional.pid"
+    done = zcu102.run("create", "--bundle", str(optional), "--pid-file", str(pid_file), "optional")
+    assert done.returncode == 0, done.stderr
+    zcu102.monitors.append(int(pid_file.read_text()))
+    assert "optional runs without a console" in done.stderr
