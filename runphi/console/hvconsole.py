@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import trio
 
-from runphi.console.pump import HYPERVISOR_CONSOLE_POLL_SECONDS
+from runphi.console.pump import HYPERVISOR_CONSOLE_POLL_SECONDS, PolledSource
 
 #: The hypervisor's own console lines (jailhouse.md §4.7), matched at a line's start.
 HYPERVISOR_LINES = re.compile(
@@ -76,30 +76,20 @@ class RingFilter:
 
 
 class HypervisorSource:
-    """The ZIC's bytes from a non-blocking reader of the hypervisor console (never ends by itself)."""
+    """The ZIC's bytes from a non-blocking reader of the hypervisor console (never ends by itself:
+    0 bytes is "nothing new" on the device; the ZIC's owner finishes the pump when the cell stops)."""
 
     def __init__(self, fd: int, cell_name: str, on_missed: Callable[[int], None],
                  interval: float = HYPERVISOR_CONSOLE_POLL_SECONDS) -> None:
-        from runphi.console.pump import set_nonblocking
-
-        set_nonblocking(fd)
-        self.fd = fd
-        self.interval = interval
+        self._device = PolledSource(fd, interval)
         self.filter = RingFilter(cell_name, on_missed)
 
     async def receive_some(self, max_bytes: int) -> bytes:
         """The next bytes the ZIC printed (cancelled: none taken)."""
-        import os
-
         await trio.lowlevel.checkpoint()
         while True:
-            try:
-                # 0 bytes is "nothing new" on the device, not an end: the pump is finished by
-                # the ZIC's owner when the cell stops.
-                data = os.read(self.fd, max_bytes)
-            except BlockingIOError:
-                data = b""  # nothing new, or the hypervisor not enabled (yet)
+            data = self._device.read_now(max_bytes)
             kept = self.filter.feed(data) if data else self.filter.flush()
             if kept:
                 return kept
-            await trio.sleep(self.interval)
+            await trio.sleep(self._device.interval)

@@ -106,17 +106,19 @@ class PolledSource:
         self.fd = fd
         self.interval = interval
 
+    def read_now(self, max_bytes: int) -> bytes:
+        """What is there now; b"" when nothing new (or the hypervisor is not enabled yet)."""
+        try:
+            return os.read(self.fd, max_bytes)
+        except BlockingIOError:
+            return b""
+
     async def receive_some(self, max_bytes: int) -> bytes:
         """Return the next bytes printed on the hypervisor console (cancelled: none taken)."""
         await trio.lowlevel.checkpoint()
-        while True:
-            try:
-                data = os.read(self.fd, max_bytes)
-            except BlockingIOError:
-                data = b""  # hypervisor not (yet) enabled: nothing to show
-            if data:
-                return data
+        while not (data := self.read_now(max_bytes)):
             await trio.sleep(self.interval)
+        return data
 
 
 def set_nonblocking(fd: int) -> None:
