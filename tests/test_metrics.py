@@ -108,6 +108,8 @@ def test_the_exporter_answers_what_sysfs_and_the_ledger_say(three_zics):
     assert value(found, "runphi_node_resource_used", resource="cpus") == len(held) == 3
     assert value(found, "runphi_node_resource_free", resource="cpus") == 7 - 3
     assert value(found, "runphi_node_resource_used", resource="console_slots") == 3
+    # 7 UART slots and the hypervisor console (sim-qemu-arm64 offers it; nobody leased it here)
+    assert value(found, "runphi_node_resource_free", resource="console_slots") == 8 - 3
     pool_used = int((zic.board.sysfs / "mem_pool_used").read_text())
     assert value(found, "runphi_hypervisor_pool_used_pages", pool="mem") == pool_used
     assert value(found, "runphi_verb_duration_seconds_count", verb="create") >= 3

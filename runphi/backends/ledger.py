@@ -482,16 +482,20 @@ class NodeLedger:
 
     def usage(self) -> list[ResourceUse]:
         """How much of each kind of resource the platform lends is held, and how much is free:
-        CPUs, cell RAM (bytes), console UART slots, network links, RPUs."""
+        CPUs, cell RAM (bytes), console slots (UARTs and the hypervisor console), network
+        links, RPUs."""
         held = self.allocations()
         platform = self.platform
         pool_bytes = sum(pool.end - pool.start for pool in platform.memory.pools)
-        slots = len(platform.uarts) if platform.per_cell_uarts else 0
+        uarts = len(platform.uarts) if platform.per_cell_uarts else 0
+        slots = uarts + (1 if platform.offers_hypervisor_console else 0)
+        slots_used = (sum(1 for a in held if a.uart_slot is not None) if uarts else 0) + sum(
+            1 for a in held if a.hypervisor_console)
         links = len(platform.ivshmem.slots) if platform.ivshmem is not None else 0
         counts = {
             "cpus": (len(platform.cell_cpu_set), len(frozenset().union(*(a.cpus for a in held)))),
             "ram_bytes": (pool_bytes, sum(a.ram.size for a in held)),
-            "console_slots": (slots, sum(1 for a in held if a.uart_slot is not None) if slots else 0),
+            "console_slots": (slots, slots_used),
             "links": (links, sum(1 for a in held if a.ivshmem_slot is not None)),
             "rpus": (len(platform.rpus), sum(len(a.rpus) for a in held)),
         }
