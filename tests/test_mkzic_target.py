@@ -170,7 +170,7 @@ def board_rows() -> dict[str, list[str]]:
     rows = {}
     for line in (TARGET / "BOARDS.md").read_text().splitlines():
         cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
-        if line.startswith("| `") and len(cells) == 5:
+        if line.startswith("| `") and len(cells) == 7:
             rows[cells[0].strip("`")] = cells
     return rows
 
@@ -181,7 +181,7 @@ def test_board_guide_describes_every_platform_template() -> None:
     assert templates, "no platform templates found"
     assert set(rows) == set(templates)
     for name, template in templates.items():
-        _, fmt, cpus, console, tty = rows[name]
+        _, fmt, cpus, console, tty, hypervisor_slot, default = rows[name]
         assert fmt == f"`{template['format']}`", name
         assert cpus == f"`{template['cell_cpus']}`", name
         uarts = template["uarts"]
@@ -194,6 +194,8 @@ def test_board_guide_describes_every_platform_template() -> None:
             assert f"`{devices[0]}`" in tty and Path(devices[-1]).name in tty, name
         else:
             assert tty == "none", name
+        assert hypervisor_slot == ("yes" if "hypervisor_console" in template else "no"), name
+        assert default == ("UART" if any(devices) or "hypervisor_console" not in template else "hypervisor"), name
 
 
 # --- Dockerfile example ------------------------------------------------------
