@@ -1,5 +1,5 @@
 """Reading small untrusted files (a bundle's config.json, an image's boot description),
-and telling whether a directory is safe to keep state in.
+telling whether a directory is safe to keep state in, and replacing a file atomically.
 
 Lean: verb processes import this module, so the stdlib only.
 """
@@ -80,3 +80,46 @@ def unsafe_dir_reason(path: Path) -> str | None:
         return (f"is world-writable (mode {info.st_mode & 0o7777:o}): refusing to keep state there; "
                 f"chmod o-w {path}")
     return None
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a directory so a rename or unlink inside it is durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_temp(path: Path, data: bytes) -> Path:
+    """First half of an atomic write: ``data`` durably in a temp file next to ``path`` (removed
+    again when writing it fails)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        os.close(fd)
+    return tmp
+
+
+def commit_temp(tmp: Path, path: Path) -> None:
+    """Second half: rename the temp file over ``path`` (removing it when that fails) and make
+    the rename durable."""
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` so that readers see the old or the new bytes only."""
+    commit_temp(write_temp(path, data), path)

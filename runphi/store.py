@@ -37,7 +37,7 @@ import msgspec
 
 from runphi.container import ContainerRecord
 from runphi.errors import MALFORMED_INPUT, ContainerExists, ContainerNotFound, StateError
-from runphi.files import unsafe_dir_reason
+from runphi.files import atomic_write, fsync_dir, unsafe_dir_reason
 from runphi.pausepoint import pause_point
 
 RECORD_NAME = "runphi.json"
@@ -48,40 +48,6 @@ TOMBSTONE_MARK = "~removed."
 
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(ContainerRecord)
-
-
-def fsync_dir(path: Path) -> None:
-    """fsync a directory so a rename or unlink inside it is durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_temp(path: Path, data: bytes) -> Path:
-    """First half of an atomic write: ``data`` durably in a temp file next to ``path``."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return tmp
-
-
-def commit_temp(tmp: Path, path: Path) -> None:
-    """Second half: rename the temp file over ``path`` and make the rename durable."""
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` so that readers see the old or the new bytes only."""
-    commit_temp(write_temp(path, data), path)
 
 
 class Store:

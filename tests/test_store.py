@@ -17,7 +17,8 @@ from runphi.container import (ContainerRecord, identify_process, live_status, oc
                               transition)
 from runphi.errors import ContainerExists, ContainerNotFound, IllegalTransition, InvalidId
 from runphi.oci import encode_state
-from runphi.store import RECORD_NAME, Store, atomic_write
+from runphi.files import atomic_write
+from runphi.store import RECORD_NAME, Store
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -35,7 +36,8 @@ def test_crash_between_write_and_rename_keeps_the_old_record(state_root, make_re
     crashed = _python("""
         import os, signal, sys
         from pathlib import Path
-        from runphi.store import Store, write_temp
+        from runphi.files import write_temp
+        from runphi.store import Store
         store = Store(Path(sys.argv[1]))
         record = store.read("c1")
         data = b'{"torn": true'

@@ -42,6 +42,7 @@ import msgspec
 
 from runphi.backends.cpulist import CpuListError, format_cpu_list, parse_cpu_list
 from runphi.errors import MALFORMED_INPUT, RunphiError
+from runphi.files import atomic_write
 from runphi.pausepoint import pause_point
 
 if TYPE_CHECKING:
@@ -443,7 +444,7 @@ class NodeLedger:
                       start_time=process_start_time(pid) or 0)
         try:
             self.claims_dir.mkdir(mode=0o700, exist_ok=True)
-            _atomic_write(self.claims_dir / f"{allocation.container_id}.json", msgspec.json.encode(claim))
+            atomic_write(self.claims_dir / f"{allocation.container_id}.json", msgspec.json.encode(claim))
         except OSError as exc:
             raise AllocationError(f"cannot write the resource claim of {allocation.container_id} in "
                                   f"{self.claims_dir}: {exc.strerror}", container_id=allocation.container_id) from None
@@ -681,17 +682,6 @@ def _alive(pid: int, start_time: int) -> bool:
     from runphi.procfs import process_start_time
 
     return pid > 0 and process_start_time(pid) == start_time
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
 
 
 def _warn_on_stderr(message: str) -> None:

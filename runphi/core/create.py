@@ -29,7 +29,7 @@ from runphi.errors import BackendNotConfigured, BundleError, ContainerExists, Ru
 from runphi.log import rfc3339_nano
 from runphi.oci import Config, read_config
 from runphi.pausepoint import pause_point
-from runphi.store import atomic_write
+from runphi.files import atomic_write
 
 
 class CreateRequest(msgspec.Struct, frozen=True, kw_only=True):

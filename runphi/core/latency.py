@@ -17,6 +17,8 @@ from pathlib import Path
 
 import msgspec
 
+from runphi.files import atomic_write
+
 LATENCY_FILE = "verb-latency.json"
 LOCK_FILE = "verb-latency.lock"
 #: Upper bounds (seconds) of the histogram buckets; the last, implicit one is +Inf.
@@ -68,10 +70,7 @@ def record_latency(root: str | os.PathLike[str], verb: str, seconds: float) -> N
         with _locked(Path(root)):
             histograms = read_latencies(root)
             histograms.setdefault(verb, Histogram()).add(seconds)
-            path = Path(root, LATENCY_FILE)
-            staged = path.with_name(f"{LATENCY_FILE}.{os.getpid()}.tmp")
-            staged.write_bytes(msgspec.json.encode(histograms))
-            os.replace(staged, path)
+            atomic_write(Path(root, LATENCY_FILE), msgspec.json.encode(histograms))
     except OSError:
         pass
 

@@ -83,7 +83,7 @@ def decide(flags: ShimFlags, bundle_dir: str) -> tuple[str, str]:
         with listener:
             _serve(flags, listener, path, bundle / "log")
     from runphi.shim.launch import ShimBundle
-    from runphi.store import atomic_write
+    from runphi.files import atomic_write
 
     atomic_write(bundle / MARKER_NAME, ShimBundle(address=address).encode())
     atomic_write(bundle / "address", address.encode())

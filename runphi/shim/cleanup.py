@@ -47,7 +47,7 @@ def leave_delete_answer(bundle: str, response: bytes) -> None:
     """Called by the server's Delete: the ``delete`` that follows prints these bytes."""
     import pathlib
 
-    from runphi.store import atomic_write
+    from runphi.files import atomic_write
 
     try:
         atomic_write(pathlib.Path(bundle, DELETE_ANSWER_NAME), response)

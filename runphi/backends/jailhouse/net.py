@@ -30,6 +30,7 @@ from pathlib import Path
 import msgspec
 
 from runphi.backends.base import BackendError
+from runphi.files import atomic_write
 from runphi.backends.links import LinkAddresses, PodInterface, in_namespace, ipv4_only, netlink_in
 
 LINKS_DIR = "jailhouse-links"
@@ -77,9 +78,7 @@ def write_record(state_dir: str, link: RootLink) -> None:
     """Write ``link``'s record atomically (the directory is made when missing)."""
     path = record_path(state_dir, link.cell)
     path.parent.mkdir(parents=True, exist_ok=True)
-    staged = path.with_suffix(".tmp")
-    staged.write_bytes(msgspec.json.encode(link))
-    os.replace(staged, path)
+    atomic_write(path, msgspec.json.encode(link))
 
 
 def read_record(state_dir: str, cell: str) -> RootLink | None:

@@ -21,6 +21,7 @@ import msgspec
 
 from runphi.backends.base import GONE, BackendError, CellState, CellStatus
 from runphi.errors import MALFORMED_INPUT
+from runphi.files import atomic_write
 
 if TYPE_CHECKING:
     from runphi.backends.kvm.machine import VmPlan
@@ -122,13 +123,11 @@ def write_status(directory: Path, status: CellFile) -> None:
 
 
 def write_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """:func:`runphi.files.atomic_write` into a cell's directory: nothing when the cell was
+    destroyed meanwhile, BackendError when the write fails."""
     try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
+        atomic_write(path, data)
     except FileNotFoundError:
         return  # the cell was destroyed meanwhile
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise BackendError(f"cannot write {path}: {exc.strerror}") from None
