@@ -92,10 +92,10 @@ def read_record(state_dir: str, cell: str) -> RootLink | None:
 def plan_pod_link(link: RootLink, pod: PodInterface) -> RootLink:
     """``link`` joined to ``pod``, with the pod namespace's current forwarding switch.
     BackendError when another ZIC of the pod has its address already."""
-    if in_namespace(pod.namespace, _has_nat_table):
+    taken, was = in_namespace(pod.namespace, lambda: (_has_nat_table(), _read_forwarding()))
+    if taken:
         raise BackendError(f"cell {link.cell!r}: the pod's address {pod.ip} already goes to another ZIC "
                            "(a pod has one networked ZIC): give this one its own pod or no network")
-    was = in_namespace(pod.namespace, _read_forwarding)
     return msgspec.structs.replace(link, pod=pod, forwarding_was=was)
 
 
@@ -189,14 +189,20 @@ def _unjoin_pod(link: RootLink, pod: PodInterface) -> None:
     if not os.path.exists(pod.namespace):
         return  # the pod's namespace is gone, and everything runphi added in it with it
     try:
-        if in_namespace(pod.namespace, _has_nat_table):
-            in_namespace(pod.namespace, lambda: _nft(f"delete table ip {NAT_TABLE}\n"))
-        if link.forwarding_was and link.forwarding_was != "1":
-            in_namespace(pod.namespace, lambda: _restore_forwarding(link.forwarding_was))
+        in_namespace(pod.namespace, lambda: _undo_nat(link.forwarding_was))
     except BackendError:
         pass  # the namespace went while we worked in it
     _remove_address(link, namespace=pod.namespace)
     _return_to_root(link, pod)
+
+
+def _undo_nat(forwarding_was: str) -> None:
+    """In the pod's namespace: drop runphi's NAT table, and put the forwarding switch back
+    when runphi turned it on."""
+    if _has_nat_table():
+        _nft(f"delete table ip {NAT_TABLE}\n")
+    if forwarding_was and forwarding_was != "1":
+        _restore_forwarding(forwarding_was)
 
 
 def _return_to_root(link: RootLink, pod: PodInterface) -> None:
