@@ -96,10 +96,10 @@ class JailhouseBackend:
         return cell_status(self.driver.cell_state(cell.cell_name, cell.cell_id))
 
     def cell_statistics(self, cell: CellRecord) -> CellStatistics:
-        return self.driver.statistics(cell.cell_name)
+        return self.driver.statistics(cell.cell_name, cell.cell_id)
 
     def failed_cpus(self, cell: CellRecord) -> frozenset[int]:
-        return self.driver.failed_cpus(cell.cell_name)
+        return self.driver.failed_cpus(cell.cell_name, cell.cell_id)
 
     def stats(self, cell: CellRecord) -> CellStats:
         """The cell's sysfs state, failed CPUs and VM-exit counters (``statistics/``)."""
@@ -107,10 +107,10 @@ class JailhouseBackend:
         if status == GONE:
             return CellStats(status=GONE)
         try:
-            counters = self.driver.statistics(cell.cell_name)
+            counters = self.cell_statistics(cell)
         except CellNotFound:
             return CellStats(status=GONE)
-        return CellStats(status=status, failed_cpus=self.driver.failed_cpus(cell.cell_name),
+        return CellStats(status=status, failed_cpus=self.failed_cpus(cell),
                          vmexits=counters.total, vmexits_per_cpu=counters.per_cpu)
 
     def pools(self) -> list[PoolUse]:

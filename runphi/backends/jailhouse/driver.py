@@ -298,8 +298,15 @@ class JailhouseDriver:
                 return int(entry.name)
         return None
 
-    def _cell_file(self, name: str, attribute: str) -> str | None:
-        cell = self.cell_id(name)
+    def _known_or_looked_up(self, name: str, known_id: int | None) -> int | None:
+        """The cell's ID: ``known_id`` (recorded at create) while it still holds the cell
+        called ``name`` — one small read — else looked up by name."""
+        if known_id is not None and read_attribute(f"{self._cells_text}/{known_id}/name") == name[:31]:
+            return known_id
+        return self.cell_id(name)
+
+    def _cell_file(self, name: str, attribute: str, known_id: int | None = None) -> str | None:
+        cell = self._known_or_looked_up(name, known_id)
         if cell is None:
             return None
         try:
@@ -333,9 +340,9 @@ class JailhouseDriver:
         text = self._cell_file(name, "cpus_assigned_list")
         return None if text is None else parse_cpu_list(text)
 
-    def failed_cpus(self, name: str) -> frozenset[int]:
+    def failed_cpus(self, name: str, known_id: int | None = None) -> frozenset[int]:
         """The cell's CPUs parked on a fatal trap (empty when none, or no such cell)."""
-        text = self._cell_file(name, "cpus_failed_list")
+        text = self._cell_file(name, "cpus_failed_list", known_id)
         return frozenset() if text is None else parse_cpu_list(text)
 
     def root_cpus(self) -> frozenset[int]:
@@ -356,9 +363,9 @@ class JailhouseDriver:
                 continue
         return None
 
-    def statistics(self, name: str) -> CellStatistics:
+    def statistics(self, name: str, known_id: int | None = None) -> CellStatistics:
         """Exit counters of the cell (`vmexits_<kind>` totals and per CPU)."""
-        cell = self.cell_id(name)
+        cell = self._known_or_looked_up(name, known_id)
         if cell is None:
             raise CellNotFound(f"cell {name!r} does not exist")
         base = self.cells_dir / str(cell) / "statistics"

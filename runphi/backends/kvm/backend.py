@@ -122,7 +122,11 @@ class KvmBackend:
 
     def cell_state(self, cell: CellRecord) -> CellStatus:
         directory = self._dir(cell.cell_name)
-        file = read_status(directory)
+        return self._status(directory, read_status(directory))
+
+    @staticmethod
+    def _status(directory: Path, file: CellFile | None) -> CellStatus:
+        """The cell's status from its status file (``file``), asking QEMU while the VM is up."""
         known = status_of(file)
         if known is not None:
             return known
@@ -138,12 +142,14 @@ class KvmBackend:
 
     def cell_statistics(self, cell: CellRecord) -> CellStatistics:
         """CPU time (ms) each vCPU thread used, by the host CPU it is pinned to."""
+        return self._vcpu_statistics(cell.cell_name, read_status(self._dir(cell.cell_name)))
+
+    def _vcpu_statistics(self, name: str, file: CellFile | None) -> CellStatistics:
         from runphi.procfs import thread_cpu_ticks
 
-        file = read_status(self._dir(cell.cell_name))
         if file is None or file.phase != "up" or not vm_alive(file):
-            raise CellNotFound(f"the VM of cell {cell.cell_name!r} is not running")
-        plan = self._plan_of(cell.cell_name)
+            raise CellNotFound(f"the VM of cell {name!r} is not running")
+        plan = self._plan_of(name)
         per_cpu: dict[int, dict[str, int]] = {}
         tick_ms = 1000 / os.sysconf("SC_CLK_TCK")
         for thread, cpu in zip(file.vcpu_threads, plan.vcpu_host_cpus, strict=False):
@@ -152,26 +158,27 @@ class KvmBackend:
         return CellStatistics(total={"vcpu_ms": sum(c["vcpu_ms"] for c in per_cpu.values())}, per_cpu=per_cpu)
 
     def failed_cpus(self, cell: CellRecord) -> frozenset[int]:
-        file = read_status(self._dir(cell.cell_name))
-        return frozenset(file.failed_cpus) if file is not None and file.phase == "failed" else frozenset()
+        return _failed_cpus(read_status(self._dir(cell.cell_name)))
 
     def stats(self, cell: CellRecord) -> CellStats:
         """The VM's state and failed CPUs; while it runs, each vCPU thread's CPU time (by the
         host CPU it is pinned to) and KVM's per-VM counters where debugfs shows them."""
         from runphi.backends.kvm.vm import kvm_vm_counters
 
-        status = self.cell_state(cell)
+        directory = self._dir(cell.cell_name)
+        file = read_status(directory)  # read once: status, failed CPUs and vCPU times agree
+        status = self._status(directory, file)
         if status == GONE:
             return CellStats(status=GONE)
-        failed = self.failed_cpus(cell)
+        failed = _failed_cpus(file)
         try:
-            per_cpu = self.cell_statistics(cell).per_cpu
+            per_cpu = self._vcpu_statistics(cell.cell_name, file).per_cpu
         except CellNotFound:
             return CellStats(status=status, failed_cpus=failed)
-        file = read_status(self._dir(cell.cell_name))
+        assert file is not None
         return CellStats(status=status, failed_cpus=failed,
                          cpu_seconds={cpu: counters["vcpu_ms"] / 1000 for cpu, counters in per_cpu.items()},
-                         extra=kvm_vm_counters(file.pid) if file is not None else {})
+                         extra=kvm_vm_counters(file.pid))
 
     def pools(self) -> list[PoolUse]:
         """KVM has no pools of its own: the host's memory is the host's."""
@@ -427,6 +434,11 @@ def vcpu_host_cpus(boot: BootDescription, cpus: frozenset[int]) -> list[int]:
     if sorted(by_vcpu) != list(range(len(by_vcpu))) or len(by_vcpu) != len(boot.vcpu_pins):
         raise BackendError("vcpu_pinning must name each vCPU 0..N-1 exactly once")
     return [by_vcpu[vcpu] for vcpu in range(len(by_vcpu))]
+
+
+def _failed_cpus(file: CellFile | None) -> frozenset[int]:
+    """The CPUs a failed cell's status file names (empty for any other phase)."""
+    return frozenset(file.failed_cpus) if file is not None and file.phase == "failed" else frozenset()
 
 
 def _close_all(fds: tuple[int, ...]) -> None:
