@@ -145,16 +145,10 @@ def zcu102_board(subreaper):  # noqa: F811
 
 @pytest.fixture
 def zcu102(zcu102_board, tmp_path):
-    from tests.test_lifecycle_harness import Zic, reap_all
+    from tests.test_lifecycle_harness import zic_on
 
-    zic = Zic(zcu102_board, tmp_path)
-    zic.env["RUNPHI_PLATFORM"] = "zcu102"
-    try:
+    with zic_on(zcu102_board, tmp_path, {"RUNPHI_PLATFORM": "zcu102"}) as zic:
         yield zic
-    finally:
-        for cid in [p.name for p in zic.root.iterdir() if p.is_dir()] if zic.root.is_dir() else []:
-            zic.run("delete", "--force", cid)
-        reap_all(zic.monitors)
 
 
 TICKING = b"#!jailhouse-sim-inmate\nconsole up\\n\ntick 100 tick\n"

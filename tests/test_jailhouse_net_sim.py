@@ -17,8 +17,8 @@ import pytest
 
 from tests.test_jailhouse_net import _addresses, _forwarding, _nft_tables
 from tests.test_kvm_net import own_namespace, pod, taps  # noqa: F401  (fixture)
-from tests.test_lifecycle_harness import (Zic, board_in_tempdir, guest_script, reap_all, subreaper,  # noqa: F401
-                                          wait_exit, wait_for)
+from tests.test_lifecycle_harness import (Zic, board_in_tempdir, guest_script, subreaper,  # noqa: F401
+                                          wait_exit, wait_for, zic_on)
 
 NETWORKED = {"net": "yes"}
 TICKER = guest_script("tick 50 alive")
@@ -36,20 +36,10 @@ def net_board(subreaper, root_namespace):
         yield board
 
 
-def cleaned_up_zic(board, tmp_path: Path):
-    """The runphi CLI on ``board``; every container it leaves is force-deleted afterwards."""
-    z = Zic(board, tmp_path)
-    try:
-        yield z
-    finally:
-        for cid in [p.name for p in z.root.iterdir() if p.is_dir()] if z.root.is_dir() else []:
-            z.run("delete", "--force", cid)
-        reap_all(z.monitors)
-
-
 @pytest.fixture
 def zic(net_board, tmp_path):
-    yield from cleaned_up_zic(net_board, tmp_path)
+    with zic_on(net_board, tmp_path) as z:
+        yield z
 
 
 def link_devices(namespace: str) -> list[str]:
@@ -173,7 +163,8 @@ def qemu_net_board(subreaper, qemu_root_namespace):
 
 @pytest.fixture
 def qemu_zic(qemu_net_board, tmp_path):
-    yield from cleaned_up_zic(qemu_net_board, tmp_path)
+    with zic_on(qemu_net_board, tmp_path) as z:
+        yield z
 
 
 def zic_console_until(zic: Zic, container_id: str, marker: bytes, timeout: float = 120) -> bytes:

@@ -285,18 +285,27 @@ def board(subreaper) -> Iterator[Board]:
         yield sim
 
 
-@pytest.fixture
-def zic(board: Board, tmp_path: Path) -> Iterator[Zic]:
-    z = Zic(board, tmp_path)
+@contextmanager
+def zic_on(board: Board, base: Path, env: dict[str, str] | None = None) -> Iterator[Zic]:
+    """The runphi CLI on ``board`` (its environment plus ``env``) for the with-block; afterwards
+    the board is left clean for the next test: every container force-deleted, every monitor
+    reaped, every cell destroyed."""
+    z = Zic(board, base)
+    z.env.update(env or {})
     try:
         yield z
     finally:
-        # Leave the board clean for the next test: every cell destroyed, monitors reaped.
         for cid in list(_ids(z)):
             z.run("delete", "--force", cid)
         reap_all(z.monitors)
         for name in board.cells():
             board.jailhouse("cell", "destroy", "--name", name)
+
+
+@pytest.fixture
+def zic(board: Board, tmp_path: Path) -> Iterator[Zic]:
+    with zic_on(board, tmp_path) as z:
+        yield z
 
 
 def _ids(z: Zic) -> list[str]:
